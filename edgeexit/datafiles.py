@@ -1,0 +1,94 @@
+"""Input files for ``edgeexit run`` (and ``bench``/``calibrate``): ``.npy`` and ``.npz``.
+
+An ``.npz`` holds one array per package input, named after it, and optionally
+``labels``.  A single-input package also takes a ``.npy`` or an ``.npz`` holding one
+lone array (plus, optionally, ``labels``).  Pickled objects are never loaded.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from .errors import InputFileError
+
+LABELS_KEY = "labels"
+
+
+def load_input_file(
+    path: str | os.PathLike[str], input_names: Sequence[str]
+) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+    """Arrays keyed by input name, and the labels if the file has them."""
+    p = Path(path)
+    if not p.is_file():
+        raise InputFileError(f"input file {p} does not exist")
+    try:
+        data = np.load(p, allow_pickle=False)
+    except ValueError as exc:
+        raise InputFileError(f"{p}: cannot read it without unpickling objects ({exc}); save plain arrays") from None
+    except Exception as exc:
+        raise InputFileError(f"{p} is not a readable .npy/.npz file: {exc}") from None
+    if isinstance(data, np.ndarray):
+        if len(input_names) != 1:
+            raise InputFileError(
+                f"{p} holds one array but the package has inputs {list(input_names)}; save an .npz with "
+                "one array per input name (np.savez(path, **{name: array}))"
+            )
+        return {input_names[0]: data}, None
+    with data:
+        arrays = {k: data[k] for k in data.files}
+    labels = arrays.pop(LABELS_KEY, None)
+    if set(arrays) == set(input_names):
+        inputs = arrays
+    elif len(input_names) == 1 and len(arrays) == 1:
+        inputs = {input_names[0]: next(iter(arrays.values()))}
+    else:
+        missing = sorted(set(input_names) - set(arrays))
+        unknown = sorted(set(arrays) - set(input_names))
+        raise InputFileError(
+            f"{p} has arrays {sorted(arrays)} but the package needs {list(input_names)} "
+            f"(missing {missing}, unknown {unknown}); name the arrays after the inputs, plus optional "
+            f"{LABELS_KEY!r}"
+        )
+    n = next(iter(inputs.values())).shape[0] if next(iter(inputs.values())).ndim else 0
+    if labels is not None:
+        if labels.ndim != 1 or labels.shape[0] != n:
+            raise InputFileError(
+                f"{p}: 'labels' has shape {labels.shape} but the inputs hold {n} samples; "
+                "give one integer label per sample"
+            )
+        if not np.issubdtype(labels.dtype, np.integer):
+            raise InputFileError(f"{p}: 'labels' must be integers, got dtype {labels.dtype}")
+    return inputs, labels
+
+
+def save_results_atomic(path: str | os.PathLike[str], arrays: Mapping[str, np.ndarray]) -> Path:
+    """Write ``.npz`` or ``.csv`` results via a temp file + ``os.replace``."""
+    dest = Path(path)
+    suffix = dest.suffix.lower()
+    if suffix not in (".npz", ".csv"):
+        raise InputFileError(f"output {dest} must end in .npz or .csv")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=suffix, dir=dest.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            if suffix == ".npz":
+                np.savez(f, **arrays)
+            else:
+                cols = {k: v for k, v in arrays.items() if v.ndim == 1}
+                header = ",".join(cols)
+                table = np.column_stack([v.astype(np.float64) if v.dtype.kind == "f" else v for v in cols.values()])
+                fmt = ["%.6g" if v.dtype.kind == "f" else "%d" for v in cols.values()]
+                np.savetxt(f, table, delimiter=",", header=header, comments="", fmt=fmt)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, dest)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return dest

@@ -1,0 +1,139 @@
+"""Every error edgeexit raises on purpose: one base class, one subclass per failure.
+
+Each subclass also derives from the built-in exception that fits, so callers that
+catch ``ValueError`` or ``FileNotFoundError`` keep working.  Messages say what went
+wrong, why it matters and how to fix it.
+"""
+
+from __future__ import annotations
+
+
+class EdgeExitError(Exception):
+    """Base class of every error raised by edgeexit on purpose."""
+
+    exit_code = 1
+
+
+# --- the exit package -------------------------------------------------------------
+
+
+class PackageError(EdgeExitError):
+    """An exit package cannot be loaded or written."""
+
+    exit_code = 3
+
+
+class PackageNotFoundError(PackageError, FileNotFoundError):
+    """The path is not an exit package directory (or its manifest is missing)."""
+
+
+class ManifestParseError(PackageError, ValueError):
+    """``manifest.json`` is not valid JSON."""
+
+
+class ManifestSchemaError(PackageError, ValueError):
+    """``manifest.json`` is JSON but a field is missing or has the wrong type."""
+
+
+class UnsupportedFormatError(PackageError, ValueError):
+    """The manifest's ``format`` or ``format_version`` is not one this edgeexit reads."""
+
+
+class UnsafePathError(PackageError, ValueError):
+    """The manifest names a file outside the package, in a subfolder, or a symlink."""
+
+
+class MissingFileError(PackageError, FileNotFoundError):
+    """A file listed in the manifest is not in the package."""
+
+
+class FileIntegrityError(PackageError, ValueError):
+    """A file's size or sha256 differs from the manifest."""
+
+
+class GraphMismatchError(PackageError, ValueError):
+    """A stage graph's input or output names differ from what the manifest declares."""
+
+
+# --- policies and thresholds ------------------------------------------------------
+
+
+class PolicyError(EdgeExitError, ValueError):
+    """An exit policy or its thresholds are not usable."""
+
+    exit_code = 2
+
+
+class UnknownPolicyError(PolicyError, KeyError):
+    """No policy of that name is registered."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class ThresholdError(PolicyError):
+    """Thresholds have the wrong count or a non-finite value."""
+
+
+# --- inputs -------------------------------------------------------------------------
+
+
+class InputError(EdgeExitError, ValueError):
+    """An input given to ``ExitSession.run`` does not fit the package."""
+
+    exit_code = 2
+
+
+class InputNameError(InputError):
+    """An input is missing or has a name the package does not know."""
+
+
+class InputDtypeError(InputError, TypeError):
+    """An input array has the wrong dtype."""
+
+
+class InputShapeError(InputError):
+    """An input array has the wrong rank, a wrong fixed dimension, or batch sizes differ."""
+
+
+class EmptyBatchError(InputError):
+    """An input batch holds no samples."""
+
+
+class NonFiniteInputError(InputError):
+    """An input array holds NaN or Inf."""
+
+
+class InputFileError(InputError):
+    """An input file (``.npy`` / ``.npz``) cannot be read or does not fit the package."""
+
+
+# --- sessions, export, data ---------------------------------------------------------
+
+
+class SessionError(EdgeExitError, RuntimeError):
+    """onnxruntime could not build or run a stage session."""
+
+    exit_code = 4
+
+
+class ExportError(EdgeExitError, RuntimeError):
+    """Exporting a model to an exit package failed."""
+
+    exit_code = 5
+
+
+class ExportValidationError(ExportError):
+    """onnxruntime's outputs differ from torch's beyond the tolerance."""
+
+
+class ModelSpecError(EdgeExitError, ValueError):
+    """A model given for export is not a valid early-exit model."""
+
+    exit_code = 2
+
+
+class DataError(EdgeExitError, RuntimeError):
+    """A dataset that must be installed locally is not available."""
+
+    exit_code = 6

@@ -1,0 +1,319 @@
+"""Export an ``EarlyExitModel`` to an exit package: one ONNX graph per stage, checked twice.
+
+Every stage graph is checked with ``onnx.checker`` (full check) and then run in
+onnxruntime against torch on fresh inputs of two batch sizes; one line per output
+reports the largest difference, and a single ``ExportValidationError`` lists every
+output above tolerance.  Nothing is written to ``path`` until all of that passed.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from torch import nn
+
+from .. import __version__
+from ..errors import ExportError, ExportValidationError, ModelSpecError
+from ..package import DTYPES, FORMAT_NAME, FORMAT_VERSION, Package, load_package, write_package
+from ..policies import check_thresholds, get_policy
+from ._costs import FlopCounter, count_parameters
+from .model import EarlyExitModel, as_tuple
+
+DEFAULT_OPSET = 18
+VALIDATION_BATCHES = (3, 5)
+
+
+@dataclass(frozen=True)
+class _Graph:
+    """One graph to export: a module, its input/output names and example arguments."""
+
+    name: str
+    file: str
+    module: nn.Module
+    input_names: list[str]
+    output_names: list[str]
+    example: tuple[torch.Tensor, ...]
+
+
+class _StageGraph(nn.Module):
+    def __init__(self, stage: nn.Module, head: nn.Module | None, emit_carry: bool) -> None:
+        super().__init__()
+        self.stage, self.head, self.emit_carry = stage, head, emit_carry
+
+    def forward(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        carry = as_tuple(self.stage(*args))
+        outs = list(carry) if self.emit_carry else []
+        if self.head is not None:
+            outs.append(self.head(*carry))
+        return tuple(outs)
+
+
+class _FullGraph(nn.Module):
+    def __init__(self, model: EarlyExitModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        carry: tuple[torch.Tensor, ...] = inputs
+        for stage in self.model.stages:
+            carry = as_tuple(stage(*carry))
+        return self.model.exit_at(self.model.num_stages - 1)(*carry)  # type: ignore[misc]
+
+
+def _carry_name(stage: int, i: int) -> str:
+    return f"carry{stage}_{i}"
+
+
+def _logits_name(stage: int) -> str:
+    return f"logits{stage}"
+
+
+def _check_inputs(example_inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    if not isinstance(example_inputs, Mapping) or not example_inputs:
+        raise ModelSpecError("example_inputs must be a non-empty dict {input_name: tensor}")
+    out = {}
+    for name, t in example_inputs.items():
+        if not isinstance(t, torch.Tensor):
+            raise ModelSpecError(f"example input {name!r} must be a torch.Tensor, got {type(t).__name__}")
+        if str(t.numpy().dtype if t.dtype != torch.bfloat16 else "bfloat16") not in DTYPES:
+            raise ModelSpecError(
+                f"example input {name!r} has dtype {t.dtype}; exit packages support {', '.join(DTYPES)}"
+            )
+        if t.dim() == 0 or t.shape[0] < 2:
+            raise ModelSpecError(
+                f"example input {name!r} has shape {tuple(t.shape)}; give a batch of at least 2 samples "
+                "on axis 0 so the exported batch axis stays dynamic"
+            )
+        out[name] = t.detach()
+    return out
+
+
+def _fresh_like(t: torch.Tensor, batch: int, gen: torch.Generator) -> torch.Tensor:
+    shape = (batch, *t.shape[1:])
+    if t.is_floating_point():
+        scale = float(t.float().std()) or 1.0
+        centre = float(t.float().mean())
+        return (torch.randn(shape, generator=gen) * scale + centre).to(t.dtype)
+    if t.dtype == torch.bool:
+        return torch.randint(0, 2, shape, generator=gen).bool()
+    low, high = int(t.min()), int(t.max())
+    return torch.randint(low, high + 1, shape, generator=gen, dtype=t.dtype)
+
+
+def _export_graph(graph: _Graph, folder: Path, opset: int, dynamo: bool) -> Path:
+    path = folder / graph.file
+    if dynamo:
+        # forward(*args): one varargs entry holding a spec per input; one shared batch dim
+        batch = torch.export.Dim("batch")
+        shape_args: dict[str, Any] = {"dynamic_shapes": (tuple({0: batch} for _ in graph.example),)}
+    else:
+        shape_args = {"dynamic_axes": {n: {0: "batch"} for n in graph.input_names + graph.output_names}}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
+            torch.onnx.export(
+                graph.module, graph.example, str(path), input_names=graph.input_names,
+                output_names=graph.output_names, opset_version=opset, dynamo=dynamo,
+                do_constant_folding=True, external_data=False,
+                **({"verbose": False} if dynamo else {}), **shape_args,
+            )
+    except Exception as exc:
+        raise ExportError(f"torch.onnx.export failed for {graph.name}: {exc}") from exc
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except Exception as exc:
+        raise ExportError(f"onnx.checker refused the graph of {graph.name}: {exc}") from exc
+    return path
+
+
+def _validate(
+    graphs: Sequence[_Graph], paths: Sequence[Path], make_args: Callable[[int], list[tuple[torch.Tensor, ...]]],
+    atol: float, rtol: float, log: Callable[[str], None],
+) -> None:
+    sessions = [ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]) for p in paths]
+    worst: dict[tuple[str, str], tuple[float, float]] = {}
+    for batch in VALIDATION_BATCHES:
+        per_graph_args = make_args(batch)
+        for graph, session, args in zip(graphs, sessions, per_graph_args):
+            with torch.no_grad():
+                expected = graph.module(*args)
+            expected = expected if isinstance(expected, tuple) else (expected,)
+            feeds = {n: a.numpy() for n, a in zip(graph.input_names, args)}
+            got = session.run(graph.output_names, feeds)
+            for name, ref, out in zip(graph.output_names, expected, got):
+                ref_np = ref.numpy()
+                if out.shape != ref_np.shape:
+                    diff = float("inf")
+                else:
+                    diff = float(np.max(np.abs(out.astype(np.float64) - ref_np))) if out.size else 0.0
+                bound = atol + rtol * float(np.max(np.abs(ref_np))) if ref_np.size else atol
+                key = (graph.name, name)
+                prev = worst.get(key, (0.0, bound))
+                worst[key] = (max(prev[0], diff), max(prev[1], bound))
+    failures = []
+    for (gname, oname), (diff, bound) in worst.items():
+        ok = diff <= bound
+        log(f"  {gname:<10} {oname:<14} max |onnxruntime - torch| = {diff:.2e}  (tolerance {bound:.1e})  "
+            f"{'ok' if ok else 'FAILED'}")
+        if not ok:
+            failures.append(f"{gname}/{oname}: {diff:.3e} > {bound:.1e}")
+    if failures:
+        raise ExportValidationError(
+            f"onnxruntime differs from torch beyond tolerance on batches {VALIDATION_BATCHES} for "
+            f"{len(failures)} output(s): {'; '.join(failures)}. Check for ops that behave differently in "
+            "eval mode, or raise atol/rtol if the difference is expected."
+        )
+
+
+def export_package(
+    model: EarlyExitModel,
+    example_inputs: Mapping[str, torch.Tensor],
+    path: str | os.PathLike[str],
+    *,
+    policy: str = "entropy",
+    thresholds: Sequence[float],
+    labels: Sequence[str] | None = None,
+    name: str | None = None,
+    include_full_model: bool = False,
+    opset: int = DEFAULT_OPSET,
+    dynamo: bool = False,
+    atol: float = 1e-4,
+    rtol: float = 1e-4,
+    preprocessing: Mapping[str, Any] | None = None,
+    seed: int = 0,
+    log: Callable[[str], None] | None = print,
+) -> Package:
+    """Export ``model`` as an exit package at ``path`` and return the loaded package.
+
+    Args:
+        model: the stages and exits.
+        example_inputs: ``{name: tensor}`` with a batch of >= 2 on axis 0; names become the
+            package's input names.
+        path: the package directory to write (replaced atomically if it exists).
+        policy: a registered exit policy used at every exit.
+        thresholds: one per early exit (every exit but the last).
+        labels: class names, optional.
+        include_full_model: also write ``full.onnx``, the model without early exits, as a
+            baseline for benchmarks.
+        dynamo: passed to ``torch.onnx.export``; the TorchScript exporter (False) is the
+            default because it is fast and exact for these models.
+        atol, rtol: validation tolerance per output: ``atol + rtol * max|torch|``.
+        log: where the validation lines go (None: silent).
+
+    Example:
+        >>> export_package(model, {"image": x}, "lenet.eexit",
+        ...                policy="entropy", thresholds=[0.05])        # doctest: +SKIP
+    """
+    if not isinstance(model, EarlyExitModel):
+        raise ModelSpecError(f"model must be an EarlyExitModel, got {type(model).__name__}")
+    examples = _check_inputs(example_inputs)
+    pol = get_policy(policy)
+    values = check_thresholds(pol, thresholds, model.num_exits - 1)
+    say = log or (lambda _line: None)
+    model = model.eval()
+
+    input_names = list(examples)
+    graphs: list[_Graph] = []
+    stage_specs: list[dict[str, Any]] = []
+    with torch.no_grad():
+        carry: tuple[torch.Tensor, ...] = tuple(examples.values())
+        reads = input_names
+        early = iter(values)
+        for k, stage in enumerate(model.stages):
+            last = k == model.num_stages - 1
+            head = model.exit_at(k)
+            with FlopCounter([stage]) as stage_flops:
+                next_carry = as_tuple(stage(*(t[:1] for t in carry)))
+            exit_flops = 0
+            if head is not None:
+                with FlopCounter([head]) as counter:
+                    head(*next_carry)
+                exit_flops = counter.total
+            next_carry = as_tuple(stage(*carry))
+            carry_names = [] if last else [_carry_name(k, i) for i in range(len(next_carry))]
+            outputs = carry_names + ([_logits_name(k)] if head is not None else [])
+            graphs.append(_Graph(f"stage{k}", f"stage{k}.onnx", _StageGraph(stage, head, not last),
+                                 list(reads), outputs, carry))
+            stage_specs.append({
+                "name": f"stage{k}",
+                "file": f"stage{k}.onnx",
+                "inputs": list(reads),
+                "carry": carry_names,
+                "exit": None if head is None else {
+                    "logits": _logits_name(k),
+                    "policy": pol.name,
+                    "threshold": None if last else next(early),
+                },
+                "cost": {
+                    "params": count_parameters([stage] + ([head] if head is not None else [])),
+                    "flops": stage_flops.total + exit_flops,
+                    "exit_flops": exit_flops,
+                },
+            })
+            carry, reads = next_carry, carry_names
+
+    full_spec = None
+    if include_full_model:
+        full = _FullGraph(model)
+        graphs.append(_Graph("full", "full.onnx", full, input_names, ["logits"], tuple(examples.values())))
+        full_spec = {
+            "file": "full.onnx", "inputs": input_names, "logits": "logits",
+            "cost": {
+                "params": count_parameters([*model.stages, model.exit_at(model.num_stages - 1)]),
+                "flops": sum(s["cost"]["flops"] - s["cost"]["exit_flops"] for s in stage_specs)
+                + stage_specs[-1]["cost"]["exit_flops"],
+            },
+        }
+
+    def validation_args(batch: int) -> list[tuple[torch.Tensor, ...]]:
+        gen = torch.Generator().manual_seed(seed + batch)
+        fresh = tuple(_fresh_like(t, batch, gen) for t in examples.values())
+        per_graph = []
+        with torch.no_grad():
+            carry = fresh
+            for stage in model.stages:
+                per_graph.append(carry)
+                carry = as_tuple(stage(*carry))
+        if include_full_model:
+            per_graph.append(fresh)
+        return per_graph
+
+    labels_list = [str(v) for v in labels] if labels is not None else None
+    manifest: dict[str, Any] = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "kind": "classifier",
+        "name": name or type(model).__name__,
+        "inputs": [
+            {"name": n, "dtype": str(t.numpy().dtype), "shape": ["batch", *t.shape[1:]]}
+            for n, t in examples.items()
+        ],
+        "labels": labels_list,
+        "stages": stage_specs,
+        "full_model": full_spec,
+        "preprocessing": dict(preprocessing) if preprocessing else None,
+        "producer": {
+            "edgeexit": __version__, "torch": torch.__version__.split("+")[0], "onnx": onnx.__version__,
+            "onnxruntime": ort.__version__, "opset": opset, "exporter": "dynamo" if dynamo else "torchscript",
+        },
+    }
+
+    with tempfile.TemporaryDirectory(prefix="edgeexit-export-") as tmp:
+        folder = Path(tmp)
+        say(f"exporting {len(graphs)} graph(s) (opset {opset}, dynamo={dynamo})")
+        paths = [_export_graph(g, folder, opset, dynamo) for g in graphs]
+        say(f"validating onnxruntime against torch on batches {VALIDATION_BATCHES}:")
+        _validate(graphs, paths, validation_args, atol, rtol, say)
+        write_package(path, manifest, {g.file: p for g, p in zip(graphs, paths)})
+    say(f"wrote {path}")
+    return load_package(path)

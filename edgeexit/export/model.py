@@ -1,0 +1,81 @@
+"""``EarlyExitModel``: a backbone cut into stages, with an optional exit after each."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from ..errors import ModelSpecError
+
+Carry = torch.Tensor | tuple[torch.Tensor, ...]
+
+
+def as_tuple(carry: Carry) -> tuple[torch.Tensor, ...]:
+    """A stage's output as a tuple of tensors (a bare tensor becomes a 1-tuple)."""
+    if isinstance(carry, torch.Tensor):
+        return (carry,)
+    if isinstance(carry, (tuple, list)) and carry and all(isinstance(t, torch.Tensor) for t in carry):
+        return tuple(carry)
+    raise ModelSpecError(
+        f"a stage must return a tensor or a non-empty tuple of tensors, got {type(carry).__name__}"
+    )
+
+
+class EarlyExitModel(nn.Module):
+    """Stages and exits of an early-exit network, as torch modules.
+
+    Stage 0 receives the model inputs (positional, in the order of ``example_inputs``);
+    stage k receives stage k-1's carry (a tensor, or a tuple unpacked as arguments) and
+    returns the next carry.  Exit k receives stage k's carry the same way and returns
+    logits of shape (batch, classes).  Every exit but the last may be ``None``.
+
+    Example:
+        >>> model = EarlyExitModel(stages=[s0, s1], exits=[e0, e1])   # doctest: +SKIP
+        >>> all_logits = model(x)                                       # doctest: +SKIP
+    """
+
+    def __init__(self, stages: Sequence[nn.Module], exits: Sequence[nn.Module | None]) -> None:
+        super().__init__()
+        if len(stages) == 0:
+            raise ModelSpecError("an EarlyExitModel needs at least one stage")
+        if len(stages) != len(exits):
+            raise ModelSpecError(
+                f"got {len(stages)} stages and {len(exits)} exits; pass one exit per stage, using None "
+                "for a stage without an exit"
+            )
+        if exits[-1] is None:
+            raise ModelSpecError("the last stage needs an exit: it is the final classifier and always accepts")
+        for kind, items in (("stage", stages), ("exit", exits)):
+            for i, m in enumerate(items):
+                if m is not None and not isinstance(m, nn.Module):
+                    raise ModelSpecError(f"{kind} {i} must be a torch.nn.Module, got {type(m).__name__}")
+        self.stages = nn.ModuleList(stages)
+        self.exit_modules = nn.ModuleList([e for e in exits if e is not None])
+        self.exit_stage_indices: list[int] = [i for i, e in enumerate(exits) if e is not None]
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.stages)
+
+    @property
+    def num_exits(self) -> int:
+        return len(self.exit_stage_indices)
+
+    def exit_at(self, stage_index: int) -> nn.Module | None:
+        """The exit attached to a stage, or None."""
+        if stage_index in self.exit_stage_indices:
+            return self.exit_modules[self.exit_stage_indices.index(stage_index)]
+        return None
+
+    def forward(self, *inputs: torch.Tensor) -> list[torch.Tensor]:
+        """Logits of every exit, in order (all stages run; for training)."""
+        carry: tuple[torch.Tensor, ...] = inputs
+        outs = []
+        for k, stage in enumerate(self.stages):
+            carry = as_tuple(stage(*carry))
+            head = self.exit_at(k)
+            if head is not None:
+                outs.append(head(*carry))
+        return outs

@@ -1,0 +1,500 @@
+"""The exit package: a directory holding ``manifest.json`` and one ONNX file per stage.
+
+This module reads, verifies and writes packages with the standard library and numpy
+only.  The format is specified in ``docs/FORMAT.md``; the rules enforced here are the
+MUST rules of that document.  Reading verifies everything that can be verified
+without onnxruntime (format version, schema, file names, presence, size, sha256,
+policy names) before any session is built.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import (
+    FileIntegrityError,
+    ManifestParseError,
+    ManifestSchemaError,
+    MissingFileError,
+    PackageError,
+    PackageNotFoundError,
+    UnsafePathError,
+    UnsupportedFormatError,
+)
+from .policies import get_policy
+
+FORMAT_NAME = "edgeexit"
+FORMAT_VERSION = 1
+SUPPORTED_FORMAT_VERSIONS = frozenset({1})
+MANIFEST_NAME = "manifest.json"
+KINDS = ("classifier", "seq2seq", "pipeline")
+DTYPES = ("float32", "float16", "float64", "int64", "int32", "int8", "uint8", "bool")
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """One model input: name, numpy dtype name, shape (str for a symbolic axis)."""
+
+    name: str
+    dtype: str
+    shape: tuple[int | str, ...]
+
+
+@dataclass(frozen=True)
+class ExitSpec:
+    """The exit attached to a stage: its logits output, policy and threshold.
+
+    ``threshold`` is ``None`` for the final exit, which always accepts.
+    """
+
+    logits: str
+    policy: str
+    threshold: float | None
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """One stage graph: the tensors it reads, the carry it passes on, its exit."""
+
+    name: str
+    file: str
+    inputs: tuple[str, ...]
+    carry: tuple[str, ...]
+    exit: ExitSpec | None
+    cost: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class FullModelSpec:
+    """Optional single graph of the whole model without early exits (a baseline)."""
+
+    file: str
+    inputs: tuple[str, ...]
+    logits: str
+    cost: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class Package:
+    """A verified exit package on disk."""
+
+    root: Path
+    format_version: int
+    kind: str
+    name: str
+    inputs: tuple[InputSpec, ...]
+    labels: tuple[str, ...] | None
+    stages: tuple[StageSpec, ...]
+    full_model: FullModelSpec | None
+    files: Mapping[str, Mapping[str, Any]]
+    producer: Mapping[str, Any]
+    manifest: Mapping[str, Any] = field(repr=False)
+
+    def file_path(self, name: str) -> Path:
+        return self.root / name
+
+    @property
+    def exit_stages(self) -> list[int]:
+        """Indices of the stages that carry an exit, in order (the last one included)."""
+        return [i for i, s in enumerate(self.stages) if s.exit is not None]
+
+    @property
+    def thresholds(self) -> list[float]:
+        """The stored threshold of every early exit (all exits but the last)."""
+        return [self.stages[i].exit.threshold for i in self.exit_stages[:-1]]  # type: ignore[union-attr,misc]
+
+    @property
+    def policies(self) -> list[str]:
+        return [self.stages[i].exit.policy for i in self.exit_stages]  # type: ignore[union-attr]
+
+
+# --- reading ------------------------------------------------------------------------
+
+
+def _schema(cond: bool, where: str, expected: str, got: Any) -> None:
+    if not cond:
+        raise ManifestSchemaError(
+            f"manifest field {where}: expected {expected}, got {got!r}. "
+            "The manifest was edited by hand or written by another tool; re-export the package."
+        )
+
+
+def _field(obj: Mapping[str, Any], key: str, where: str) -> Any:
+    if not isinstance(obj, Mapping) or key not in obj:
+        raise ManifestSchemaError(
+            f"manifest is missing {where}.{key}; re-export the package with edgeexit export"
+        )
+    return obj[key]
+
+
+def _str_list(value: Any, where: str) -> tuple[str, ...]:
+    _schema(isinstance(value, list) and all(isinstance(v, str) for v in value),
+            where, "a list of strings", value)
+    return tuple(value)
+
+
+def check_file_name(name: Any, root: Path) -> None:
+    """Refuse names that could point outside the package directory."""
+    if not isinstance(name, str) or not name:
+        raise UnsafePathError(f"package file name {name!r} is not a non-empty string")
+    if (
+        os.path.isabs(name)
+        or name.startswith(("/", "\\"))
+        or "/" in name
+        or "\\" in name
+        or name in (".", "..")
+        or ":" in name
+    ):
+        raise UnsafePathError(
+            f"package file {name!r} is not a plain file name inside {root}: absolute paths, "
+            "subfolders and '..' are refused so a package cannot read files outside itself. "
+            "Re-export the package so every file lies directly in its directory."
+        )
+    if (root / name).is_symlink():
+        raise UnsafePathError(
+            f"package file {name!r} in {root} is a symbolic link; links are refused because they "
+            "can point outside the package. Replace it with the real file (cp -L) and re-verify."
+        )
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _verify_files(root: Path, files: Mapping[str, Any], verify_hashes: bool) -> None:
+    for name, meta in files.items():
+        check_file_name(name, root)
+        _schema(isinstance(meta, Mapping) and isinstance(meta.get("sha256"), str)
+                and type(meta.get("size")) is int, f"files[{name!r}]",
+                "an object with sha256 (string) and size (integer)", meta)
+        path = root / name
+        if not path.exists():
+            raise MissingFileError(
+                f"package {root} lists {name!r} but the file is missing; the package was copied "
+                "incompletely. Copy the whole directory again or re-export it."
+            )
+        if not path.is_file():
+            raise UnsafePathError(f"package entry {name!r} in {root} is not a regular file")
+        size = path.stat().st_size
+        if size != meta["size"]:
+            raise FileIntegrityError(
+                f"{name!r} in {root} is {size} bytes but the manifest says {meta['size']}; the file "
+                "was truncated or replaced. Copy the package again or re-export it."
+            )
+        if verify_hashes:
+            digest = sha256_file(path)
+            if digest != meta["sha256"]:
+                raise FileIntegrityError(
+                    f"{name!r} in {root} has sha256 {digest[:16]}… but the manifest says "
+                    f"{meta['sha256'][:16]}…; the file was modified or corrupted. Copy the package "
+                    "again or re-export it."
+                )
+
+
+def _parse_exit(raw: Any, where: str) -> ExitSpec | None:
+    if raw is None:
+        return None
+    logits = _field(raw, "logits", where)
+    policy = _field(raw, "policy", where)
+    threshold = raw.get("threshold")
+    _schema(isinstance(logits, str), f"{where}.logits", "a string", logits)
+    _schema(isinstance(policy, str), f"{where}.policy", "a string", policy)
+    _schema(threshold is None or (isinstance(threshold, (int, float)) and not isinstance(threshold, bool)
+                                  and math.isfinite(threshold)),
+            f"{where}.threshold", "a finite number or null", threshold)
+    get_policy(policy)  # unknown policy -> UnknownPolicyError with the valid names
+    return ExitSpec(logits, policy, None if threshold is None else float(threshold))
+
+
+def parse_manifest(manifest: Mapping[str, Any], root: Path) -> Package:
+    """Turn a manifest dict into a ``Package`` (schema checks only, no file access)."""
+    _schema(isinstance(manifest, Mapping), "<root>", "a JSON object", type(manifest).__name__)
+    fmt = manifest.get("format")
+    if fmt != FORMAT_NAME:
+        raise UnsupportedFormatError(
+            f"{root}: manifest format is {fmt!r}, expected {FORMAT_NAME!r}; this is not an edgeexit package"
+        )
+    version = manifest.get("format_version")
+    if type(version) is not int or version not in SUPPORTED_FORMAT_VERSIONS:
+        raise UnsupportedFormatError(
+            f"{root}: package format_version {version!r} is not supported; this edgeexit reads "
+            f"version(s) {sorted(SUPPORTED_FORMAT_VERSIONS)}. Upgrade edgeexit, or re-export the "
+            "model with this version."
+        )
+    kind = _field(manifest, "kind", "manifest")
+    _schema(kind in KINDS, "kind", f"one of {KINDS}", kind)
+    name = _field(manifest, "name", "manifest")
+    _schema(isinstance(name, str), "name", "a string", name)
+
+    inputs = []
+    raw_inputs = _field(manifest, "inputs", "manifest")
+    _schema(isinstance(raw_inputs, list), "inputs", "a list of input objects", raw_inputs)
+    for i, raw in enumerate(raw_inputs):
+        where = f"inputs[{i}]"
+        iname, dtype, shape = (_field(raw, k, where) for k in ("name", "dtype", "shape"))
+        _schema(isinstance(iname, str), f"{where}.name", "a string", iname)
+        _schema(dtype in DTYPES, f"{where}.dtype", f"one of {DTYPES}", dtype)
+        _schema(isinstance(shape, list) and len(shape) >= 1 and all(
+            (isinstance(d, int) and not isinstance(d, bool) and d > 0) or isinstance(d, str) for d in shape),
+            f"{where}.shape", "a list of positive ints and axis names", shape)
+        _schema(isinstance(shape[0], str), f"{where}.shape[0]", "a symbolic batch axis name", shape[0])
+        inputs.append(InputSpec(iname, dtype, tuple(shape)))
+    _schema(len(inputs) >= 1, "inputs", "at least one input", inputs)
+
+    labels = manifest.get("labels")
+    if labels is not None:
+        labels = _str_list(labels, "labels")
+
+    stages = []
+    raw_stages = _field(manifest, "stages", "manifest")
+    _schema(isinstance(raw_stages, list) and raw_stages, "stages", "a non-empty list", raw_stages)
+    for i, raw in enumerate(raw_stages):
+        where = f"stages[{i}]"
+        _schema(isinstance(raw, Mapping), where, "an object", raw)
+        cost = raw.get("cost") or {}
+        _schema(isinstance(cost, Mapping), f"{where}.cost", "an object", cost)
+        sname, sfile = _field(raw, "name", where), _field(raw, "file", where)
+        _schema(isinstance(sname, str), f"{where}.name", "a string", sname)
+        stages.append(
+            StageSpec(
+                name=sname,
+                file=sfile,
+                inputs=_str_list(_field(raw, "inputs", where), f"{where}.inputs"),
+                carry=_str_list(_field(raw, "carry", where), f"{where}.carry"),
+                exit=_parse_exit(raw.get("exit"), f"{where}.exit"),
+                cost=dict(cost),
+            )
+        )
+    _check_stage_wiring(stages, inputs)
+
+    full = manifest.get("full_model")
+    full_spec = None
+    if full is not None:
+        _schema(isinstance(full, Mapping) and isinstance(full.get("logits"), str)
+                and isinstance(full.get("cost") or {}, Mapping), "full_model",
+                "an object with file, inputs, logits (string) and cost (object)", full)
+        full_spec = FullModelSpec(
+            file=_field(full, "file", "full_model"),
+            inputs=_str_list(_field(full, "inputs", "full_model"), "full_model.inputs"),
+            logits=_field(full, "logits", "full_model"),
+            cost=dict(full.get("cost") or {}),
+        )
+
+    files = _field(manifest, "files", "manifest")
+    _schema(isinstance(files, Mapping), "files", "an object", files)
+    referenced = [s.file for s in stages] + ([full_spec.file] if full_spec else [])
+    for ref in referenced:
+        check_file_name(ref, root)
+        if ref not in files:
+            raise ManifestSchemaError(
+                f"manifest refers to {ref!r} but has no files[{ref!r}] entry with its sha256 and "
+                "size; re-export the package"
+            )
+    producer = manifest.get("producer") or {}
+    _schema(isinstance(producer, Mapping), "producer", "an object", producer)
+    if full_spec is not None:
+        unknown = [n for n in full_spec.inputs if n not in {i.name for i in inputs}]
+        _schema(not unknown, "full_model.inputs", "model input names", list(full_spec.inputs))
+    return Package(
+        root=root, format_version=version, kind=kind, name=name, inputs=tuple(inputs),
+        labels=labels, stages=tuple(stages), full_model=full_spec, files=dict(files),
+        producer=dict(producer), manifest=manifest,
+    )
+
+
+def _check_stage_wiring(stages: list[StageSpec], inputs: list[InputSpec]) -> None:
+    available = {i.name for i in inputs}
+    for i, stage in enumerate(stages):
+        missing = [n for n in stage.inputs if n not in available]
+        if missing:
+            raise ManifestSchemaError(
+                f"stage {i} ({stage.name}) reads {missing}, which no model input or earlier stage "
+                f"provides (available: {sorted(available)}); re-export the package"
+            )
+        available.update(stage.carry)
+    exits = [s for s in stages if s.exit is not None]
+    if not exits or stages[-1].exit is None:
+        raise ManifestSchemaError(
+            "the last stage must carry the final exit (it always accepts); re-export the package"
+        )
+    if stages[-1].exit.threshold is not None:
+        raise ManifestSchemaError(
+            f"the final exit (stage {len(stages) - 1}) has threshold {stages[-1].exit.threshold}, but it "
+            "always accepts; its threshold must be null"
+        )
+    for i, stage in enumerate(stages[:-1]):
+        if stage.exit is not None and stage.exit.threshold is None:
+            raise ManifestSchemaError(
+                f"stage {i} ({stage.name}) has an early exit without a threshold; only the last "
+                "exit may omit it"
+            )
+
+
+def read_manifest(path: str | os.PathLike[str]) -> tuple[Path, dict[str, Any]]:
+    root = Path(path)
+    if not root.exists():
+        raise PackageNotFoundError(
+            f"no exit package at {root}; export one with `edgeexit export` or check the path"
+        )
+    if not root.is_dir():
+        raise PackageNotFoundError(
+            f"{root} is a file, but an exit package is a directory holding {MANIFEST_NAME} and the "
+            "stage graphs; pass the directory"
+        )
+    mpath = root / MANIFEST_NAME
+    if mpath.is_symlink() or not mpath.is_file():
+        raise PackageNotFoundError(
+            f"{root} has no {MANIFEST_NAME} (or it is not a regular file); this directory is not an "
+            "exit package. Export one with `edgeexit export`."
+        )
+    try:
+        text = mpath.read_text(encoding="utf-8")
+        manifest = json.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ManifestParseError(
+            f"{mpath} is not valid JSON ({exc}); the file is corrupted. Re-export the package."
+        ) from None
+    return root, manifest
+
+
+def load_package(path: str | os.PathLike[str], *, verify_hashes: bool = True) -> Package:
+    """Read and verify an exit package; raises a ``PackageError`` subclass on any defect.
+
+    Example:
+        >>> pkg = load_package("lenet.eexit")          # doctest: +SKIP
+        >>> [s.name for s in pkg.stages]               # doctest: +SKIP
+        ['stage0', 'stage1']
+    """
+    root, manifest = read_manifest(path)
+    package = parse_manifest(manifest, root)
+    _verify_files(root, package.files, verify_hashes)
+    return package
+
+
+# --- writing ------------------------------------------------------------------------
+
+
+def manifest_bytes(manifest: Mapping[str, Any]) -> bytes:
+    """The canonical bytes of a manifest: two-space indented JSON, key order kept, newline."""
+    return (json.dumps(manifest, indent=2, ensure_ascii=False, allow_nan=False) + "\n").encode("utf-8")
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_bytes_synced(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_package(
+    path: str | os.PathLike[str],
+    manifest: Mapping[str, Any],
+    files: Mapping[str, str | os.PathLike[str]],
+    *,
+    overwrite: bool = True,
+) -> Path:
+    """Write a package atomically: build it in a temporary sibling, then rename into place.
+
+    ``files`` maps plain file names to source paths; their sha256 and size are added to
+    the manifest's ``files`` table.  If anything fails, a previous package at ``path``
+    is left untouched.  Returns the package path.
+    """
+    dest = Path(path)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if dest.exists() and not overwrite:
+        raise PackageError(f"{dest} already exists; pass overwrite=True (CLI: --force) to replace it")
+    if dest.exists() and not (dest / MANIFEST_NAME).is_file():
+        raise PackageError(
+            f"{dest} exists and is not an exit package; refusing to replace it. Pick another path."
+        )
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    try:
+        table: dict[str, dict[str, Any]] = {}
+        for name, src in files.items():
+            check_file_name(name, tmp)
+            target = tmp / name
+            shutil.copyfile(src, target)
+            with open(target, "rb+") as f:
+                os.fsync(f.fileno())
+            table[name] = {"sha256": sha256_file(target), "size": target.stat().st_size}
+        full = dict(manifest)
+        full["files"] = table
+        parse_manifest(full, tmp)  # never write a manifest this module would refuse to read
+        _write_bytes_synced(tmp / MANIFEST_NAME, manifest_bytes(full))
+        _fsync_dir(tmp)
+        _swap_into_place(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dest
+
+
+def _swap_into_place(tmp: Path, dest: Path) -> None:
+    # A directory cannot be replaced by rename in one step; the old one is moved aside
+    # first and only deleted once the new one is in place.
+    old = None
+    if dest.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
+        old.rmdir()
+        os.rename(dest, old)
+    try:
+        os.rename(tmp, dest)
+    except BaseException:
+        if old is not None:
+            os.rename(old, dest)
+        raise
+    _fsync_dir(dest.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def update_manifest(path: str | os.PathLike[str], change: Callable[[dict[str, Any]], None]) -> Package:
+    """Apply ``change`` to a verified package's manifest and rewrite it atomically.
+
+    The new manifest is validated before it replaces the old one (temp file +
+    ``os.replace``), so a failure leaves the previous manifest in place.
+    """
+    package = load_package(path)
+    manifest = json.loads(json.dumps(package.manifest))
+    change(manifest)
+    _verify_files(package.root, parse_manifest(manifest, package.root).files, verify_hashes=True)
+    target = package.root / MANIFEST_NAME
+    fd, tmpname = tempfile.mkstemp(prefix=".manifest.", suffix=".json", dir=package.root)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(manifest_bytes(manifest))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmpname, target)
+    except BaseException:
+        if os.path.exists(tmpname):
+            os.unlink(tmpname)
+        raise
+    _fsync_dir(package.root)
+    return load_package(package.root)

@@ -1,0 +1,229 @@
+"""Exit policies: numpy-only rules that decide whether a sample leaves at an exit.
+
+A policy turns exit logits into one score per sample and compares it with a
+threshold in its declared direction: ``"higher"`` exits when ``score >= threshold``,
+``"lower"`` exits when ``score < threshold``.  A non-finite score (NaN or Inf) never
+triggers an exit: the sample is treated as "not confident" and goes on to the next
+stage, where the last exit always accepts.
+
+Policies live in a registry so packages and the CLI can name them::
+
+    >>> from edgeexit.policies import get_policy
+    >>> get_policy("entropy").direction
+    'lower'
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from .errors import PolicyError, ThresholdError, UnknownPolicyError
+
+Direction = Literal["higher", "lower"]
+
+# Below this many classes a pure-Python score of one row beats numpy's per-call cost.
+_SCALAR_PATH_MAX_CLASSES = 64
+
+
+@dataclass(frozen=True)
+class ExitPolicy:
+    """A named exit rule.
+
+    Attributes:
+        name: registry name (``"entropy"``...).
+        direction: ``"higher"``: exit when score >= threshold; ``"lower"``: exit when
+            score < threshold.
+        batch_score: maps logits of shape (n, classes) to float64 scores of shape (n,).
+        row_score: the same score for one sample given as a list of floats; used by
+            the batch-1 fast path.
+        description: one line for ``edgeexit inspect`` and the docs.
+    """
+
+    name: str
+    direction: Direction
+    batch_score: Callable[[np.ndarray], np.ndarray]
+    row_score: Callable[[list[float]], float]
+    description: str
+
+    def __post_init__(self) -> None:
+        if self.direction not in ("higher", "lower"):
+            raise PolicyError(
+                f"policy {self.name!r}: direction must be 'higher' or 'lower', got {self.direction!r}"
+            )
+
+    def scores(self, logits: np.ndarray) -> np.ndarray:
+        """Scores of a (n, classes) logits batch as float64, shape (n,)."""
+        logits = np.asarray(logits)
+        if logits.ndim != 2:
+            raise PolicyError(
+                f"policy {self.name!r} scores 2-D logits (batch, classes); got shape {logits.shape}"
+            )
+        return self.batch_score(logits)
+
+    def accepts(self, scores: np.ndarray, threshold: float) -> np.ndarray:
+        """Boolean mask of samples whose score passes ``threshold``; NaN/Inf never passes."""
+        with np.errstate(invalid="ignore"):
+            if self.direction == "higher":
+                passed = scores >= threshold
+            else:
+                passed = scores < threshold
+        return passed & np.isfinite(scores)
+
+    def accepts_one(self, score: float, threshold: float) -> bool:
+        """``accepts`` for a single Python float (batch-1 fast path)."""
+        if not math.isfinite(score):
+            return False
+        return score >= threshold if self.direction == "higher" else score < threshold
+
+    def score_one(self, logits_row: np.ndarray) -> float:
+        """Score of one sample's logits (1-D); pure Python for small class counts."""
+        if logits_row.shape[-1] <= _SCALAR_PATH_MAX_CLASSES:
+            return self.row_score(logits_row.tolist())
+        return float(self.batch_score(logits_row.reshape(1, -1))[0])
+
+
+# --- scores -----------------------------------------------------------------------
+
+
+def _shifted_exp(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """exp(z - max z) per row, the row sums, and z - max z, all float64."""
+    z = logits.astype(np.float64, copy=False)
+    with np.errstate(invalid="ignore", over="ignore"):
+        shifted = z - z.max(axis=1, keepdims=True)
+        e = np.exp(shifted)
+    return e, e.sum(axis=1), shifted
+
+
+def _confidence_batch(logits: np.ndarray) -> np.ndarray:
+    # max softmax probability = exp(0) / sum(exp(z - max z))
+    _, total, _ = _shifted_exp(logits)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return 1.0 / total
+
+
+def _entropy_batch(logits: np.ndarray) -> np.ndarray:
+    # H = -sum p ln p = ln(sum e) - sum(p * shifted), exact and stable
+    e, total, shifted = _shifted_exp(logits)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        p = e / total[:, None]
+        return np.log(total) - np.einsum("ij,ij->i", p, np.where(p > 0, shifted, 0.0))
+
+
+def _margin_batch(logits: np.ndarray) -> np.ndarray:
+    e, total, _ = _shifted_exp(logits)
+    if e.shape[1] < 2:
+        return np.ones(e.shape[0])
+    second = np.partition(e, -2, axis=1)[:, -2]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return (1.0 - second) / total
+
+
+def _row_exp(row: list[float]) -> tuple[list[float], float, list[float]]:
+    # NaN or +Inf anywhere makes the sum NaN, so the score comes out NaN: never an exit.
+    top = max(row)
+    shifted = [v - top for v in row]
+    e = [math.exp(v) for v in shifted]
+    return e, sum(e), shifted
+
+
+def _confidence_row(row: list[float]) -> float:
+    total = _row_exp(row)[1]
+    return 1.0 / total if total == total else math.nan
+
+
+def _entropy_row(row: list[float]) -> float:
+    e, total, shifted = _row_exp(row)
+    if total != total:
+        return math.nan
+    return math.log(total) - sum([ei * si for ei, si in zip(e, shifted) if ei > 0.0]) / total
+
+
+def _margin_row(row: list[float]) -> float:
+    e, total, _ = _row_exp(row)
+    if total != total:
+        return math.nan
+    if len(e) < 2:
+        return 1.0
+    e.sort()
+    return (1.0 - e[-2]) / total
+
+
+# --- registry ---------------------------------------------------------------------
+
+_REGISTRY: dict[str, ExitPolicy] = {}
+
+
+def register_policy(policy: ExitPolicy) -> ExitPolicy:
+    """Add a policy to the registry; refuses to overwrite an existing name."""
+    if policy.name in _REGISTRY:
+        raise PolicyError(
+            f"a policy named {policy.name!r} is already registered; pick another name"
+        )
+    _REGISTRY[policy.name] = policy
+    return policy
+
+
+def list_policies() -> list[str]:
+    """Names of every registered policy, sorted."""
+    return sorted(_REGISTRY)
+
+
+def get_policy(name: str) -> ExitPolicy:
+    """The registered policy called ``name``; a typed error lists the valid names."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        near = difflib.get_close_matches(str(name), list(_REGISTRY), n=1)
+        hint = f" Did you mean {near[0]!r}?" if near else ""
+        raise UnknownPolicyError(
+            f"unknown exit policy {name!r}; registered policies: {', '.join(list_policies())}.{hint}"
+        ) from None
+
+
+def check_thresholds(policy: ExitPolicy, thresholds: Sequence[float], expected: int) -> list[float]:
+    """Validate one threshold per early exit; returns them as floats."""
+    values = list(thresholds)
+    if len(values) != expected:
+        raise ThresholdError(
+            f"expected {expected} threshold(s), one per early exit (the last exit always "
+            f"accepts and takes none); got {len(values)}: {values}"
+        )
+    out = []
+    for i, t in enumerate(values):
+        try:
+            f = float(t)
+        except (TypeError, ValueError):
+            raise ThresholdError(f"threshold {i} must be a number, got {t!r}") from None
+        if not math.isfinite(f):
+            raise ThresholdError(
+                f"threshold {i} is {f}; use a finite number (policy {policy.name!r} exits when "
+                f"score {'>=' if policy.direction == 'higher' else '<'} threshold)"
+            )
+        out.append(f)
+    return out
+
+
+register_policy(
+    ExitPolicy(
+        "confidence", "higher", _confidence_batch, _confidence_row,
+        "max softmax probability; exits when score >= threshold",
+    )
+)
+register_policy(
+    ExitPolicy(
+        "entropy", "lower", _entropy_batch, _entropy_row,
+        "softmax entropy -sum p ln p (BranchyNet); exits when score < threshold",
+    )
+)
+register_policy(
+    ExitPolicy(
+        "margin", "higher", _margin_batch, _margin_row,
+        "top-1 minus top-2 softmax probability; exits when score >= threshold",
+    )
+)

@@ -1,0 +1,128 @@
+"""Checks that turn a user's input mapping into validated feeds for stage 0."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from ..errors import (
+    EmptyBatchError,
+    InputDtypeError,
+    InputNameError,
+    InputShapeError,
+    NonFiniteInputError,
+)
+from ..package import InputSpec
+
+
+class InputChecker:
+    """Validates inputs against the package's input specs; fast for batch 1."""
+
+    def __init__(self, specs: Sequence[InputSpec], check_finite: bool = True) -> None:
+        self.specs = tuple(specs)
+        self.names = tuple(s.name for s in specs)
+        self._dtypes = tuple(np.dtype(s.dtype) for s in specs)
+        self._fixed = tuple(
+            tuple((axis, dim) for axis, dim in enumerate(s.shape) if isinstance(dim, int)) for s in specs
+        )
+        self._ranks = tuple(len(s.shape) for s in specs)
+        self._floating = tuple(np.issubdtype(d, np.floating) for d in self._dtypes)
+        self.check_finite = check_finite
+        only_batch_symbolic = len(specs) == 1 and all(isinstance(d, int) for d in specs[0].shape[1:])
+        self._single = (1, *specs[0].shape[1:]) if only_batch_symbolic else None
+        self._check_single_finite = check_finite and self._floating[0]
+
+    def feeds(self, inputs: Any) -> tuple[dict[str, np.ndarray], int]:
+        """Validated ``{name: C-contiguous array}`` and the batch size."""
+        if (  # batch-1 fast path: one input, exact dtype and shape, contiguous
+            self._single is not None and type(inputs) is np.ndarray and inputs.shape == self._single
+            and inputs.dtype == self._dtypes[0] and inputs.flags.c_contiguous
+            and not (self._check_single_finite and not np.isfinite(inputs).all())
+        ):
+            return {self.names[0]: inputs}, 1
+        if isinstance(inputs, np.ndarray):
+            if len(self.specs) != 1:
+                raise InputNameError(
+                    f"a bare array was given but this package has {len(self.specs)} inputs "
+                    f"{list(self.names)}; pass a dict {{name: array}}"
+                )
+            inputs = {self.names[0]: inputs}
+        elif not isinstance(inputs, Mapping):
+            raise InputNameError(
+                f"inputs must be a numpy array or a dict {{name: array}} with names {list(self.names)}; "
+                f"got {type(inputs).__name__}"
+            )
+        if len(inputs) != len(self.names) or any(n not in inputs for n in self.names):
+            self._name_error(inputs)
+
+        feeds: dict[str, np.ndarray] = {}
+        batch = -1
+        for spec, dtype, fixed, rank, floating in zip(
+            self.specs, self._dtypes, self._fixed, self._ranks, self._floating
+        ):
+            array = inputs[spec.name]
+            if not isinstance(array, np.ndarray):
+                raise InputDtypeError(
+                    f"input {spec.name!r}: expected a numpy array of {spec.dtype}, got "
+                    f"{type(array).__name__}; convert it with np.asarray(x, dtype=np.{spec.dtype})"
+                )
+            if array.dtype != dtype:
+                raise InputDtypeError(
+                    f"input {spec.name!r}: expected dtype {spec.dtype}, got {array.dtype}; convert it "
+                    f"with x.astype(np.{spec.dtype}) (no silent casts: they can change results)"
+                )
+            if array.ndim != rank:
+                raise InputShapeError(
+                    f"input {spec.name!r}: expected rank {rank} with shape {_shape_str(spec.shape)}, got "
+                    f"shape {array.shape}" + (
+                        "; add the batch axis with x[None]" if array.ndim == rank - 1 else ""
+                    )
+                )
+            for axis, dim in fixed:
+                if array.shape[axis] != dim:
+                    raise InputShapeError(
+                        f"input {spec.name!r}: axis {axis} must be {dim} (expected shape "
+                        f"{_shape_str(spec.shape)}), got shape {array.shape}"
+                    )
+            n = array.shape[0]
+            if n == 0:
+                raise EmptyBatchError(
+                    f"input {spec.name!r} has an empty batch (shape {array.shape}); pass at least one sample"
+                )
+            if batch == -1:
+                batch = n
+            elif n != batch:
+                raise InputShapeError(
+                    f"inputs disagree on the batch size: {self.names[0]!r} has {batch}, "
+                    f"{spec.name!r} has {n}; every input must hold the same samples"
+                )
+            if floating and self.check_finite and not np.isfinite(array).all():
+                bad = np.flatnonzero(~np.isfinite(array.reshape(n, -1)).all(axis=1))
+                raise NonFiniteInputError(
+                    f"input {spec.name!r} holds NaN or Inf in sample(s) {bad[:10].tolist()}"
+                    f"{'…' if bad.size > 10 else ''}; clean the data, or pass check_finite=False to let "
+                    "them through (a non-finite exit score never triggers an early exit)"
+                )
+            feeds[spec.name] = array if array.flags.c_contiguous else np.ascontiguousarray(array)
+        return feeds, batch
+
+    def _name_error(self, inputs: Mapping[str, Any]) -> None:
+        missing = [n for n in self.names if n not in inputs]
+        unknown = [str(n) for n in inputs if n not in self.names]
+        parts = []
+        if missing:
+            parts.append(f"missing input(s) {missing}")
+        if unknown:
+            hints = []
+            for u in unknown:
+                near = difflib.get_close_matches(u, self.names, n=1)
+                hints.append(f"{u!r}" + (f" (did you mean {near[0]!r}?)" if near else ""))
+            parts.append(f"unknown input(s) {', '.join(hints)}")
+        raise InputNameError(f"{'; '.join(parts)}; the package expects exactly {list(self.names)}")
+
+
+def _shape_str(shape: Sequence[int | str]) -> str:
+    return "(" + ", ".join(str(d) for d in shape) + ")"

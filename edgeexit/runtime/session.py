@@ -1,0 +1,295 @@
+"""``ExitSession``: run an exit package stage by stage and stop at the first confident exit."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from time import perf_counter_ns
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from ..devices.providers import ProviderSpec, check_session_providers, resolve_providers
+from ..errors import GraphMismatchError, InputError, SessionError
+from ..package import Package, StageSpec, load_package
+from ..policies import ExitPolicy, check_thresholds, get_policy
+from ._inputs import InputChecker
+from ._threads import explain_session_failure, session_options
+
+
+@dataclass(slots=True)
+class ExitResult:
+    """What ``ExitSession.run`` returns, every array in input order.
+
+    Attributes:
+        predictions: argmax of the logits of the exit each sample left at, shape (n,).
+        logits: those logits, shape (n, classes).
+        exit_index: which exit each sample left at (0 = first exit; the last exit is
+            ``num_exits - 1``), shape (n,).
+        scores: the policy score at that exit, float64, shape (n,).
+        stage_ms: onnxruntime time per stage for this call in ms (0.0 for stages that
+            did not run).
+        nonfinite_scores: how many scores were NaN/Inf (they never trigger an exit).
+        total_ms: wall time of the whole call in ms.
+    """
+
+    predictions: np.ndarray
+    logits: np.ndarray
+    exit_index: np.ndarray
+    scores: np.ndarray
+    stage_ms: tuple[float, ...]
+    nonfinite_scores: int
+    total_ms: float
+
+    def exit_counts(self, num_exits: int) -> np.ndarray:
+        """Number of samples that left at each exit."""
+        return np.bincount(self.exit_index, minlength=num_exits)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    policies: tuple[ExitPolicy, ...]   # one per exit
+    thresholds: tuple[float, ...]      # one per early exit
+
+
+class _Stage:
+    """One stage session and the positions of its outputs."""
+
+    def __init__(self, spec: StageSpec, session: ort.InferenceSession, exit_number: int | None,
+                 keep_after: tuple[str, ...]) -> None:
+        self.spec = spec
+        self.session = session
+        self.inputs = spec.inputs
+        self.outputs = list(spec.carry) + ([spec.exit.logits] if spec.exit else [])
+        self.exit_number = exit_number            # None: this stage has no exit
+        self.logits_pos = len(spec.carry)
+        self.keep_after = keep_after              # tensors later stages still read
+
+
+class ExitSession:
+    """Runs an exit package with onnxruntime, stopping each sample at its first confident exit.
+
+    Args:
+        path: the package directory.
+        providers: execution providers in order (default: CPU).
+        threads: intra-op threads per stage session.
+        spinning: let idle onnxruntime threads spin (off: chained sessions take turns).
+        global_thread_pool: use the process-wide pool created by
+            ``edgeexit.runtime.use_global_thread_pool`` instead of per-session pools.
+        allow_fallback: warn instead of failing when a requested provider is missing.
+        check_finite: refuse inputs holding NaN/Inf.
+        verify_hashes: check every file's sha256 when loading.
+
+    Example:
+        >>> sess = ExitSession("lenet.eexit")                    # doctest: +SKIP
+        >>> out = sess.run(images)                               # doctest: +SKIP
+        >>> out.predictions, out.exit_index                      # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        providers: Sequence[ProviderSpec] | None = None,
+        threads: int = 1,
+        spinning: bool = False,
+        global_thread_pool: bool = False,
+        allow_fallback: bool = False,
+        check_finite: bool = True,
+        verify_hashes: bool = True,
+    ) -> None:
+        self.package: Package = load_package(path, verify_hashes=verify_hashes)
+        self.providers = resolve_providers(providers, allow_fallback=allow_fallback)
+        self._options = (threads, spinning, global_thread_pool)
+        self._allow_fallback = allow_fallback
+        self._checker = InputChecker(self.package.inputs, check_finite=check_finite)
+        self.exit_stages = self.package.exit_stages
+        self.num_exits = len(self.exit_stages)
+
+        stages = self.package.stages
+        # tensors that exist after stage k and that a later stage still reads
+        available = {i.name for i in self.package.inputs}
+        keep_after = []
+        for k, spec in enumerate(stages):
+            available |= set(spec.carry)
+            later = set().union(*(s.inputs for s in stages[k + 1:]))
+            keep_after.append(tuple(sorted(available & later)))
+        self._stages: list[_Stage] = []
+        for k, spec in enumerate(self.package.stages):
+            session = self._build(spec.file, f"stage {k} ({spec.name})")
+            _check_graph_names(session, spec)
+            number = self.exit_stages.index(k) if spec.exit else None
+            self._stages.append(_Stage(spec, session, number, keep_after[k]))
+        self._default_plan = self._make_plan(None, None)
+        self._full_session: ort.InferenceSession | None = None
+
+    # --- building ---------------------------------------------------------------
+
+    def _build(self, file: str, what: str) -> ort.InferenceSession:
+        threads, spinning, global_pool = self._options
+        try:
+            session = ort.InferenceSession(
+                str(self.package.file_path(file)), session_options(threads, spinning, global_pool),
+                providers=self.providers,
+            )
+        except Exception as exc:  # onnxruntime raises bare RuntimeError/Fail subclasses
+            reason = explain_session_failure(exc, global_pool) or str(exc).strip().splitlines()[0]
+            raise SessionError(f"cannot build the onnxruntime session for {what}: {reason}") from None
+        check_session_providers(session, self.providers, what, allow_fallback=self._allow_fallback)
+        return session
+
+    def _make_plan(self, thresholds: Sequence[float] | None, policy: str | None) -> _Plan:
+        specs = [self.package.stages[k].exit for k in self.exit_stages]
+        policies = tuple(get_policy(policy or s.policy) for s in specs)  # type: ignore[union-attr]
+        if thresholds is None:
+            if policy is not None and any(get_policy(s.policy) is not get_policy(policy)  # type: ignore[union-attr]
+                                          for s in specs[:-1]):
+                raise InputError(
+                    f"policy={policy!r} differs from the package's {self.package.policies}; its stored "
+                    "thresholds mean something else, so pass thresholds= with it"
+                )
+            thresholds = [s.threshold for s in specs[:-1]]  # type: ignore[union-attr,misc]
+        values = check_thresholds(policies[0], thresholds, self.num_exits - 1)  # type: ignore[arg-type]
+        return _Plan(policies, tuple(values))
+
+    # --- running ----------------------------------------------------------------
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        return self._checker.names
+
+    def run(
+        self,
+        inputs: np.ndarray | dict[str, np.ndarray],
+        *,
+        thresholds: Sequence[float] | None = None,
+        policy: str | None = None,
+    ) -> ExitResult:
+        """Run a batch; each sample stops at its first exit whose policy fires.
+
+        Args:
+            inputs: ``{name: array}`` with a leading batch axis, or a bare array when the
+                package has one input.
+            thresholds: one per early exit, overriding the package's for this call.
+            policy: a registered policy name overriding the package's (needs thresholds).
+        """
+        start = perf_counter_ns()
+        feeds, n = self._checker.feeds(inputs)
+        plan = self._default_plan if thresholds is None and policy is None else self._make_plan(thresholds, policy)
+        if n == 1:
+            return self._run_one(feeds, plan, start)
+        return self._run_batch(feeds, n, plan, start)
+
+    def _run_batch(self, tensors: dict[str, np.ndarray], n: int, plan: _Plan, start: int) -> ExitResult:
+        stage_ms = [0.0] * len(self._stages)
+        active = np.arange(n)                                   # original positions still running
+        exit_index = np.empty(n, dtype=np.int64)
+        scores = np.empty(n, dtype=np.float64)
+        logits_out: np.ndarray | None = None
+        for k, stage in enumerate(self._stages):
+            t0 = perf_counter_ns()
+            outs = stage.session.run(stage.outputs, {name: tensors[name] for name in stage.inputs})
+            stage_ms[k] = (perf_counter_ns() - t0) / 1e6
+            tensors.update(zip(stage.outputs, outs))
+            e = stage.exit_number
+            if e is None:
+                continue
+            logits = outs[stage.logits_pos]
+            policy = plan.policies[e]
+            s = policy.scores(logits)
+            last = e == self.num_exits - 1
+            leave = np.ones(len(active), dtype=bool) if last else policy.accepts(s, plan.thresholds[e])
+            if logits_out is None:
+                logits_out = np.empty((n, logits.shape[1]), dtype=logits.dtype)
+            rows = active[leave]
+            exit_index[rows], scores[rows], logits_out[rows] = e, s[leave], logits[leave]
+            if last or leave.all():
+                break
+            if leave.any():                                     # compact: drop samples that left
+                stay = ~leave
+                active = active[stay]
+                tensors = {name: tensors[name][stay] for name in stage.keep_after}
+        assert logits_out is not None
+        return ExitResult(
+            predictions=logits_out.argmax(axis=1), logits=logits_out, exit_index=exit_index,
+            scores=scores, stage_ms=tuple(stage_ms), nonfinite_scores=int((~np.isfinite(scores)).sum()),
+            total_ms=(perf_counter_ns() - start) / 1e6,
+        )
+
+    def _run_one(self, tensors: dict[str, np.ndarray], plan: _Plan, start: int) -> ExitResult:
+        # Batch-1 fast path: no masks, no compaction, scalar policy scores.
+        stage_ms = [0.0] * len(self._stages)
+        last_exit = self.num_exits - 1
+        for k, stage in enumerate(self._stages):
+            t0 = perf_counter_ns()
+            outs = stage.session.run(stage.outputs, {name: tensors[name] for name in stage.inputs})
+            stage_ms[k] = (perf_counter_ns() - t0) / 1e6
+            e = stage.exit_number
+            if e is not None:
+                row = outs[stage.logits_pos][0]
+                score = plan.policies[e].score_one(row)
+                if e == last_exit or plan.policies[e].accepts_one(score, plan.thresholds[e]):
+                    return ExitResult(
+                        predictions=np.array([row.argmax()]), logits=row[None], exit_index=np.array([e]),
+                        scores=np.array([score]), stage_ms=tuple(stage_ms),
+                        nonfinite_scores=0 if score == score and abs(score) != float("inf") else 1,
+                        total_ms=(perf_counter_ns() - start) / 1e6,
+                    )
+            tensors.update(zip(stage.outputs, outs))
+        raise AssertionError("unreachable: the last stage always carries an accepting exit")
+
+    def run_all_exits(self, inputs: np.ndarray | dict[str, np.ndarray]) -> list[np.ndarray]:
+        """Logits of every exit for every sample (no early stopping), in exit order.
+
+        This is what calibration records: one pass through all stages.
+        """
+        tensors, _ = self._checker.feeds(inputs)
+        all_logits = []
+        for stage in self._stages:
+            outs = stage.session.run(stage.outputs, {name: tensors[name] for name in stage.inputs})
+            tensors.update(zip(stage.outputs, outs))
+            if stage.exit_number is not None:
+                all_logits.append(outs[stage.logits_pos])
+        return all_logits
+
+    def run_full(self, inputs: np.ndarray | dict[str, np.ndarray]) -> np.ndarray:
+        """Logits of the whole model with every early exit disabled (the baseline).
+
+        Uses the package's ``full_model`` graph when it has one, else runs every stage.
+        """
+        feeds, _ = self._checker.feeds(inputs)
+        full = self.package.full_model
+        if full is None:
+            never = [float("inf") if p.direction == "higher" else float("-inf")
+                     for p in self._default_plan.policies[:-1]]
+            plan = _Plan(self._default_plan.policies, tuple(never))
+            return self._run_batch(feeds, next(iter(feeds.values())).shape[0], plan, perf_counter_ns()).logits
+        if self._full_session is None:
+            self._full_session = self._build(full.file, "full model")
+        return self._full_session.run([full.logits], {n: feeds[n] for n in full.inputs})[0]
+
+
+def _check_graph_names(session: ort.InferenceSession, spec: StageSpec) -> None:
+    graph_inputs = [i.name for i in session.get_inputs()]
+    graph_outputs = {o.name for o in session.get_outputs()}
+    wanted_outputs = list(spec.carry) + ([spec.exit.logits] if spec.exit else [])
+    missing = [o for o in wanted_outputs if o not in graph_outputs]
+    if sorted(graph_inputs) != sorted(spec.inputs) or missing:
+        raise GraphMismatchError(
+            f"stage {spec.name!r} ({spec.file}): the manifest declares inputs {list(spec.inputs)} and "
+            f"outputs {wanted_outputs}, the graph has inputs {graph_inputs} and outputs "
+            f"{sorted(graph_outputs)}; the manifest and graph come from different exports. Re-export."
+        )
+
+
+def describe(session: ExitSession) -> dict[str, Any]:
+    """Providers and thread settings actually in use (for reports)."""
+    threads, spinning, global_pool = session._options
+    return {
+        "providers": session._stages[0].session.get_providers(),
+        "threads": threads,
+        "spinning": spinning,
+        "global_thread_pool": global_pool,
+    }

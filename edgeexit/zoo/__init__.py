@@ -1,0 +1,40 @@
+"""Reference early-exit models (need torch) and their training recipes."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from ..errors import ModelSpecError
+from ..export.model import EarlyExitModel
+from .blenet import blenet as blenet
+from .bresnet import bresnet as bresnet
+
+ZOO: dict[str, Callable[[], EarlyExitModel]] = {"blenet": blenet, "bresnet": bresnet}
+
+
+def load_weights(model: EarlyExitModel, path: str) -> EarlyExitModel:
+    """Load a state_dict saved with ``torch.save(model.state_dict(), path)``."""
+    import torch
+
+    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    return model.eval()
+
+
+def example_images(n: int = 4, seed: int = 0) -> dict[str, object]:
+    """Example inputs for exporting a 28x28 zoo model: ``{"image": tensor (n, 1, 28, 28)}``."""
+    import torch
+
+    return {"image": torch.rand(n, 1, 28, 28, generator=torch.Generator().manual_seed(seed))}
+
+
+def get_model(name: str) -> EarlyExitModel:
+    """An untrained zoo model by name."""
+    import difflib
+
+    if name not in ZOO:
+        near = difflib.get_close_matches(name, list(ZOO), n=1)
+        raise ModelSpecError(
+            f"unknown zoo model {name!r}; available: {', '.join(sorted(ZOO))}"
+            + (f". Did you mean {near[0]!r}?" if near else "")
+        )
+    return ZOO[name]()

@@ -1,0 +1,152 @@
+"""The quickstart: train a zoo model on MNIST-5k, export it, and compare it with the full model.
+
+Splits are seeded and disjoint (3,000 train / 1,000 calibration / 1,000 test): the
+shared entropy threshold is chosen on the calibration split, every reported figure
+comes from the test split.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from time import perf_counter_ns
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from ..calibrate import accuracy_at, record_exits, shared_threshold
+from ..datasets import MNIST_PREPROCESSING, mnist5k_splits
+from ..export import export_package
+from ..measure import LatencyStats
+from ..runtime import ExitSession
+from ..runtime._threads import session_options
+from . import get_model
+from .train import train_early_exit
+
+ProgressFactory = Callable[[str, int], Any]
+
+
+@dataclass(frozen=True)
+class QuickstartReport:
+    model: str
+    package: Path
+    sizes: tuple[int, int, int]
+    thresholds: list[float]
+    full_accuracy: float
+    early_accuracy: float
+    exit_shares: list[float]
+    full_latency: LatencyStats
+    early_latency: LatencyStats
+    overhead_us: float
+
+    @property
+    def speedup_p50(self) -> float:
+        return self.full_latency.p50 / self.early_latency.p50
+
+
+@contextlib.contextmanager
+def _no_bar(_label: str, _length: int):  # type: ignore[no-untyped-def]
+    class _Bar:
+        def update(self, _n: int) -> None:
+            pass
+    yield _Bar()
+
+
+def time_batch1(
+    session: ExitSession, full: ort.InferenceSession, full_input: str, x: np.ndarray, passes: int = 3,
+    warmup: int = 200, progress: ProgressFactory = _no_bar,
+) -> tuple[LatencyStats, LatencyStats, float]:
+    """Interleaved batch-1 timings of the full graph and the early-exit runtime.
+
+    Returns (full stats, early-exit stats, mean runtime overhead per call in µs, i.e. the
+    time in ``ExitSession.run`` beyond its onnxruntime calls).
+    """
+    samples = [x[i:i + 1] for i in range(len(x))]
+    for s in samples[:warmup]:
+        full.run(None, {full_input: s})
+        session.run(s)
+    full_ns, early_ns, overhead_ns = [], [], []
+    with progress("timing batch 1", passes * len(samples)) as bar:
+        for p in range(passes):
+            for i, s in enumerate(samples):
+                order = (0, 1) if (i + p) % 2 == 0 else (1, 0)
+                for which in order:
+                    t0 = perf_counter_ns()
+                    if which == 0:
+                        full.run(None, {full_input: s})
+                        full_ns.append(perf_counter_ns() - t0)
+                    else:
+                        r = session.run(s)
+                        took = perf_counter_ns() - t0
+                        early_ns.append(took)
+                        overhead_ns.append(took - sum(r.stage_ms) * 1e6)
+            bar.update(len(samples))
+    return (LatencyStats.from_ns(full_ns), LatencyStats.from_ns(early_ns),
+            float(np.median(overhead_ns)) / 1e3)
+
+
+def run_quickstart(
+    model_name: str = "blenet",
+    *,
+    epochs: int = 20,
+    seed: int = 0,
+    output_dir: str | Path = "edgeexit-quickstart",
+    max_drop: float = 0.003,
+    progress: ProgressFactory = _no_bar,
+    log: Callable[[str], None] = print,
+) -> QuickstartReport:
+    """Train, export, calibrate a shared threshold, and time the test split at batch 1."""
+    torch.manual_seed(seed)
+    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    splits = mnist5k_splits(seed)
+    model = get_model(model_name)
+    with progress(f"training {model_name} ({epochs} epochs)", epochs * len(splits.train)) as bar:
+        train_early_exit(model, splits.train.x, splits.train.y, epochs=epochs, seed=seed, progress=bar.update)
+
+    out = Path(output_dir)
+    path = out / f"{model_name}.eexit"
+    example = {"image": torch.from_numpy(splits.train.x[:8])}
+    early = model.num_exits - 1
+    export_package(model, example, path, policy="entropy", thresholds=[0.0] * early, name=model_name,
+                   labels=[str(i) for i in range(10)], include_full_model=True,
+                   preprocessing=MNIST_PREPROCESSING, seed=seed, log=log)
+
+    session = ExitSession(path)
+    records = record_exits(session, splits.calibration.x, splits.calibration.y)
+    threshold, cal_acc, cal_shares = shared_threshold(records, max_drop)
+    thresholds = [threshold] * early
+    log(f"calibration split: shared entropy threshold {threshold:.4g} keeps accuracy {cal_acc:.1%} "
+        f"(full {records.full_accuracy:.1%}), exit shares {np.round(cal_shares, 3).tolist()}")
+    from ..package import update_manifest
+
+    def _set(manifest: dict[str, Any]) -> None:
+        for stage in manifest["stages"][:-1]:
+            if stage["exit"] is not None:
+                stage["exit"]["threshold"] = threshold
+    update_manifest(path, _set)
+    session = ExitSession(path)
+
+    test_records = record_exits(session, splits.test.x, splits.test.y)
+    early_acc, _ = accuracy_at(test_records, thresholds)
+    result = session.run(splits.test.x)  # the real runtime, batched, must agree with the replay
+    runtime_acc = float((result.predictions == splits.test.y).mean())
+    if abs(runtime_acc - early_acc) > 1e-9:
+        log(f"note: the runtime's accuracy {runtime_acc:.2%} differs from the replayed {early_acc:.2%} "
+            "(scores on a threshold's edge); reporting the runtime's")
+
+    full = ort.InferenceSession(str(path / "full.onnx"), session_options(1, False, False),
+                                providers=["CPUExecutionProvider"])
+    full_logits = full.run(None, {"image": splits.test.x})[0]
+    full_acc = float((full_logits.argmax(1) == splits.test.y).mean())
+    full_stats, early_stats, overhead = time_batch1(session, full, "image", splits.test.x, progress=progress)
+    return QuickstartReport(
+        model=model_name, package=path,
+        sizes=(len(splits.train), len(splits.calibration), len(splits.test)),
+        thresholds=thresholds, full_accuracy=full_acc, early_accuracy=runtime_acc,
+        exit_shares=(np.bincount(result.exit_index, minlength=session.num_exits) / len(result.exit_index)).tolist(),
+        full_latency=full_stats, early_latency=early_stats, overhead_us=overhead,
+    )

@@ -1,0 +1,145 @@
+"""The CLI through click's CliRunner: export, run, inspect, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+torch = pytest.importorskip("torch")
+
+from _models import reference_decisions, tiny_inputs, tiny_model  # noqa: E402
+
+from edgeexit.cli import cli  # noqa: E402
+
+THRESHOLDS = ["--threshold", "0.9", "--threshold", "0.7"]
+
+
+@pytest.fixture(scope="module")
+def package(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cli") / "tiny.eexit"
+    result = CliRunner().invoke(cli, ["export", "_models:factory", "-o", str(path), "--policy", "confidence",
+                                      *THRESHOLDS])
+    assert result.exit_code == 0, result.output
+    assert "max |onnxruntime - torch|" in result.output and f"wrote {path}" in result.output
+    return path
+
+
+def test_run_npz_with_labels_reports_accuracy_and_writes_results(package, tmp_path):
+    x = tiny_inputs(40, seed=5)
+    exits, preds, _, _ = reference_decisions(tiny_model(), x, "confidence", [0.9, 0.7])
+    labels = preds.copy()
+    labels[:10] = (labels[:10] + 1) % 5  # 30 of 40 right
+    np.savez(tmp_path / "in.npz", x=x, labels=labels)
+    out = tmp_path / "out.npz"
+    result = CliRunner().invoke(cli, ["run", str(package), str(tmp_path / "in.npz"), "-o", str(out),
+                                      "--batch-size", "7"])
+    assert result.exit_code == 0, result.output
+    assert "accuracy: 75.00% (30/40)" in result.output
+    shares = np.bincount(exits, minlength=3) / 40
+    assert f"exit 0: {shares[0]:.1%}" in result.output
+    with np.load(out) as saved:
+        np.testing.assert_array_equal(saved["predictions"], preds)
+        np.testing.assert_array_equal(saved["exit_index"], exits)
+        assert saved["logits"].shape == (40, 5)
+
+
+def test_run_npy_and_csv_output(package, tmp_path):
+    x = tiny_inputs(6, seed=2)
+    np.save(tmp_path / "in.npy", x)
+    out = tmp_path / "out.csv"
+    result = CliRunner().invoke(cli, ["run", str(package), str(tmp_path / "in.npy"), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = out.read_text().splitlines()
+    assert rows[0] == "predictions,exit_index,scores" and len(rows) == 7
+    _, preds, _, _ = reference_decisions(tiny_model(), x, "confidence", [0.9, 0.7])
+    assert [int(r.split(",")[0]) for r in rows[1:]] == preds.tolist()
+
+
+def test_run_threshold_override(package, tmp_path):
+    np.save(tmp_path / "in.npy", tiny_inputs(5))
+    result = CliRunner().invoke(cli, ["run", str(package), str(tmp_path / "in.npy"), "--threshold", "0",
+                                      "--threshold", "0"])
+    assert result.exit_code == 0, result.output
+    assert "exit 0: 100.0%" in result.output
+
+
+@pytest.mark.parametrize(
+    ("make", "code", "fragment"),
+    [
+        (lambda p: np.save(p / "in.npy", tiny_inputs(3).astype(np.float64)), 2,
+         "InputDtypeError: input 'x': expected dtype float32"),
+        (lambda p: np.save(p / "in.npy", tiny_inputs(3)[:, 0]), 2, "InputShapeError"),
+        (lambda p: np.save(p / "in.npy", tiny_inputs(3)[:0]), 2, "EmptyBatchError"),
+        (lambda p: np.savez(p / "in.npy", y=tiny_inputs(3), z=tiny_inputs(3)), 2, "InputFileError"),
+        (lambda p: (p / "in.npy").write_text("not numpy"), 2, "InputFileError"),
+    ],
+)
+def test_run_bad_input_is_one_line_without_traceback(package, tmp_path, make, code, fragment):
+    make(tmp_path)
+    result = CliRunner().invoke(cli, ["run", str(package), str(tmp_path / "in.npy")])
+    assert result.exit_code == code, result.output
+    assert fragment in result.output
+    assert "Traceback" not in result.output and result.output.count("\n") == 1
+
+
+def test_run_missing_package_exit_code(tmp_path):
+    np.save(tmp_path / "in.npy", tiny_inputs(2))
+    result = CliRunner().invoke(cli, ["run", str(tmp_path / "nope.eexit"), str(tmp_path / "in.npy")])
+    assert result.exit_code == 3 and "PackageNotFoundError: no exit package at" in result.output
+
+
+def test_inspect_lists_stages_exits_costs_and_hashes(package):
+    result = CliRunner().invoke(cli, ["inspect", str(package)])
+    assert result.exit_code == 0, result.output
+    out = result.output
+    assert "format version 1" in out and "input x: float32 (batch, 1, 8, 8)" in out
+    for stage in ("stage0", "stage1", "stage2", "stage3"):
+        assert stage in out
+    assert "confidence" in out and "0.9" in out and "0.7" in out and "always" in out
+    manifest = json.loads((package / "manifest.json").read_text())
+    assert manifest["files"]["stage0.onnx"]["sha256"][:12] in out
+    as_json = CliRunner().invoke(cli, ["inspect", str(package), "--json"])
+    assert json.loads(as_json.output) == manifest
+
+
+def test_export_needs_thresholds_and_refuses_to_overwrite(package, tmp_path):
+    result = CliRunner().invoke(cli, ["export", "_models:factory", "-o", str(tmp_path / "a.eexit")])
+    assert result.exit_code == 2 and "pass --threshold once per early exit (2 for this model)" in result.output
+    result = CliRunner().invoke(cli, ["export", "_models:factory", "-o", str(package), *THRESHOLDS])
+    assert result.exit_code == 2 and "--force" in result.output
+
+
+def test_export_zoo_model_needs_weights(tmp_path):
+    result = CliRunner().invoke(cli, ["export", "blenet", "-o", str(tmp_path / "b.eexit"), "--threshold", "0.1"])
+    assert result.exit_code == 2 and "needs weights" in result.output
+    result = CliRunner().invoke(cli, ["export", "lenet", "-o", str(tmp_path / "b.eexit"), "--threshold", "0.1"])
+    assert result.exit_code == 2 and "Did you mean 'blenet'?" in result.output
+
+
+def test_export_zoo_model_from_weights(tmp_path):
+    from edgeexit.zoo import blenet
+
+    torch.manual_seed(0)
+    torch.save(blenet().state_dict(), tmp_path / "w.pt")
+    out = tmp_path / "b.eexit"
+    result = CliRunner().invoke(cli, ["export", "blenet", "--weights", str(tmp_path / "w.pt"), "-o", str(out),
+                                      "--threshold", "0.05"])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["full_model"]["file"] == "full.onnx" and manifest["stages"][0]["exit"]["threshold"] == 0.05
+
+
+def test_help_and_version():
+    assert CliRunner().invoke(cli, ["--help"]).exit_code == 0
+    assert "0.1.0" in CliRunner().invoke(cli, ["--version"]).output
+
+
+@pytest.mark.slow
+def test_quickstart_end_to_end(tmp_path):
+    result = CliRunner().invoke(cli, ["quickstart", "--epochs", "2", "--output", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "full model (onnxruntime)" in result.output and "early exit (edgeexit)" in result.output
+    assert (tmp_path / "blenet.eexit" / "manifest.json").is_file()

@@ -1,0 +1,130 @@
+"""Export: graphs checked, onnxruntime against torch on two batch sizes, failures named, atomic."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+onnx = pytest.importorskip("onnx")
+
+from _models import tiny_inputs, tiny_model  # noqa: E402
+from torch import nn  # noqa: E402
+
+from edgeexit.errors import ExportValidationError, ModelSpecError, ThresholdError  # noqa: E402
+from edgeexit.export import EarlyExitModel, export_package  # noqa: E402
+from edgeexit.package import load_package  # noqa: E402
+from edgeexit.runtime import ExitSession  # noqa: E402
+
+EXAMPLE = {"x": torch.from_numpy(tiny_inputs(4))}
+
+
+class _Drifts(nn.Module):
+    """Returns x * (number of calls): the traced graph freezes the count, torch does not."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return x * float(self.calls)
+
+
+def _drifting_model() -> EarlyExitModel:
+    torch.manual_seed(0)
+    head = nn.Sequential(nn.Flatten(), nn.Linear(64, 3))
+    return EarlyExitModel(stages=[nn.Identity(), _Drifts(), nn.Identity()],
+                          exits=[head, None, nn.Sequential(nn.Flatten(), _Drifts())])
+
+
+def test_export_writes_a_verified_package_with_costs(tmp_path):
+    lines: list[str] = []
+    model = tiny_model()
+    pkg = export_package(model, EXAMPLE, tmp_path / "m.eexit", policy="margin", thresholds=[0.3, 0.2],
+                         labels=list("abcde"), include_full_model=True, log=lines.append)
+    assert [s.name for s in pkg.stages] == ["stage0", "stage1", "stage2", "stage3"]
+    assert [s.exit is not None for s in pkg.stages] == [True, False, True, True]
+    assert pkg.thresholds == [0.3, 0.2] and pkg.policies == ["margin"] * 3
+    assert pkg.stages[1].carry == ("carry1_0", "carry1_1")  # the tuple carry
+    assert pkg.stages[2].inputs == ("carry1_0", "carry1_1")
+    assert pkg.labels == tuple("abcde") and pkg.inputs[0].shape == ("batch", 1, 8, 8)
+    # one validation line per output, each within tolerance
+    outputs = [(s.name, o) for s in pkg.stages for o in (*s.carry, *([s.exit.logits] if s.exit else []))]
+    outputs.append(("full", "logits"))
+    for stage, out in outputs:
+        assert any(stage in line and f" {out} " in line and line.rstrip().endswith("ok") for line in lines), out
+    # parameter counts are exact; FLOPs: conv 1->4 3x3 on 8x8 = 2*4*64*9
+    stage0_params = sum(p.numel() for p in model.stages[0].parameters()) + sum(
+        p.numel() for p in model.exit_at(0).parameters())
+    assert pkg.stages[0].cost["params"] == stage0_params
+    assert pkg.stages[0].cost["flops"] >= 2 * 4 * 64 * 9
+    assert 0 < pkg.stages[0].cost["exit_flops"] < pkg.stages[0].cost["flops"]
+    for stage in pkg.stages:
+        onnx.checker.check_model(str(pkg.file_path(stage.file)), full_check=True)
+    producer = pkg.producer
+    assert producer["edgeexit"] and producer["opset"] == 18 and producer["exporter"] == "torchscript"
+
+
+def test_dynamo_exporter_gives_the_same_outputs(tmp_path):
+    model = tiny_model()
+    a = export_package(model, EXAMPLE, tmp_path / "ts.eexit", thresholds=[0.5, 0.5], log=None)
+    b = export_package(model, EXAMPLE, tmp_path / "dyn.eexit", thresholds=[0.5, 0.5], dynamo=True, log=None)
+    assert b.producer["exporter"] == "dynamo"
+    x = tiny_inputs(9, seed=5)
+    for got, want in zip(ExitSession(b.root).run_all_exits(x), ExitSession(a.root).run_all_exits(x), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_validation_failure_names_every_failing_output_and_keeps_the_old_package(tmp_path):
+    path = tmp_path / "p.eexit"
+    export_package(tiny_model(), EXAMPLE, path, thresholds=[0.5, 0.5], log=None)
+    before = {f.name: f.read_bytes() for f in path.iterdir()}
+    lines: list[str] = []
+    with pytest.raises(ExportValidationError) as info:
+        export_package(_drifting_model(), {"x": torch.rand(4, 1, 8, 8)}, path, thresholds=[0.5], log=lines.append)
+    message = str(info.value)
+    assert "stage1/carry1_0" in message and "stage2/logits2" in message and "2 output(s)" in message
+    assert "stage0/logits0" not in message
+    assert any("FAILED" in line for line in lines) and any(line.rstrip().endswith("ok") for line in lines)
+    after = {f.name: f.read_bytes() for f in path.iterdir()}
+    assert after == before, "a failed export must leave the previous package untouched"
+    assert [p.name for p in tmp_path.iterdir()] == ["p.eexit"], "no temporary directories left behind"
+    load_package(path)
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: EarlyExitModel(stages=[nn.Identity()], exits=[None]), "last stage needs an exit"),
+        (lambda: EarlyExitModel(stages=[nn.Identity(), nn.Identity()], exits=[nn.Identity()]),
+         "2 stages and 1 exits"),
+        (lambda: EarlyExitModel(stages=[], exits=[]), "at least one stage"),
+        (lambda: EarlyExitModel(stages=[lambda x: x], exits=[nn.Identity()]), "must be a torch.nn.Module"),
+    ],
+)
+def test_invalid_models_are_refused(make, message):
+    with pytest.raises(ModelSpecError, match=message):
+        make()
+
+
+def test_example_inputs_need_a_batch_of_two(tmp_path):
+    with pytest.raises(ModelSpecError, match="batch of at least 2"):
+        export_package(tiny_model(), {"x": torch.rand(1, 1, 8, 8)}, tmp_path / "p", thresholds=[0.1, 0.1], log=None)
+    assert not (tmp_path / "p").exists()
+
+
+def test_threshold_count_must_match_early_exits(tmp_path):
+    with pytest.raises(ThresholdError, match="expected 2 threshold"):
+        export_package(tiny_model(), EXAMPLE, tmp_path / "p", thresholds=[0.1], log=None)
+
+
+def test_manifest_is_canonical_json(tmp_path):
+    pkg = export_package(tiny_model(), EXAMPLE, tmp_path / "p.eexit", thresholds=[0.1, 0.2], log=None)
+    text = (pkg.root / "manifest.json").read_text()
+    manifest = json.loads(text)
+    assert text == json.dumps(manifest, indent=2, ensure_ascii=False) + "\n"
+    assert manifest["format"] == "edgeexit" and manifest["format_version"] == 1
+    assert set(manifest["files"]) == {"stage0.onnx", "stage1.onnx", "stage2.onnx", "stage3.onnx"}
