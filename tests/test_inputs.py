@@ -91,7 +91,7 @@ def test_bad_run_options(tiny_package, kwargs, error, fragment):
 
 
 def test_missing_provider_is_an_error_unless_fallback_is_allowed(tiny_package):
-    with pytest.raises(ProviderError, match="CUDAExecutionProvider .*not in this onnxruntime build"):
+    with pytest.raises(ProviderError, match=r"CUDAExecutionProvider .*not in this onnxruntime build"):
         ExitSession(tiny_package, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
     with pytest.raises(ProviderError, match="did you mean CPUExecutionProvider"):
         ExitSession(tiny_package, providers=["CPUExecutionProvidr"])

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from ..devices.profiles import DeviceProfile, get_profile
 from ..devices.providers import ProviderSpec, check_session_providers, resolve_providers
 from ..errors import GraphMismatchError, InputError, SessionError
 from ..package import Package, StageSpec, load_package
@@ -73,11 +74,14 @@ class ExitSession:
 
     Args:
         path: the package directory.
-        providers: execution providers in order (default: CPU).
-        threads: intra-op threads per stage session.
-        spinning: let idle onnxruntime threads spin (off: chained sessions take turns).
+        device: a device profile name (``cpu``, ``rpi4``, ``auto``...) or a ``DeviceProfile``;
+            it supplies the defaults of the next four arguments.
+        providers: execution providers in order (default: the profile's, else CPU).
+        threads: intra-op threads per stage session (default: the profile's, else 1).
+        spinning: let idle onnxruntime threads spin (default off: chained sessions take turns).
         global_thread_pool: use the process-wide pool created by
-            ``edgeexit.runtime.use_global_thread_pool`` instead of per-session pools.
+            ``edgeexit.runtime.use_global_thread_pool`` instead of per-session pools
+            (default off: the pool is the host application's choice).
         allow_fallback: warn instead of failing when a requested provider is missing.
         check_finite: refuse inputs holding NaN/Inf.
         verify_hashes: check every file's sha256 when loading.
@@ -92,17 +96,24 @@ class ExitSession:
         self,
         path: str | os.PathLike[str],
         *,
+        device: str | DeviceProfile | None = None,
         providers: Sequence[ProviderSpec] | None = None,
-        threads: int = 1,
-        spinning: bool = False,
-        global_thread_pool: bool = False,
+        threads: int | None = None,
+        spinning: bool | None = None,
+        global_thread_pool: bool | None = None,
         allow_fallback: bool = False,
         check_finite: bool = True,
         verify_hashes: bool = True,
     ) -> None:
         self.package: Package = load_package(path, verify_hashes=verify_hashes)
+        profile = get_profile(device) if isinstance(device, str) else device
+        self.profile: DeviceProfile | None = profile
+        if providers is None and profile is not None:
+            providers = profile.providers
         self.providers = resolve_providers(providers, allow_fallback=allow_fallback)
-        self._options = (threads, spinning, global_thread_pool)
+        defaults = (profile.threads, profile.spinning, profile.global_thread_pool) if profile else (1, False, False)
+        given = (threads, spinning, global_thread_pool)
+        self._options = tuple(g if g is not None else d for g, d in zip(given, defaults))
         self._allow_fallback = allow_fallback
         self._checker = InputChecker(self.package.inputs, check_finite=check_finite)
         self.exit_stages = self.package.exit_stages
