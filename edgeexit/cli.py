@@ -96,7 +96,7 @@ def export(model: str, output: Path, policy: str, thresholds: tuple[float, ...],
         if weights is not None or train:
             raise click.UsageError("--weights/--train apply to zoo models only")
     else:
-        net = get_model(model)
+        net = get_model(model, seed=seed)
         if weights is not None:
             load_weights(net, str(weights))
         elif train:

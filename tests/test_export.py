@@ -128,3 +128,29 @@ def test_manifest_is_canonical_json(tmp_path):
     assert text == json.dumps(manifest, indent=2, ensure_ascii=False) + "\n"
     assert manifest["format"] == "edgeexit" and manifest["format_version"] == 1
     assert set(manifest["files"]) == {"stage0.onnx", "stage1.onnx", "stage2.onnx", "stage3.onnx"}
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_batchnorm_model_exports_in_eval_mode_and_keeps_its_state(tmp_path, training):
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(4)
+    with torch.no_grad():
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+    model = EarlyExitModel(
+        stages=[nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), bn, nn.ReLU()),
+                nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4))],
+        exits=[nn.Sequential(nn.Flatten(), nn.Linear(256, 3)), nn.Sequential(nn.Flatten(), nn.Linear(256, 3))],
+    )
+    model.train(training)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    pkg = export_package(model, EXAMPLE, tmp_path / "bn.eexit", thresholds=[0.5], include_full_model=True, log=None)
+    assert model.training is training and all(m.training is training for m in model.modules())
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), f"export changed {key}"
+    x = tiny_inputs(16, seed=9)
+    model.eval()
+    with torch.no_grad():
+        want = [t.numpy() for t in model(torch.from_numpy(x))]
+    for got, ref in zip(ExitSession(pkg.root).run_all_exits(x), want, strict=True):
+        np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)

@@ -220,7 +220,21 @@ def export_package(
     pol = get_policy(policy)
     values = check_thresholds(pol, thresholds, model.num_exits - 1)
     say = log or (lambda _line: None)
-    model = model.eval()
+    was_training = model.training
+    model.eval()
+    try:
+        return _export(model, examples, path, pol.name, values, labels, name, include_full_model, opset, dynamo,
+                       atol, rtol, preprocessing, seed, say)
+    finally:
+        model.train(was_training)
+
+
+def _export(
+    model: EarlyExitModel, examples: dict[str, torch.Tensor], path: str | os.PathLike[str], policy: str,
+    values: list[float], labels: Sequence[str] | None, name: str | None, include_full_model: bool, opset: int,
+    dynamo: bool, atol: float, rtol: float, preprocessing: Mapping[str, Any] | None, seed: int,
+    say: Callable[[str], None],
+) -> Package:
 
     input_names = list(examples)
     graphs: list[_Graph] = []
@@ -242,7 +256,7 @@ def export_package(
             next_carry = as_tuple(stage(*carry))
             carry_names = [] if last else [_carry_name(k, i) for i in range(len(next_carry))]
             outputs = carry_names + ([_logits_name(k)] if head is not None else [])
-            graphs.append(_Graph(f"stage{k}", f"stage{k}.onnx", _StageGraph(stage, head, not last),
+            graphs.append(_Graph(f"stage{k}", f"stage{k}.onnx", _StageGraph(stage, head, not last).eval(),
                                  list(reads), outputs, carry))
             stage_specs.append({
                 "name": f"stage{k}",
@@ -251,7 +265,7 @@ def export_package(
                 "carry": carry_names,
                 "exit": None if head is None else {
                     "logits": _logits_name(k),
-                    "policy": pol.name,
+                    "policy": policy,
                     "threshold": None if last else next(early),
                 },
                 "cost": {
@@ -264,7 +278,7 @@ def export_package(
 
     full_spec = None
     if include_full_model:
-        full = _FullGraph(model)
+        full = _FullGraph(model).eval()
         graphs.append(_Graph("full", "full.onnx", full, input_names, ["logits"], tuple(examples.values())))
         full_spec = {
             "file": "full.onnx", "inputs": input_names, "logits": "logits",

@@ -27,9 +27,11 @@ def example_images(n: int = 4, seed: int = 0) -> dict[str, object]:
     return {"image": torch.rand(n, 1, 28, 28, generator=torch.Generator().manual_seed(seed))}
 
 
-def get_model(name: str) -> EarlyExitModel:
-    """An untrained zoo model by name."""
+def get_model(name: str, seed: int | None = None) -> EarlyExitModel:
+    """An untrained zoo model by name; ``seed`` makes its initial weights reproducible."""
     import difflib
+
+    import torch
 
     if name not in ZOO:
         near = difflib.get_close_matches(name, list(ZOO), n=1)
@@ -37,4 +39,6 @@ def get_model(name: str) -> EarlyExitModel:
             f"unknown zoo model {name!r}; available: {', '.join(sorted(ZOO))}"
             + (f". Did you mean {near[0]!r}?" if near else "")
         )
+    if seed is not None:
+        torch.manual_seed(seed)
     return ZOO[name]()

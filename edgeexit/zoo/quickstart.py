@@ -103,7 +103,7 @@ def run_quickstart(
     torch.manual_seed(seed)
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     splits = mnist5k_splits(seed)
-    model = get_model(model_name)
+    model = get_model(model_name, seed=seed)
     with progress(f"training {model_name} ({epochs} epochs)", epochs * len(splits.train)) as bar:
         train_early_exit(model, splits.train.x, splits.train.y, epochs=epochs, seed=seed, progress=bar.update)
 
