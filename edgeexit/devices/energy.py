@@ -286,6 +286,7 @@ class EnergyMeter(abc.ABC):
         self._clock = clock or time.monotonic
         self._running = False
         self._skipped = 0
+        self._dropped = 0
 
     @abc.abstractmethod
     def available(self) -> tuple[bool, str]:
@@ -310,7 +311,7 @@ class EnergyMeter(abc.ABC):
     def start(self) -> None:
         if self._running:
             raise EnergyMeterError(f"{self.name}: start() called twice; stop() the running window first")
-        self._skipped = 0
+        self._skipped = self._dropped = 0
         self._begin()
         self._running = True
 
@@ -330,8 +331,10 @@ class EnergyMeter(abc.ABC):
                 notes.append("net energy is negative: idle power exceeds this window's mean power; re-measure idle")
         if self._skipped:
             notes.append(f"{self._skipped} malformed value(s) skipped")
+        if self._skipped or self._dropped:
             warnings.warn(
-                f"{self.name}: {self._skipped} malformed value(s) skipped while reading {self.source}",
+                f"{self.name}: {self._skipped} malformed value(s) skipped and {self._dropped} sample(s) dropped "
+                f"while reading {self.source}; see the reading's note",
                 EnergyMeterWarning,
                 stacklevel=2,
             )
@@ -351,6 +354,19 @@ class EnergyMeter(abc.ABC):
             self._running = False
             self._abort()
 
+    def _integrate(self, sampler: PeriodicSampler[float]) -> tuple[float, float, int, list[str]]:
+        """Stop ``sampler`` and integrate its samples over the span they cover."""
+        samples = sampler.stop()
+        times = np.array([t for t, _ in samples])
+        watts = np.array([w for _, w in samples])
+        t0, t1 = float(times[0]), float(times[-1])
+        notes = [f"{len(samples)} power sample(s) every ~{self.interval_s:g} s integrated (trapezoid)"]
+        self._dropped = sampler.dropped
+        if sampler.dropped:
+            why = f" ({sampler.first_error})" if sampler.first_error else ""
+            notes.append(f"{sampler.dropped} sample(s) dropped{why}; the window spans the usable ones")
+        return integrate_power(times, watts, t0, t1), t1 - t0, len(samples), notes
+
 
 class _SampledMeter(EnergyMeter):
     """A meter that samples power in a background thread and integrates it."""
@@ -364,15 +380,7 @@ class _SampledMeter(EnergyMeter):
             raise EnergyMeterError(f"{self.name}: the first power reading from {self.source} failed ({why})")
 
     def _finish(self) -> tuple[float, float, int, list[str]]:
-        samples = self._sampler.stop()
-        times = np.array([t for t, _ in samples])
-        watts = np.array([w for _, w in samples])
-        t0, t1 = float(times[0]), float(times[-1])
-        notes = [f"{len(samples)} power sample(s) every ~{self.interval_s:g} s integrated (trapezoid)"]
-        if self._sampler.dropped:
-            why = f" ({self._sampler.first_error})" if self._sampler.first_error else ""
-            notes.append(f"{self._sampler.dropped} sample(s) dropped{why}; the window spans the usable ones")
-        return integrate_power(times, watts, t0, t1), t1 - t0, len(samples), notes
+        return self._integrate(self._sampler)
 
     def _abort(self) -> None:
         if self._sampler.running:
@@ -655,17 +663,9 @@ class NvmlMeter(EnergyMeter):
                     raise EnergyMeterError(f"nvml: the total-energy counter of {self.source} failed or went back")
                 note = "total-energy counter (mJ), updated every 20–100 ms: windows under ~10 s are coarse"
                 return (end_mj - self._start_mj) / 1000.0, seconds, 2, [note, "GPU only"]
-            samples = self._sampler.stop()
-            times, watts = np.array([s[0] for s in samples]), np.array([s[1] for s in samples])
-            notes = [
-                f"total-energy counter not supported: {len(samples)} power sample(s) every ~{self.interval_s:g} s "
-                "integrated (trapezoid; NVML may average power over up to 1 s)",
-                "GPU only",
-            ]
-            if self._sampler.dropped:
-                notes.append(f"{self._sampler.dropped} sample(s) dropped ({self._sampler.first_error})")
-            t0, t1 = float(times[0]), float(times[-1])
-            return integrate_power(times, watts, t0, t1), t1 - t0, len(samples), notes
+            joules, seconds, samples, notes = self._integrate(self._sampler)
+            fallback = "total-energy counter not supported, power usage sampled (NVML may average it over 1 s)"
+            return joules, seconds, samples, [fallback, *notes, "GPU only"]
         finally:
             self._sampler = None
             self._module().nvmlShutdown()
@@ -702,7 +702,9 @@ class _Rail:
         return _read_number(self.files["voltage"]) * _read_number(self.files["current"]) / 1e6
 
     def where(self) -> str:
-        return str(self.files.get("power") or self.files["voltage"].parent)
+        if "power" in self.files:
+            return str(self.files["power"])
+        return f"{self.files['voltage']} × {self.files['current'].name}"
 
 
 def _jetson_rails(root: Path) -> list[_Rail]:
@@ -730,7 +732,7 @@ def _jetson_rails(root: Path) -> list[_Rail]:
                     break
             if label.upper() == "NC":  # not connected
                 continue
-            label = label or f"{folder.name}/channel{n}"
+            label = label or f"{folder.relative_to(root)}/channel{n}"
             rails.setdefault(label, _Rail(label, files))  # the same chip seen twice is counted once
     return list(rails.values())
 
@@ -787,8 +789,8 @@ class JetsonMeter(_SampledMeter):
         for rail in rails:
             try:
                 rail.watts()
-            except PermissionError:
-                return False, f"jetson: {_root_only(Path(rail.where()), f'{self.root}/ina3221*/*/*_input')}"
+            except PermissionError as exc:
+                return False, f"jetson: {_root_only(Path(exc.filename), f'{self.root}/ina3221*/*/*_input')}"
             except (OSError, ValueError) as exc:
                 return False, f"jetson: rail {rail.label} ({rail.where()}) is not readable: {exc}"
         return True, how
@@ -1047,6 +1049,7 @@ class ExternalMeter(_SampledMeter):
         self._skipped = bad
         if not covered:
             span = f"[{times[0]:.3f}, {times[-1]:.3f}]" if times.size else "nothing"
+            span += f" ({bad} malformed row(s) skipped)" if bad else ""
             raise EnergyMeterError(
                 f"external: the power log {self.csv_path} covers {span} but the window is [{t0:.3f}, {t1:.3f}] "
                 "(time.time()); start logging before start() and keep it running past stop(), on a synced clock"

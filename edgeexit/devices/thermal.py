@@ -170,7 +170,7 @@ class ThrottleMonitor:
             raise RuntimeError("ThrottleMonitor.start() called twice; stop() first")
         self._zones = _zones(self.root) if self.root.is_dir() else []
         self._throttled_start, self._start_problem = self._get_throttled()
-        if self.interval_s is None:
+        if self.interval_s is None or not self._zones:
             self._temps = [self._read_temps()]
         else:
             self._sampler = PeriodicSampler(self._read_temps, self.interval_s, self._clock)
@@ -233,8 +233,9 @@ class ThrottleMonitor:
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         if exc_type is None:
             self.stop()
-        elif self._sampler is not None:  # keep the original exception; just join the thread
-            self._running = False
+            return
+        self._running = False  # keep the original exception; just join the thread
+        if self._sampler is not None:
             self._sampler.stop()
             self._sampler = None
 
