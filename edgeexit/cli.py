@@ -222,6 +222,154 @@ def inspect(package: Path, as_json: bool) -> None:
                    f"{meta['sha256'][:12]}")
 
 
+# --- bench and devices ---------------------------------------------------------------
+
+
+def _pick_meter(profile: Any, meter: str | None, meter_log: Path | None, meter_command: str | None) -> Any:
+    from .devices import create_meter, meter_for_profile
+
+    options: dict[str, dict[str, Any]] = {}
+    if meter_log is not None:
+        options["external"] = {"csv_path": str(meter_log)}
+    elif meter_command is not None:
+        options["external"] = {"command": meter_command}
+    if meter is None and options:
+        meter = "external"
+    if meter is None:
+        chosen, skipped = meter_for_profile(profile, options)
+        for why in skipped:
+            click.echo(f"meter skipped: {why}", err=True)
+        return chosen
+    if meter == "estimate":
+        from .devices.energy import EstimateMeter
+
+        p = profile.power
+        return EstimateMeter(p.busy_watts, p.idle_watts, source=f"profile {profile.name}: {p.source}")
+    return create_meter(meter, **options.get(meter, {}))
+
+
+@cli.command()
+@click.argument("package", type=click.Path(path_type=Path))
+@click.option("--data", "data_file", type=click.Path(path_type=Path), help=".npy/.npz as for `run`.")
+@click.option("--dataset", type=click.Choice(["mnist5k"]), help="A built-in dataset (its seeded test split).")
+@click.option("--device", default="auto", show_default=True, help="Device profile (cpu, rpi4, rpi5, jetson, cuda, "
+              "tensorrt, auto).")
+@click.option("--batch", default=1, show_default=True, type=click.IntRange(min=1))
+@click.option("--duration", default=10.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Seconds per measurement window.")
+@click.option("--windows", default=3, show_default=True, type=click.IntRange(min=1), help="Windows per contender.")
+@click.option("--warmup", default=2.0, show_default=True, type=click.FloatRange(min=0), help="Warm-up seconds.")
+@click.option("--compare", type=click.Choice(["full"]), help="Also measure the full model, interleaved.")
+@click.option("--full-model", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="A separate full-model ONNX file for --compare full (default: the package, early exits off).")
+@click.option("--meter", default=None, help="Energy meter to use (default: the profile's first readable one).")
+@click.option("--meter-log", type=click.Path(path_type=Path), help="CSV log (timestamp,watts) of an external meter.")
+@click.option("--meter-command", help="Command printing the current watts (external meter).")
+@click.option("--idle-seconds", default=3.0, show_default=True, type=click.FloatRange(min=0),
+              help="Quiet seconds to measure idle power for whole-board meters (0: don't subtract).")
+@click.option("--allow-fallback", is_flag=True, help="Warn instead of failing when a provider is missing.")
+@click.option("--json", "json_out", type=click.Path(path_type=Path), help="Write the results as JSON.")
+@click.option("--csv", "csv_out", type=click.Path(path_type=Path), help="Write the results as CSV.")
+def bench(package: Path, data_file: Path | None, dataset: str | None, device: str, batch: int, duration: float,
+          windows: int, warmup: float, compare: str | None, full_model: Path | None, meter: str | None,
+          meter_log: Path | None, meter_command: str | None, idle_seconds: float, allow_fallback: bool,
+          json_out: Path | None, csv_out: Path | None) -> None:
+    """Measure latency, throughput and energy of PACKAGE on this device."""
+    from .bench import BenchConfig, csv_rows, format_table, run_benchmark
+    from .devices import create_meter, get_profile, measure_idle
+    from .runtime import ExitSession
+
+    if (data_file is None) == (dataset is None):
+        raise click.UsageError("pass exactly one of --data FILE or --dataset mnist5k")
+    if full_model is not None and compare != "full":
+        raise click.UsageError("--full-model goes with --compare full")
+    profile = get_profile(device)
+    session = ExitSession(package, device=profile, allow_fallback=allow_fallback)
+    if dataset == "mnist5k":
+        from .datasets import mnist5k_splits
+
+        test = mnist5k_splits().test
+        inputs, labels = {session.input_names[0]: test.x}, test.y
+    else:
+        from .datafiles import load_input_file
+
+        inputs, labels = load_input_file(data_file, session.input_names)  # type: ignore[arg-type]
+    energy = _pick_meter(profile, meter, meter_log, meter_command)
+    if energy.whole_board and idle_seconds > 0:
+        click.echo(f"measuring idle power for {idle_seconds:g} s (whole-board meter) ...", err=True)
+        idle = measure_idle(energy, idle_seconds)
+        opts = {"csv_path": str(meter_log)} if meter_log else ({"command": meter_command} if meter_command else {})
+        energy = create_meter(energy.name, idle_watts=idle, **opts)
+        click.echo(f"idle {idle:.3f} W will be subtracted from every window", err=True)
+    config = BenchConfig(batch=batch, duration_s=duration, windows=windows, warmup_s=warmup)
+    contenders = 2 if compare else 1
+    total = duration * windows * contenders
+    with click.progressbar(length=int(total * 10), label="benchmarking", file=sys.stderr) as bar:
+        report = run_benchmark(session, inputs, labels, config, energy, compare_full=compare == "full",
+                               full_model=full_model, progress=lambda s: bar.update(int(s * 10)))
+    click.echo(format_table(report))
+    if json_out is not None:
+        _write_text_atomic(json_out, json.dumps(report.to_dict(), indent=2) + "\n")
+        click.echo(f"wrote {json_out}")
+    if csv_out is not None:
+        import csv
+        import io
+
+        rows = csv_rows(report)
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+        _write_text_atomic(csv_out, buf.getvalue())
+        click.echo(f"wrote {csv_out}")
+    if not report.valid:
+        sys.exit(7)
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    import os
+    import tempfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+@cli.command()
+@click.option("--device", default="auto", show_default=True, help="Profile to show (auto: detect).")
+def devices(device: str) -> None:
+    """Show the detected device, its profile, providers and energy meters."""
+    from .devices import available_providers, detect, detect_meters, get_profile
+
+    found = detect()
+    profile = get_profile(device)
+    click.echo(f"detected: {found.profile} ({found.reason}); machine {found.machine}"
+               + (f", model {found.model!r}" if found.model else ""))
+    click.echo(f"profile: {profile.name} — {profile.description}")
+    available = available_providers()
+    click.echo(f"providers available: {', '.join(available)}")
+    marks = [f"{p} ({'ok' if p in available else 'MISSING'})" for p in profile.provider_names]
+    click.echo(f"providers requested: {', '.join(marks)}")
+    click.echo(f"threads: {profile.threads} per stage session, spinning {'on' if profile.spinning else 'off'}, "
+               f"global pool {'yes' if profile.global_thread_pool else 'no'}")
+    p = profile.power
+    click.echo(f"power figures for estimates: idle {p.idle_watts:g} W, busy {p.busy_watts:g} W ({p.source})")
+    click.echo("energy meters:")
+    for name, ok, why in detect_meters():
+        star = "*" if name in profile.energy_meters else " "
+        click.echo(f" {star} {name:<9} {'readable' if ok else 'not readable'}: {why}")
+    click.echo("(* = in this profile's order of preference: " + ", ".join(profile.energy_meters) + ")")
+
+
 # --- quickstart ---------------------------------------------------------------------
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from time import perf_counter_ns
 from typing import Any
@@ -11,12 +13,15 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from ..devices.energy import EnergyMeter, EstimateMeter
+from ..devices.meters import meter_for_profile
 from ..devices.profiles import DeviceProfile, get_profile
 from ..devices.providers import ProviderSpec, check_session_providers, resolve_providers
 from ..errors import GraphMismatchError, InputError, SessionError
 from ..package import Package, StageSpec, load_package
 from ..policies import ExitPolicy, check_thresholds, get_policy
 from ._inputs import InputChecker
+from ._measure import Measurement
 from ._threads import explain_session_failure, session_options
 
 
@@ -134,7 +139,10 @@ class ExitSession:
             number = self.exit_stages.index(k) if spec.exit else None
             self._stages.append(_Stage(spec, session, number, keep_after[k]))
         self._default_plan = self._make_plan(None, None)
+        never = tuple(math.inf if p.direction == "higher" else -math.inf for p in self._default_plan.policies[:-1])
+        self._no_exit_plan = _Plan(self._default_plan.policies, never)
         self._full_session: ort.InferenceSession | None = None
+        self._measuring: Measurement | None = None
 
     # --- building ---------------------------------------------------------------
 
@@ -177,6 +185,7 @@ class ExitSession:
         *,
         thresholds: Sequence[float] | None = None,
         policy: str | None = None,
+        early_exits: bool = True,
     ) -> ExitResult:
         """Run a batch; each sample stops at its first exit whose policy fires.
 
@@ -185,13 +194,21 @@ class ExitSession:
                 package has one input.
             thresholds: one per early exit, overriding the package's for this call.
             policy: a registered policy name overriding the package's (needs thresholds).
+            early_exits: False runs every stage and answers from the last exit (the
+                package as a full model, for baselines).
         """
         start = perf_counter_ns()
         feeds, n = self._checker.feeds(inputs)
-        plan = self._default_plan if thresholds is None and policy is None else self._make_plan(thresholds, policy)
-        if n == 1:
-            return self._run_one(feeds, plan, start)
-        return self._run_batch(feeds, n, plan, start)
+        if not early_exits:
+            plan = self._no_exit_plan
+        elif thresholds is None and policy is None:
+            plan = self._default_plan
+        else:
+            plan = self._make_plan(thresholds, policy)
+        result = self._run_one(feeds, plan, start) if n == 1 else self._run_batch(feeds, n, plan, start)
+        if self._measuring is not None:
+            self._measuring.record(n, result.total_ms)
+        return result
 
     def _run_batch(self, tensors: dict[str, np.ndarray], n: int, plan: _Plan, start: int) -> ExitResult:
         stage_ms = [0.0] * len(self._stages)
@@ -251,6 +268,37 @@ class ExitSession:
             tensors.update(zip(stage.outputs, outs))
         raise AssertionError("unreachable: the last stage always carries an accepting exit")
 
+    @contextlib.contextmanager
+    def measure(self, meter: EnergyMeter | None = None) -> Iterator[Measurement]:
+        """Measure latency and energy of the ``run`` calls made inside the block.
+
+        Args:
+            meter: an energy meter; default: the first readable meter of the session's
+                device profile (``cpu`` when none was given), else the profile's estimate.
+
+        Example:
+            >>> with sess.measure() as m:                          # doctest: +SKIP
+            ...     sess.run(x)
+            >>> m.latency_ms, m.energy_j, m.energy_kind            # doctest: +SKIP
+        """
+        if self._measuring is not None:
+            raise SessionError("measure() blocks cannot be nested on one session")
+        if meter is None:
+            meter, _ = meter_for_profile(self.profile or get_profile("cpu"))
+        m = Measurement()
+        meter.start()
+        self._measuring = m
+        t0 = perf_counter_ns()
+        try:
+            yield m
+        finally:
+            self._measuring = None
+            m.latency_ms = (perf_counter_ns() - t0) / 1e6
+            reading = meter.stop(busy_seconds=m.inference_ms / 1e3) if isinstance(meter, EstimateMeter) \
+                else meter.stop()
+            m.energy_j, m.energy_kind = reading.joules, reading.kind
+            m.energy_source, m.energy_note = reading.source, reading.note
+
     def run_all_exits(self, inputs: np.ndarray | dict[str, np.ndarray]) -> list[np.ndarray]:
         """Logits of every exit for every sample (no early stopping), in exit order.
 
@@ -270,13 +318,10 @@ class ExitSession:
 
         Uses the package's ``full_model`` graph when it has one, else runs every stage.
         """
-        feeds, _ = self._checker.feeds(inputs)
         full = self.package.full_model
         if full is None:
-            never = [float("inf") if p.direction == "higher" else float("-inf")
-                     for p in self._default_plan.policies[:-1]]
-            plan = _Plan(self._default_plan.policies, tuple(never))
-            return self._run_batch(feeds, next(iter(feeds.values())).shape[0], plan, perf_counter_ns()).logits
+            return self.run(inputs, early_exits=False).logits
+        feeds, _ = self._checker.feeds(inputs)
         if self._full_session is None:
             self._full_session = self._build(full.file, "full model")
         return self._full_session.run([full.logits], {n: feeds[n] for n in full.inputs})[0]
