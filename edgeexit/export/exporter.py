@@ -59,15 +59,25 @@ class _StageGraph(nn.Module):
 
 
 class _FullGraph(nn.Module):
+    """The model without early exits: the stages the final exit depends on, then the final exit."""
+
     def __init__(self, model: EarlyExitModel) -> None:
         super().__init__()
         self.model = model
+        path, k = [], model.num_stages - 1
+        while True:
+            path.append(k)
+            source = model.reads[k]
+            if source == "inputs":
+                break
+            k = source  # type: ignore[assignment]
+        self.path = path[::-1]
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
-        carry: tuple[torch.Tensor, ...] = inputs
-        for stage in self.model.stages:
-            carry = as_tuple(stage(*carry))
-        return self.model.exit_at(self.model.num_stages - 1)(*carry)  # type: ignore[misc]
+        carries: list[tuple[torch.Tensor, ...]] = [()] * self.model.num_stages
+        for k in self.path:
+            carries[k] = as_tuple(self.model.stages[k](*self.model.stage_args(k, inputs, carries)))
+        return self.model.exit_at(self.model.num_stages - 1)(*carries[-1])  # type: ignore[misc]
 
 
 def _carry_name(stage: int, i: int) -> str:
@@ -239,30 +249,36 @@ def _export(
     input_names = list(examples)
     graphs: list[_Graph] = []
     stage_specs: list[dict[str, Any]] = []
+    read_later = set(model.reads)
+    inputs_t = tuple(examples.values())
     with torch.no_grad():
-        carry: tuple[torch.Tensor, ...] = tuple(examples.values())
-        reads = input_names
+        carries: list[tuple[torch.Tensor, ...]] = []
+        carry_names: list[list[str]] = []
         early = iter(values)
         for k, stage in enumerate(model.stages):
             last = k == model.num_stages - 1
             head = model.exit_at(k)
+            args = model.stage_args(k, inputs_t, carries)
+            source = model.reads[k]
+            reads = input_names if source == "inputs" else carry_names[source]  # type: ignore[index]
             with FlopCounter([stage]) as stage_flops:
-                next_carry = as_tuple(stage(*(t[:1] for t in carry)))
+                one = as_tuple(stage(*(t[:1] for t in args)))
             exit_flops = 0
             if head is not None:
                 with FlopCounter([head]) as counter:
-                    head(*next_carry)
+                    head(*one)
                 exit_flops = counter.total
-            next_carry = as_tuple(stage(*carry))
-            carry_names = [] if last else [_carry_name(k, i) for i in range(len(next_carry))]
-            outputs = carry_names + ([_logits_name(k)] if head is not None else [])
-            graphs.append(_Graph(f"stage{k}", f"stage{k}.onnx", _StageGraph(stage, head, not last).eval(),
-                                 list(reads), outputs, carry))
+            carries.append(as_tuple(stage(*args)))
+            emit = k in read_later
+            carry_names.append([_carry_name(k, i) for i in range(len(carries[k]))] if emit else [])
+            outputs = carry_names[k] + ([_logits_name(k)] if head is not None else [])
+            graphs.append(_Graph(f"stage{k}", f"stage{k}.onnx", _StageGraph(stage, head, emit).eval(),
+                                 list(reads), outputs, args))
             stage_specs.append({
                 "name": f"stage{k}",
                 "file": f"stage{k}.onnx",
                 "inputs": list(reads),
-                "carry": carry_names,
+                "carry": carry_names[k],
                 "exit": None if head is None else {
                     "logits": _logits_name(k),
                     "policy": policy,
@@ -274,18 +290,19 @@ def _export(
                     "exit_flops": exit_flops,
                 },
             })
-            carry, reads = next_carry, carry_names
 
     full_spec = None
     if include_full_model:
         full = _FullGraph(model).eval()
-        graphs.append(_Graph("full", "full.onnx", full, input_names, ["logits"], tuple(examples.values())))
+        path_stages = full.path
+        graphs.append(_Graph("full", "full.onnx", full, input_names, ["logits"], inputs_t))
         full_spec = {
             "file": "full.onnx", "inputs": input_names, "logits": "logits",
             "cost": {
-                "params": count_parameters([*model.stages, model.exit_at(model.num_stages - 1)]),
-                "flops": sum(s["cost"]["flops"] - s["cost"]["exit_flops"] for s in stage_specs)
-                + stage_specs[-1]["cost"]["exit_flops"],
+                "params": count_parameters([*(model.stages[k] for k in path_stages),
+                                            model.exit_at(model.num_stages - 1)]),
+                "flops": sum(stage_specs[k]["cost"]["flops"] - stage_specs[k]["cost"]["exit_flops"]
+                             for k in path_stages) + stage_specs[-1]["cost"]["exit_flops"],
             },
         }
 
@@ -294,10 +311,11 @@ def _export(
         fresh = tuple(_fresh_like(t, batch, gen) for t in examples.values())
         per_graph = []
         with torch.no_grad():
-            carry = fresh
-            for stage in model.stages:
-                per_graph.append(carry)
-                carry = as_tuple(stage(*carry))
+            done: list[tuple[torch.Tensor, ...]] = []
+            for k, stage in enumerate(model.stages):
+                args = model.stage_args(k, fresh, done)
+                per_graph.append(args)
+                done.append(as_tuple(stage(*args)))
         if include_full_model:
             per_graph.append(fresh)
         return per_graph
@@ -306,7 +324,8 @@ def _export(
     manifest: dict[str, Any] = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
-        "kind": "classifier",
+        # a stage that reads something other than the previous stage's carry makes a pipeline
+        "kind": "classifier" if model.reads == ["inputs", *range(model.num_stages - 1)] else "pipeline",
         "name": name or type(model).__name__,
         "inputs": [
             {"name": n, "dtype": str(t.numpy().dtype), "shape": ["batch", *t.shape[1:]]}

@@ -31,12 +31,21 @@ class EarlyExitModel(nn.Module):
     returns the next carry.  Exit k receives stage k's carry the same way and returns
     logits of shape (batch, classes).  Every exit but the last may be ``None``.
 
+    ``reads`` changes what a stage receives: ``"inputs"`` (the model inputs) or the index
+    of any earlier stage whose carry it takes.  A pipeline such as CBNet uses it to run
+    its fallback stages on the original image rather than on the converted one.
+
     Example:
         >>> model = EarlyExitModel(stages=[s0, s1], exits=[e0, e1])   # doctest: +SKIP
         >>> all_logits = model(x)                                       # doctest: +SKIP
     """
 
-    def __init__(self, stages: Sequence[nn.Module], exits: Sequence[nn.Module | None]) -> None:
+    def __init__(
+        self,
+        stages: Sequence[nn.Module],
+        exits: Sequence[nn.Module | None],
+        reads: Sequence[str | int] | None = None,
+    ) -> None:
         super().__init__()
         if len(stages) == 0:
             raise ModelSpecError("an EarlyExitModel needs at least one stage")
@@ -51,9 +60,20 @@ class EarlyExitModel(nn.Module):
             for i, m in enumerate(items):
                 if m is not None and not isinstance(m, nn.Module):
                     raise ModelSpecError(f"{kind} {i} must be a torch.nn.Module, got {type(m).__name__}")
+        self.reads: list[str | int] = list(reads) if reads is not None else ["inputs", *range(len(stages) - 1)]
+        if len(self.reads) != len(stages):
+            raise ModelSpecError(f"reads needs one entry per stage ({len(stages)}), got {len(self.reads)}")
+        for k, source in enumerate(self.reads):
+            if source != "inputs" and not (isinstance(source, int) and 0 <= source < k):
+                raise ModelSpecError(
+                    f"reads[{k}] is {source!r}; a stage reads 'inputs' or the index of an earlier stage (0..{k - 1})"
+                )
         self.stages = nn.ModuleList(stages)
         self.exit_modules = nn.ModuleList([e for e in exits if e is not None])
         self.exit_stage_indices: list[int] = [i for i, e in enumerate(exits) if e is not None]
+        for k in range(len(stages)):
+            if exits[k] is None and k not in self.reads:
+                raise ModelSpecError(f"stage {k} has no exit and no later stage reads its carry: it would be dead")
 
     @property
     def num_stages(self) -> int:
@@ -69,13 +89,19 @@ class EarlyExitModel(nn.Module):
             return self.exit_modules[self.exit_stage_indices.index(stage_index)]
         return None
 
+    def stage_args(self, k: int, inputs: tuple[torch.Tensor, ...],
+                   carries: Sequence[tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]:
+        """What stage ``k`` receives, given the model inputs and the carries so far."""
+        source = self.reads[k]
+        return inputs if source == "inputs" else carries[source]  # type: ignore[index]
+
     def forward(self, *inputs: torch.Tensor) -> list[torch.Tensor]:
         """Logits of every exit, in order (all stages run; for training)."""
-        carry: tuple[torch.Tensor, ...] = inputs
+        carries: list[tuple[torch.Tensor, ...]] = []
         outs = []
         for k, stage in enumerate(self.stages):
-            carry = as_tuple(stage(*carry))
+            carries.append(as_tuple(stage(*self.stage_args(k, inputs, carries))))
             head = self.exit_at(k)
             if head is not None:
-                outs.append(head(*carry))
+                outs.append(head(*carries[k]))
         return outs
