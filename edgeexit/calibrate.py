@@ -1,18 +1,23 @@
 """Threshold selection from recorded exit outputs (numpy only, runs on a device too).
 
 ``record_exits`` runs a labelled set once through every stage; ``exits_taken``
-replays any thresholds on those records without running the model again; and
+replays any thresholds on those records without running the model again;
 ``shared_threshold`` finds the most permissive single threshold, shared by every
-early exit, that keeps accuracy within ``max_drop`` of the full model.
+early exit, that keeps accuracy within ``max_drop`` of the full model; and
+``calibrate_thresholds`` searches one threshold per exit against the stage costs
+measured on this device (see ``_search``), writing the result into the package with
+``apply_calibration`` while keeping the previous thresholds recoverable.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
+from ._search import Objective, Point, Search, pareto
 from .errors import InputError
 from .policies import ExitPolicy, get_policy
 
@@ -119,3 +124,276 @@ def shared_threshold(records: ExitRecords, max_drop: float, z: float = 1.645) ->
             acc, shares = accuracy_at(records, [t] * early)
             return float(t), acc, shares
     raise InputError("no threshold keeps accuracy within max_drop; this cannot happen with a valid record")
+
+
+# --- per-exit threshold calibration -------------------------------------------------------
+
+
+class CalibrationError(InputError):
+    """The calibration data or objective cannot be used."""
+
+
+class InfeasibleObjectiveError(CalibrationError):
+    """No thresholds meet the objective on the calibration data; the message says what can."""
+
+
+@dataclass(frozen=True)
+class FrontierPoint:
+    """One non-dominated choice: thresholds, accuracy and expected cost per sample."""
+
+    thresholds: tuple[float, ...]
+    accuracy: float
+    expected_cost: float
+    shares: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class CalibrationResult:
+    """What ``calibrate_thresholds`` chose, and the accuracy/cost frontier it saw.
+
+    ``expected_cost`` and ``full_cost`` are per sample, in ``cost_unit`` (``ms`` when the
+    stages were timed on this device, ``MFLOPs`` from the manifest otherwise);
+    ``full_cost`` is the cost when every sample runs to the last exit.
+    """
+
+    policy: str
+    thresholds: list[float]
+    accuracy: float
+    full_accuracy: float
+    expected_cost: float
+    full_cost: float
+    shares: list[float]
+    stage_costs: list[float]
+    cost_unit: str
+    cost_source: str
+    objective: dict[str, float | str]
+    method: str
+    evaluated: int
+    samples: int
+    frontier: list[FrontierPoint]
+
+    def entry(self) -> dict[str, object]:
+        """The manifest's calibration-history entry for this result."""
+        return {
+            "policy": self.policy,
+            "thresholds": self.thresholds,
+            "objective": self.objective,
+            "method": self.method,
+            "samples": self.samples,
+            "validation_accuracy": self.accuracy,
+            "full_accuracy": self.full_accuracy,
+            "expected_shares": self.shares,
+            "expected_cost": self.expected_cost,
+            "full_cost": self.full_cost,
+            "cost_unit": self.cost_unit,
+            "cost_source": self.cost_source,
+            "stage_costs": self.stage_costs,
+        }
+
+
+def measure_stage_ms(session, inputs, samples: int = 64, repeats: int = 3) -> list[float]:  # type: ignore[no-untyped-def]
+    """Median onnxruntime ms of every stage at batch 1 on this device (all stages run)."""
+    feeds = inputs if isinstance(inputs, dict) else {session.input_names[0]: inputs}
+    n = next(iter(feeds.values())).shape[0]
+    picks = np.linspace(0, n - 1, min(samples, n)).astype(int)
+    one = [{k: np.ascontiguousarray(v[i:i + 1]) for k, v in feeds.items()} for i in picks]
+    for x in one[:8]:  # warm-up
+        session.run(x, early_exits=False)
+    times = [session.run(x, early_exits=False).stage_ms for _ in range(repeats) for x in one]
+    return np.median(np.array(times), axis=0).tolist()
+
+
+def _objective(max_drop: float | None, target_accuracy: float | None, latency_budget: float | None,
+               z: float) -> Objective:
+    given = [(k, v) for k, v in (("max_drop", max_drop), ("target_accuracy", target_accuracy),
+                                  ("latency_budget", latency_budget)) if v is not None]
+    if len(given) != 1:
+        raise CalibrationError(
+            "give exactly one objective: max_drop (accuracy points you may lose, as a fraction), "
+            f"target_accuracy (a fraction) or latency_budget (per sample); got {[k for k, _ in given] or 'none'}"
+        )
+    kind, value = given[0]
+    if not math.isfinite(value) or value < 0 or (kind == "target_accuracy" and value > 1):
+        raise CalibrationError(f"{kind} must be finite and >= 0{' and <= 1' if kind == 'target_accuracy' else ''}; "
+                               f"got {value}")
+    return Objective(kind, float(value), z if kind == "max_drop" else 0.0)
+
+
+def calibrate_thresholds(
+    session,  # type: ignore[no-untyped-def]
+    inputs,
+    labels,
+    *,
+    max_drop: float | None = None,
+    target_accuracy: float | None = None,
+    latency_budget: float | None = None,
+    z: float = 1.645,
+    stage_costs: Sequence[float] | None = None,
+    measure: bool = True,
+    policy: str | None = None,
+    batch_size: int = 256,
+) -> CalibrationResult:
+    """Choose one threshold per early exit from labelled validation data.
+
+    Minimises the expected cost per sample subject to an accuracy objective (``max_drop``:
+    the drop vs the last exit, as a fraction, bounded at one-sided confidence ``z``;
+    ``target_accuracy``: a fraction), or maximises accuracy under ``latency_budget`` (per
+    sample, in the cost unit).  Costs are the stages' median batch-1 ms measured on this
+    device (``measure=True``), given ``stage_costs``, or the manifest's FLOPs.
+
+    Example:
+        >>> result = calibrate_thresholds(ExitSession("lenet.eexit"), x_val, y_val,
+        ...                               max_drop=0.003)               # doctest: +SKIP
+        >>> result.thresholds, result.expected_cost                     # doctest: +SKIP
+    """
+    objective = _objective(max_drop, target_accuracy, latency_budget, z)
+    feeds = inputs if isinstance(inputs, dict) else {session.input_names[0]: inputs}
+    if labels is None:
+        raise CalibrationError("calibration needs labels: add a 'labels' array (one integer per sample) to the data")
+    labels = np.asarray(labels)
+    n = next(iter(feeds.values())).shape[0] if feeds else 0
+    if n == 0:
+        raise CalibrationError("the calibration set is empty; give it labelled samples")
+    if labels.ndim != 1 or labels.shape[0] != n or not np.issubdtype(labels.dtype, np.integer):
+        raise CalibrationError(
+            f"labels must be integers of shape ({n},), one per sample; got {labels.dtype} {labels.shape}"
+        )
+    if session.num_exits < 2:
+        raise CalibrationError("this package has a single exit; there is no threshold to calibrate")
+    records = record_exits(session, feeds, labels, policy=policy, batch_size=batch_size)
+
+    stages = session.package.stages
+    if stage_costs is not None:
+        costs, unit, source = [float(c) for c in stage_costs], "ms", "given"
+        if len(costs) != len(stages):
+            raise CalibrationError(f"stage_costs needs {len(stages)} values, one per stage; got {len(costs)}")
+    elif measure:
+        costs, unit = measure_stage_ms(session, feeds), "ms"
+        source = "measured: median batch-1 onnxruntime ms per stage on this device"
+    else:
+        costs, unit, source = [float(s.cost.get("flops", 0)) / 1e6 for s in stages], "MFLOPs", "manifest FLOPs"
+    cumulative = np.cumsum(costs)
+    exit_costs = [float(cumulative[k]) for k in session.exit_stages]
+
+    outcome = search_thresholds(records, exit_costs, objective, unit=unit)
+    search, best, n = outcome.search, outcome.best, records.labels.size
+
+    def point(p: Point) -> FrontierPoint:
+        taken = search.taken(p.index)
+        return FrontierPoint(tuple(search.thresholds(p.index)), p.correct / n, p.cost / n,
+                             tuple((np.bincount(taken, minlength=search.early + 1) / n).tolist()))
+
+    chosen = point(best)
+    return CalibrationResult(
+        policy=records.policy, thresholds=list(chosen.thresholds), accuracy=chosen.accuracy,
+        full_accuracy=records.full_accuracy, expected_cost=chosen.expected_cost, full_cost=exit_costs[-1],
+        shares=list(chosen.shares), stage_costs=costs, cost_unit=unit, cost_source=source,
+        objective={"kind": objective.kind, "value": objective.value, "z": objective.z},
+        method=outcome.method, evaluated=search.evaluated, samples=n,
+        # the chosen point can sit off the frontier (the drop bound also weighs lost vs won samples)
+        frontier=[point(p) for p in sorted({*pareto(outcome.seen), best}, key=lambda p: (p.cost, -p.correct))],
+    )
+
+
+@dataclass(frozen=True)
+class SearchOutcome:
+    search: Search
+    best: Point
+    seen: list[Point]
+    method: str
+
+
+def search_thresholds(
+    records: ExitRecords, exit_costs: Sequence[float], objective: Objective, *, unit: str = "cost units"
+) -> SearchOutcome:
+    """The best joint thresholds on ``records`` for ``objective`` (see ``_search``).
+
+    ``exit_costs[e]`` is the cost of a sample that leaves at exit ``e`` (stages run so far).
+    Raises ``InfeasibleObjectiveError`` saying what is reachable when nothing qualifies.
+    """
+    n = records.labels.size
+    search = Search(records.scores, records.predictions, records.labels, records.policy, exit_costs)
+    seen: list[Point] = []
+    best: Point | None = None
+
+    def visit(p: Point) -> None:
+        nonlocal best
+        seen.append(p)
+        if objective.feasible(p, n) and (best is None or objective.key(p) < objective.key(best)):
+            best = p
+
+    grids, complete = search.grid()
+    search.enumerate(grids, visit)
+    method = "exhaustive" if complete else "grid+refine"
+    if not complete and best is not None:
+        best = search.refine(best, objective, visit)
+    if best is None:
+        raise InfeasibleObjectiveError(_reachable(objective, seen, n, unit))
+    return SearchOutcome(search, best, seen, method)
+
+
+def _reachable(objective: Objective, seen: Sequence[Point], n: int, unit: str) -> str:
+    if objective.kind == "target_accuracy":
+        top = max(seen, key=lambda p: (p.correct, -p.cost))
+        return (f"no thresholds reach accuracy {objective.value:.2%} on the calibration data: the best reachable is "
+                f"{top.correct / n:.2%} (expected {top.cost / n:.4g} {unit}); lower the target")
+    if objective.kind == "latency_budget":
+        cheap = min(seen, key=lambda p: (p.cost, -p.correct))
+        return (f"no thresholds fit a budget of {objective.value:.4g} {unit} per sample: the cheapest reachable is "
+                f"{cheap.cost / n:.4g} {unit} (accuracy {cheap.correct / n:.2%}, every sample at the first exit); "
+                "raise the budget")
+    return f"no thresholds keep the drop within {objective.value:.2%}"
+
+
+def apply_calibration(path, result: CalibrationResult, device: str | None = None):  # type: ignore[no-untyped-def]
+    """Write ``result`` into the package manifest atomically, keeping the previous thresholds in
+    the ``calibration`` history so ``revert_calibration`` can restore them."""
+    from datetime import datetime, timezone
+
+    from .package import FORMAT_VERSION, update_manifest
+
+    def change(manifest: dict) -> None:  # type: ignore[type-arg]
+        early = [s for s in manifest["stages"][:-1] if s.get("exit")]
+        if len(early) != len(result.thresholds):
+            raise CalibrationError(
+                f"the result has {len(result.thresholds)} thresholds but the package has {len(early)} early exits"
+            )
+        previous = [s["exit"]["threshold"] for s in early]
+        policies = {s["exit"]["policy"] for s in early}
+        for stage, t in zip(early, result.thresholds):
+            stage["exit"]["threshold"] = t
+            stage["exit"]["policy"] = result.policy
+        manifest["stages"][-1]["exit"]["policy"] = result.policy
+        if result.cost_unit == "ms" and result.cost_source.startswith("measured"):
+            for stage, ms in zip(manifest["stages"], result.stage_costs):
+                stage.setdefault("cost", {})["measured_ms"] = ms
+        entry = {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": device,
+                 "previous_thresholds": previous, "previous_policy": sorted(policies)[0], **result.entry()}
+        calibration = manifest.get("calibration") or {"history": []}
+        calibration["history"].append(entry)
+        manifest["calibration"] = calibration
+        manifest["format_version"] = FORMAT_VERSION
+
+    return update_manifest(path, change)
+
+
+def revert_calibration(path):  # type: ignore[no-untyped-def]
+    """Restore the thresholds (and policy) the newest calibration replaced; records the revert."""
+    from datetime import datetime, timezone
+
+    from .package import update_manifest
+
+    def change(manifest: dict) -> None:  # type: ignore[type-arg]
+        history = (manifest.get("calibration") or {}).get("history") or []
+        live = [e for e in history if not e.get("reverted")]
+        if not live:
+            raise CalibrationError("this package has no calibration to revert")
+        last = live[-1]
+        early = [s for s in manifest["stages"][:-1] if s.get("exit")]
+        for stage, t in zip(early, last["previous_thresholds"]):
+            stage["exit"]["threshold"] = t
+            stage["exit"]["policy"] = last["previous_policy"]
+        manifest["stages"][-1]["exit"]["policy"] = last["previous_policy"]
+        last["reverted"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+    return update_manifest(path, change)

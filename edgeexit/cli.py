@@ -222,6 +222,107 @@ def inspect(package: Path, as_json: bool) -> None:
                    f"{meta['sha256'][:12]}")
 
 
+# --- calibrate ---------------------------------------------------------------------
+
+
+def _format_frontier(result: Any) -> str:
+    unit = result.cost_unit
+    lines = [f"{'':2}{'accuracy':>9}{'expected ' + unit:>16}{'speedup':>9}  {'exit shares':<24}thresholds"]
+    for p in result.frontier:
+        mark = "*" if list(p.thresholds) == result.thresholds else " "
+        shares = " ".join(f"{s:.3f}" for s in p.shares)
+        thr = ", ".join(f"{t:.4g}" for t in p.thresholds)
+        lines.append(f"{mark:2}{p.accuracy:>9.2%}{p.expected_cost:>16.4f}{result.full_cost / p.expected_cost:>8.2f}x"
+                     f"  {shares:<24}{thr}")
+    return "\n".join(lines)
+
+
+def _save_frontier_plot(result: Any, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise click.UsageError("--plot needs matplotlib: pip install matplotlib") from None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    xs = [p.expected_cost for p in result.frontier]
+    ys = [100 * p.accuracy for p in result.frontier]
+    ax.step(xs, ys, where="post", marker="o", label="Pareto frontier")
+    ax.scatter([result.expected_cost], [100 * result.accuracy], s=120, facecolors="none", edgecolors="red",
+               label="chosen", zorder=3)
+    ax.axhline(100 * result.full_accuracy, color="grey", linestyle=":", label="last exit only")
+    ax.set_xlabel(f"expected cost per sample ({result.cost_unit})")
+    ax.set_ylabel("validation accuracy (%)")
+    ax.set_title(f"calibration frontier ({result.policy}, {result.samples} samples)")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    import os
+
+    os.replace(tmp, path)
+
+
+@cli.command()
+@click.argument("package", type=click.Path(path_type=Path))
+@click.option("--data", "data_file", type=click.Path(path_type=Path),
+              help="Labelled validation data (.npz with the inputs and 'labels'); never the test data.")
+@click.option("--max-drop", type=float, help="Accuracy points you may lose vs the last exit (0.5 = half a point).")
+@click.option("--target-accuracy", type=float, help="Accuracy to keep, in percent (e.g. 97.5).")
+@click.option("--latency-budget-ms", type=float, help="Expected ms per sample; maximise accuracy within it.")
+@click.option("--confidence", "z", default=1.645, show_default=True, type=click.FloatRange(min=0),
+              help="One-sided z for --max-drop (0: the point estimate).")
+@click.option("--device", default="auto", show_default=True, help="Device profile whose sessions are timed.")
+@click.option("--flops", is_flag=True, help="Use the manifest's FLOPs instead of timing the stages here.")
+@click.option("--plot", type=click.Path(path_type=Path), help="Save the frontier as a PNG.")
+@click.option("--dry-run", is_flag=True, help="Print the choice without writing it into the package.")
+@click.option("--revert", is_flag=True, help="Restore the thresholds the last calibration replaced.")
+def calibrate(package: Path, data_file: Path | None, max_drop: float | None, target_accuracy: float | None,
+              latency_budget_ms: float | None, z: float, device: str, flops: bool, plot: Path | None,
+              dry_run: bool, revert: bool) -> None:
+    """Choose one threshold per early exit from labelled data, timed on this device."""
+    from .calibrate import apply_calibration, calibrate_thresholds, revert_calibration
+    from .runtime import ExitSession
+
+    if revert:
+        pkg = revert_calibration(package)
+        click.echo(f"restored thresholds {pkg.thresholds} ({pkg.policies[0]}) in {package}")
+        return
+    if data_file is None:
+        raise click.UsageError("pass --data VAL.npz (labelled validation data), or --revert")
+    if latency_budget_ms is not None and flops:
+        raise click.UsageError("--latency-budget-ms needs timed stages; drop --flops")
+    from .datafiles import load_input_file
+    from .devices import get_profile
+
+    profile = get_profile(device)
+    session = ExitSession(package, device=profile)
+    inputs, labels = load_input_file(data_file, session.input_names)
+    result = calibrate_thresholds(
+        session, inputs, labels, max_drop=None if max_drop is None else max_drop / 100,
+        target_accuracy=None if target_accuracy is None else target_accuracy / 100,
+        latency_budget=latency_budget_ms, z=z, measure=not flops,
+    )
+    click.echo(f"{result.samples} samples, policy {result.policy}, {result.method} search over "
+               f"{result.evaluated} choices; stage costs ({result.cost_source}): "
+               + ", ".join(f"{c:.4g}" for c in result.stage_costs) + f" {result.cost_unit}")
+    click.echo(_format_frontier(result))
+    click.echo(f"chosen thresholds {[round(t, 6) for t in result.thresholds]}: accuracy {result.accuracy:.2%} "
+               f"(last exit {result.full_accuracy:.2%}), expected {result.expected_cost:.4g} {result.cost_unit} vs "
+               f"{result.full_cost:.4g} for the last exit ({result.full_cost / result.expected_cost:.2f}x), "
+               f"exit shares {[round(s, 3) for s in result.shares]}")
+    if plot is not None:
+        _save_frontier_plot(result, plot)
+        click.echo(f"wrote {plot}")
+    if dry_run:
+        click.echo("dry run: the package was not changed")
+        return
+    apply_calibration(package, result, device=profile.name)
+    click.echo(f"wrote the thresholds into {package} (the previous ones are kept; undo with --revert)")
+
+
 # --- bench and devices ---------------------------------------------------------------
 
 

@@ -33,8 +33,10 @@ from .errors import (
 from .policies import get_policy
 
 FORMAT_NAME = "edgeexit"
-FORMAT_VERSION = 1
-SUPPORTED_FORMAT_VERSIONS = frozenset({1})
+# Version 2 added the optional `calibration` history, `quantization` record and
+# `stages[].cost.measured_ms`; version 1 packages load unchanged (they have none of them).
+FORMAT_VERSION = 2
+SUPPORTED_FORMAT_VERSIONS = frozenset({1, 2})
 MANIFEST_NAME = "manifest.json"
 KINDS = ("classifier", "seq2seq", "pipeline")
 DTYPES = ("float32", "float16", "float64", "int64", "int32", "int8", "uint8", "bool")
@@ -98,6 +100,8 @@ class Package:
     files: Mapping[str, Mapping[str, Any]]
     producer: Mapping[str, Any]
     manifest: Mapping[str, Any] = field(repr=False)
+    calibration: Mapping[str, Any] | None = None
+    quantization: Mapping[str, Any] | None = None
 
     def file_path(self, name: str) -> Path:
         return self.root / name
@@ -305,13 +309,21 @@ def parse_manifest(manifest: Mapping[str, Any], root: Path) -> Package:
             )
     producer = manifest.get("producer") or {}
     _schema(isinstance(producer, Mapping), "producer", "an object", producer)
+    calibration = manifest.get("calibration")
+    if calibration is not None:
+        history = calibration.get("history") if isinstance(calibration, Mapping) else None
+        _schema(isinstance(history, list) and all(isinstance(e, Mapping) for e in history),
+                "calibration", "an object with a history list of objects", calibration)
+    quantization = manifest.get("quantization")
+    _schema(quantization is None or isinstance(quantization, Mapping), "quantization", "an object or null",
+            quantization)
     if full_spec is not None:
         unknown = [n for n in full_spec.inputs if n not in {i.name for i in inputs}]
         _schema(not unknown, "full_model.inputs", "model input names", list(full_spec.inputs))
     return Package(
         root=root, format_version=version, kind=kind, name=name, inputs=tuple(inputs),
         labels=labels, stages=tuple(stages), full_model=full_spec, files=dict(files),
-        producer=dict(producer), manifest=manifest,
+        producer=dict(producer), manifest=manifest, calibration=calibration, quantization=quantization,
     )
 
 

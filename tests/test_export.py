@@ -126,7 +126,7 @@ def test_manifest_is_canonical_json(tmp_path):
     text = (pkg.root / "manifest.json").read_text()
     manifest = json.loads(text)
     assert text == json.dumps(manifest, indent=2, ensure_ascii=False) + "\n"
-    assert manifest["format"] == "edgeexit" and manifest["format_version"] == 1
+    assert manifest["format"] == "edgeexit" and manifest["format_version"] == 2
     assert set(manifest["files"]) == {"stage0.onnx", "stage1.onnx", "stage2.onnx", "stage3.onnx"}
 
 

@@ -42,7 +42,8 @@ from edgeexit.package import (
 from edgeexit.policies import list_policies
 from edgeexit.runtime import ExitSession
 
-GOLDEN = Path(__file__).parent / "golden" / "manifest_v1.json"
+GOLDEN = Path(__file__).parent / "golden" / "manifest_v2.json"
+GOLDEN_V1 = Path(__file__).parent / "golden" / "manifest_v1.json"
 REGENERATE_ENV = "EDGEEXIT_REGENERATE_GOLDEN"
 
 
@@ -313,7 +314,7 @@ REFUSALS: list[tuple[str, Callable[[Path], Path], type[Exception], list[str]]] =
     ("not-a-regular-file", _damage_not_regular, UnsafePathError,
      ["package entry 'stage1.onnx'", "is not a regular file"]),
     ("format-version-99", _damage_format_version, UnsupportedFormatError,
-     ["package format_version 99 is not supported", "reads version(s) [1]", "Upgrade edgeexit"]),
+     ["package format_version 99 is not supported", "reads version(s) [1, 2]", "Upgrade edgeexit"]),
     ("format-version-missing", _damage_format_version_missing, UnsupportedFormatError,
      ["format_version None is not supported"]),
     ("format-name", _damage_format_name, UnsupportedFormatError,
@@ -608,7 +609,7 @@ def golden_manifest() -> dict[str, Any]:
     # change of the format or of write_package can move the golden bytes.
     return {
         "format": "edgeexit",
-        "format_version": 1,
+        "format_version": 2,
         "kind": "classifier",
         "name": "GoldenNet",
         "inputs": [{"name": "x", "dtype": "float32", "shape": ["batch", 4]}],
@@ -617,7 +618,7 @@ def golden_manifest() -> dict[str, Any]:
             {
                 "name": "stage0", "file": "stage0.onnx", "inputs": ["x"], "carry": ["carry0_0"],
                 "exit": {"logits": "logits0", "policy": "entropy", "threshold": 0.5},
-                "cost": {"params": 12, "flops": 24, "exit_flops": 24},
+                "cost": {"params": 12, "flops": 24, "exit_flops": 24, "measured_ms": 0.0125},
             },
             {
                 "name": "stage1", "file": "stage1.onnx", "inputs": ["carry0_0"], "carry": [],
@@ -633,11 +634,27 @@ def golden_manifest() -> dict[str, Any]:
             "edgeexit": "0.1.0", "torch": "2.4.0", "onnx": "1.16.0", "onnxruntime": "1.17.0",
             "opset": 18, "exporter": "torchscript",
         },
+        "calibration": {"history": [{
+            "created": "2026-11-28T19:00:00+00:00", "device": "cpu", "previous_thresholds": [0.25],
+            "previous_policy": "entropy", "policy": "entropy", "thresholds": [0.5],
+            "objective": {"kind": "max_drop", "value": 0.003, "z": 1.645}, "method": "exhaustive",
+            "samples": 1000, "validation_accuracy": 0.97, "full_accuracy": 0.971,
+            "expected_shares": [0.9, 0.1], "expected_cost": 0.031, "full_cost": 0.0625, "cost_unit": "ms",
+            "cost_source": "measured", "stage_costs": [0.0125, 0.05],
+        }]},
+        "quantization": None,
     }
 
 
-def test_format_version_is_one() -> None:
-    assert FORMAT_VERSION == 1
+def test_format_version_is_two() -> None:
+    assert FORMAT_VERSION == 2
+
+
+def test_version_1_golden_still_loads(tmp_path: Path) -> None:
+    manifest = json.loads(GOLDEN_V1.read_text(encoding="utf-8"))
+    package = parse_manifest(manifest, tmp_path)
+    assert package.format_version == 1 and package.calibration is None and package.quantization is None
+    assert package.thresholds == [0.5]
 
 
 def test_golden_manifest_is_byte_identical(tmp_path: Path) -> None:
@@ -674,6 +691,7 @@ def test_golden_manifest_parses(tmp_path: Path) -> None:
     assert package.labels == ("zéro", "one", "two")
     assert package.thresholds == [0.5]
     assert package.full_model is not None and package.full_model.file == "full.onnx"
+    assert package.calibration is not None and package.calibration["history"][0]["previous_thresholds"] == [0.25]
     assert sorted(package.files) == sorted(GOLDEN_FILES)
     assert "zéro".encode() in GOLDEN.read_bytes()
 
