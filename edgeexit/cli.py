@@ -80,15 +80,21 @@ def _load_user_model(spec: str) -> tuple[Any, dict[str, Any], list[str] | None]:
 @click.option("--full-model/--no-full-model", default=True, show_default=True,
               help="Also write full.onnx (the model without early exits) as a baseline.")
 @click.option("--dynamo/--no-dynamo", default=False, show_default=True, help="torch.onnx.export's exporter.")
+@click.option("--quantize", type=click.Choice(["int8"]), help="Quantize the stage graphs (needs --data).")
+@click.option("--data", "cal_data", type=click.Path(path_type=Path),
+              help="Calibration data for --quantize (.npz of the inputs; with 'labels' thresholds are recalibrated).")
 @click.option("--force", is_flag=True, help="Replace an existing package at --output.")
 def export(model: str, output: Path, policy: str, thresholds: tuple[float, ...], weights: Path | None,
-           train: bool, epochs: int, seed: int, full_model: bool, dynamo: bool, force: bool) -> None:
+           train: bool, epochs: int, seed: int, full_model: bool, dynamo: bool, quantize: str | None,
+           cal_data: Path | None, force: bool) -> None:
     """Export MODEL (a zoo name, or module.path:factory) as an exit package."""
     from .export import EarlyExitModel, export_package
     from .zoo import ZOO, example_images, get_model, load_weights
 
     if output.exists() and not force:
         raise click.UsageError(f"{output} exists; pass --force to replace it")
+    if (quantize is None) != (cal_data is None):
+        raise click.UsageError("--quantize int8 and --data CAL.npz go together")
     labels = None
     preprocessing = None
     if ":" in model:
@@ -124,9 +130,50 @@ def export(model: str, output: Path, policy: str, thresholds: tuple[float, ...],
             f"pass --threshold once per early exit ({net.num_exits - 1} for this model); "
             "`edgeexit calibrate` can choose them from data"
         )
-    export_package(net, example, output, policy=policy, thresholds=list(thresholds), labels=labels,
-                   name=model.split(":")[-1], include_full_model=full_model, dynamo=dynamo,
-                   preprocessing=preprocessing, seed=seed, log=click.echo)
+    kwargs = {"policy": policy, "thresholds": list(thresholds), "labels": labels, "name": model.split(":")[-1],
+              "include_full_model": full_model, "dynamo": dynamo, "preprocessing": preprocessing, "seed": seed,
+              "log": click.echo}
+    if quantize is None:
+        export_package(net, example, output, **kwargs)
+        return
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="edgeexit-fp32-") as tmp:
+        fp32 = Path(tmp) / "fp32.eexit"
+        export_package(net, example, fp32, **kwargs)
+        _quantize(fp32, output, cal_data, force)  # type: ignore[arg-type]
+
+
+def _quantize(src: Path, dst: Path, data_file: Path, force: bool, **options: Any) -> None:
+    from .datafiles import load_input_file
+    from .export.quantize import quantize_package
+    from .package import load_package
+
+    names = [i.name for i in load_package(src).inputs]
+    inputs, labels = load_input_file(data_file, names)
+    if labels is None:
+        click.echo("note: --data has no 'labels'; the fp32 thresholds are copied and must be recalibrated "
+                   "(edgeexit calibrate)", err=True)
+    quantize_package(src, dst, inputs, calibration_labels=labels, overwrite=force, log=click.echo, **options)
+
+
+@cli.command()
+@click.argument("package", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="The int8 package to write.")
+@click.option("--data", "data_file", type=click.Path(path_type=Path), required=True,
+              help="Calibration data (.npz named after the inputs; with 'labels', thresholds are recalibrated).")
+@click.option("--mode", type=click.Choice(["auto", "dynamic", "static"]), default="auto", show_default=True,
+              help="auto: static QDQ for graphs with Conv, dynamic for MatMul/Gemm-only graphs.")
+@click.option("--activation-type", type=click.Choice(["uint8", "int8"]), default="uint8", show_default=True)
+@click.option("--per-channel/--no-per-channel", default=True, show_default=True)
+@click.option("--max-calibration-samples", default=512, show_default=True, type=click.IntRange(min=1))
+@click.option("--max-drop", default=0.3, show_default=True, help="Accuracy points for the recalibrated threshold.")
+@click.option("--force", is_flag=True, help="Replace an existing package at --output.")
+def quantize(package: Path, output: Path, data_file: Path, mode: str, activation_type: str, per_channel: bool,
+             max_calibration_samples: int, max_drop: float, force: bool) -> None:
+    """Quantize PACKAGE's stage graphs to int8 with onnxruntime.quantization."""
+    _quantize(package, output, data_file, force, mode=mode, activation_type=activation_type,
+              per_channel=per_channel, max_calibration_samples=max_calibration_samples, max_drop=max_drop / 100)
 
 
 # --- run ----------------------------------------------------------------------------
@@ -215,6 +262,17 @@ def inspect(package: Path, as_json: bool) -> None:
             f"{ex.policy if ex else '-':<12}{thr:>10}{spec.cost.get('params', 0):>10}"
             f"{spec.cost.get('flops', 0) / 1e6:>9.3f}{meta['size']:>10}  {meta['sha256'][:12]}"
         )
+    if pkg.quantization:
+        modes = ", ".join(f"{q['name']} {q['mode']}" for q in pkg.quantization.get("stages", []))
+        status = (pkg.quantization.get("thresholds") or {}).get("status", "?")
+        click.echo(f"quantization: {pkg.quantization.get('method')} ({modes}); thresholds {status}")
+    if pkg.calibration and pkg.calibration.get("history"):
+        last = pkg.calibration["history"][-1]
+        state = "reverted" if last.get("reverted") else "current"
+        click.echo(f"calibration: {len(pkg.calibration['history'])} entr(y/ies); last ({state}) "
+                   f"{last.get('created')} on {last.get('device')}: {last['objective']['kind']} "
+                   f"{last['objective']['value']}, accuracy {last['validation_accuracy']:.2%} on "
+                   f"{last['samples']} samples, expected {last['expected_cost']:.4g} {last['cost_unit']}")
     if pkg.full_model:
         meta = pkg.files[pkg.full_model.file]
         click.echo(f"full model: {pkg.full_model.file}, {pkg.full_model.cost.get('params', 0)} params, "

@@ -143,3 +143,25 @@ def test_quickstart_end_to_end(tmp_path):
     assert result.exit_code == 0, result.output
     assert "full model (onnxruntime)" in result.output and "early exit (edgeexit)" in result.output
     assert (tmp_path / "blenet.eexit" / "manifest.json").is_file()
+
+
+def test_quantize_command_and_export_with_quantize(package, tmp_path):
+    x = tiny_inputs(120, seed=8)
+    _, preds, _, _ = reference_decisions(tiny_model(), x, "confidence", [0.9, 0.7])
+    np.savez(tmp_path / "cal.npz", x=x, labels=preds)
+    out = tmp_path / "int8.eexit"
+    result = CliRunner().invoke(cli, ["quantize", str(package), "-o", str(out), "--data", str(tmp_path / "cal.npz")])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [s["mode"] for s in manifest["quantization"]["stages"]] == ["static_qdq"] * 4
+    assert manifest["quantization"]["thresholds"]["status"] == "recalibrated"
+    shown = CliRunner().invoke(cli, ["inspect", str(out)]).output
+    assert "quantization: int8" in shown and "thresholds recalibrated" in shown
+    exported = tmp_path / "exported-int8.eexit"
+    result = CliRunner().invoke(cli, ["export", "_models:factory", "-o", str(exported), *THRESHOLDS,
+                                      "--quantize", "int8", "--data", str(tmp_path / "cal.npz")])
+    assert result.exit_code == 0, result.output
+    assert json.loads((exported / "manifest.json").read_text())["quantization"]["method"] == "int8"
+    result = CliRunner().invoke(cli, ["export", "_models:factory", "-o", str(tmp_path / "x.eexit"), *THRESHOLDS,
+                                      "--quantize", "int8"])
+    assert result.exit_code == 2 and "go together" in result.output

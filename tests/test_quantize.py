@@ -28,10 +28,11 @@ from edgeexit.errors import (  # noqa: E402
 )
 from edgeexit.export import EarlyExitModel, export_package  # noqa: E402
 from edgeexit.export import quantize as q  # noqa: E402
-from edgeexit.package import load_package, sha256_file  # noqa: E402
+from edgeexit.package import load_package, sha256_file, update_manifest  # noqa: E402
 from edgeexit.runtime import ExitSession  # noqa: E402
 
 MLP_IN = 32
+X4 = np.zeros((8, 4), dtype=np.float32)  # a batch for the conftest package (input x: [batch, 4])
 
 
 def _mlp() -> EarlyExitModel:
@@ -101,7 +102,9 @@ def test_conv_package_is_static_qdq_and_close_to_fp32(packages, tmp_path):
     quant = pkg.manifest["quantization"]
     assert quant["method"] == "int8" and quant["tool"].startswith("onnxruntime.quantization ")
     assert [s["mode"] for s in quant["stages"]] == ["static_qdq"] * 4
-    assert all(s["per_channel"] and s["calibration_samples"] == 300 for s in quant["stages"])
+    assert all(s["per_channel"] and s["calibration_samples"] == 300 and s["activation_type"] == "uint8"
+               for s in quant["stages"])
+    assert quant["calibration"]["samples"] == 300 and quant["weight_type"] == "int8"
     assert quant["full_model"]["mode"] == "static_qdq"
     assert quant["source_sha256"] == {f: fp32.files[f]["sha256"] for f in fp32.files}
     # the manifest is the fp32 one plus the record: same stages, names, thresholds
@@ -124,6 +127,7 @@ def test_mlp_package_is_dynamic_smaller_and_close_to_fp32(packages, tmp_path):
     quant = pkg.manifest["quantization"]
     assert [s["mode"] for s in quant["stages"]] == ["dynamic"] * 3
     assert all(s["calibration_samples"] == 0 for s in quant["stages"])  # dynamic needs no calibration
+    assert quant["calibration"] is None
     assert quant["full_model"]["mode"] == "dynamic"
     for name in pkg.files:
         ops = _ops(pkg.file_path(name))
@@ -146,6 +150,18 @@ def test_mode_can_be_forced(packages, tmp_path, name, mode, want, ops):
     ExitSession(pkg.root).run_all_exits(x[:3])
 
 
+@pytest.mark.parametrize(("activation_type", "zero_point"), [("uint8", np.uint8), ("int8", np.int8)])
+def test_activation_type_of_static_stages(packages, tmp_path, activation_type, zero_point):
+    src, _ = packages["pipeline"]
+    pkg = q.quantize_package(src, tmp_path / "int8.eexit", tiny_inputs(64, seed=2), activation_type=activation_type,
+                             log=None)
+    assert {s["activation_type"] for s in pkg.manifest["quantization"]["stages"]} == {activation_type}
+    model = onnx.load(str(pkg.file_path("stage0.onnx")))
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    input_q = next(n for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == "x")
+    assert inits[input_q.input[2]].dtype == zero_point
+
+
 def test_graph_without_matmul_or_conv_stays_fp32():
     graph = onnx.helper.make_graph(
         [onnx.helper.make_node("Relu", ["x"], ["y"])], "g",
@@ -164,6 +180,20 @@ def test_helper_built_matmul_package_quantizes(tiny_package, tmp_path):
     got, want = ExitSession(pkg.root).run_all_exits(x), ExitSession(tiny_package).run_all_exits(x)
     for a, b in zip(got, want, strict=True):
         np.testing.assert_allclose(a, b, atol=0.1 * np.abs(b).max())
+
+
+def test_what_described_the_fp32_graphs_is_dropped(tiny_package, tmp_path):
+    def timed(manifest):
+        manifest["stages"][0]["cost"]["measured_ms"] = 0.5
+        manifest["calibration"] = {"history": [{"thresholds": [0.5]}]}
+
+    update_manifest(tiny_package, timed)
+    lines: list[str] = []
+    pkg = q.quantize_package(tiny_package, tmp_path / "int8.eexit", X4 + 1, log=lines.append)
+    assert pkg.format_version == 2 and "calibration" not in pkg.manifest
+    assert "measured_ms" not in pkg.stages[0].cost and pkg.stages[0].cost["flops"] == 24
+    assert any("measured_ms of ['stage0']" in line for line in lines)
+    assert any("dropped the fp32 calibration history" in line for line in lines)
 
 
 # --- calibration data per stage -------------------------------------------------------
@@ -265,9 +295,6 @@ def test_recalibrate_shared_threshold_updates_the_manifest(packages, tmp_path):
 # --- errors and atomicity -------------------------------------------------------------
 
 
-X4 = np.zeros((8, 4), dtype=np.float32)
-
-
 @pytest.mark.parametrize(("inputs", "kwargs", "error", "message"), [
     (X4[:0], {}, EmptyBatchError, "empty batch"),
     ({"image": X4}, {}, InputNameError, "unknown input(s) 'image'"),
@@ -307,17 +334,35 @@ def test_missing_source_is_a_package_error(tmp_path):
         q.quantize_package(tmp_path / "nope.eexit", tmp_path / "int8.eexit", X4, log=None)
 
 
+def test_existing_destination_is_kept_without_overwrite(tiny_package, tmp_path):
+    dst = q.quantize_package(tiny_package, tmp_path / "int8.eexit", X4 + 1, log=None).root
+    before = _snapshot(dst)
+    with pytest.raises(PackageError, match="already exists"):
+        q.quantize_package(tiny_package, dst, X4 - 1, overwrite=False, log=None)
+    assert _snapshot(dst) == before
+
+
 def _snapshot(folder: Path) -> dict[str, str]:
     return {p.name: sha256_file(p) for p in sorted(folder.iterdir())}
 
 
-@pytest.mark.parametrize("where", ["quantize", "checker"])
+FAILURES = {
+    "quantize": "simulated onnxruntime failure",
+    "checker": "renamed a graph input or output",
+    "recalibrate": "simulated recalibration failure",
+}
+
+
+@pytest.mark.parametrize("where", list(FAILURES))
 def test_a_failed_quantization_leaves_the_existing_destination_intact(tiny_package, tmp_path, monkeypatch, where):
     dst = q.quantize_package(tiny_package, tmp_path / "int8.eexit", X4 + 1, log=None).root
     before = _snapshot(dst)
 
     def broken_quantizer(*args, **kwargs):
         raise RuntimeError("simulated onnxruntime failure")
+
+    def broken_recalibration(*args, **kwargs):
+        raise q.QuantizationError("simulated recalibration failure")
 
     def renaming_quantizer(model_input, model_output, **kwargs):
         model = onnx.load(str(model_input))
@@ -327,11 +372,13 @@ def test_a_failed_quantization_leaves_the_existing_destination_intact(tiny_packa
         model.graph.output[0].name = "renamed"
         onnx.save(model, str(model_output))
 
-    monkeypatch.setattr(q, "quantize_dynamic", broken_quantizer if where == "quantize" else renaming_quantizer)
+    if where == "recalibrate":
+        monkeypatch.setattr(q, "recalibrate_shared_threshold", broken_recalibration)
+    else:
+        monkeypatch.setattr(q, "quantize_dynamic", broken_quantizer if where == "quantize" else renaming_quantizer)
     with pytest.raises(q.QuantizationError) as info:
-        q.quantize_package(tiny_package, dst, X4 - 1, log=None)
-    assert ("simulated onnxruntime failure" if where == "quantize" else "renamed a graph input or output") \
-        in str(info.value)
+        q.quantize_package(tiny_package, dst, X4 - 1, calibration_labels=np.zeros(8, dtype=np.int64), log=None)
+    assert FAILURES[where] in str(info.value)
     assert _snapshot(dst) == before
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary sibling left
     load_package(dst)

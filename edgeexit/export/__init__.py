@@ -1,4 +1,26 @@
-"""The export side (needs torch and onnx): early-exit model -> exit package."""
+"""The export side: early-exit model -> exit package (torch), and int8 quantization (no torch).
 
-from .exporter import export_package as export_package
-from .model import EarlyExitModel as EarlyExitModel
+Names load on first use, so ``edgeexit.export.quantize`` can run where torch is absent.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .exporter import export_package as export_package
+    from .model import EarlyExitModel as EarlyExitModel
+    from .quantize import quantize_package as quantize_package
+
+_LAZY = {"export_package": "exporter", "EarlyExitModel": "model", "quantize_package": "quantize"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["EarlyExitModel", "export_package", "quantize_package"]

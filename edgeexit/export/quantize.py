@@ -8,6 +8,11 @@ exactly the tensors it reads in the fp32 package, i.e. the model inputs or the c
 that the fp32 stages before it produce.  The optional ``full.onnx`` baseline is
 quantized by the same rule so that benchmarks compare int8 with int8.
 
+Dynamic quantization computes each activation's scale at run time over the whole tensor,
+so a sample's int8 outputs depend slightly on the other samples in its batch (and
+``ExitSession`` changes the batch between stages when samples leave); static QDQ scales
+are fixed, with no such dependence.
+
 Quantization shifts exit scores, so the fp32 thresholds no longer mean what they did:
 pass labelled data (``calibration_labels``) to recalibrate them before the package is
 written, or call ``recalibrate_shared_threshold`` afterwards.  The manifest records the
@@ -41,8 +46,8 @@ from onnxruntime.quantization import (
 )
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
-from ..errors import ExportError, InputShapeError
-from ..package import Package, load_package, read_manifest, update_manifest, write_package
+from ..errors import ExportError, InputShapeError, PackageError
+from ..package import FORMAT_VERSION, Package, load_package, read_manifest, update_manifest, write_package
 from ..runtime._inputs import InputChecker
 from ..runtime._threads import session_options
 
@@ -182,9 +187,13 @@ def _quantize_graph(
     fp32 = onnx.load(str(src), load_external_data=False)
     chosen = choose_mode(fp32, mode)
     samples = len(next(iter(job.feeds.values())))
-    entry: dict[str, Any] = {"name": job.name, "file": job.file, "mode": chosen,
-                             "per_channel": per_channel if chosen != "none" else False,
-                             "calibration_samples": samples if chosen == "static_qdq" else 0}
+    entry: dict[str, Any] = {
+        "name": job.name, "file": job.file, "mode": chosen,
+        "per_channel": per_channel if chosen != "none" else False,
+        # dynamic quantization always uses uint8 activations, scaled per call
+        "activation_type": {"none": None, "dynamic": "uint8"}.get(chosen, activation),
+        "calibration_samples": samples if chosen == "static_qdq" else 0,
+    }
     if chosen == "none":
         say(f"  {job.name:<10} no Conv/MatMul/Gemm: kept in fp32")
         return src, entry
@@ -273,6 +282,23 @@ def _check_option(value: str, valid: Sequence[str], what: str) -> None:
         )
 
 
+def _int8_manifest(package: Package, say: Callable[[str], None]) -> dict[str, Any]:
+    """The source manifest without what described the fp32 graphs only (files, timings, calibrations)."""
+    manifest = copy.deepcopy(dict(package.manifest))
+    manifest.pop("files", None)
+    manifest["format_version"] = FORMAT_VERSION  # the `quantization` record is a version-2 field
+    stale = []
+    for where, cost in [(s.get("name"), s.get("cost")) for s in manifest["stages"]] + [
+            ("full_model", (manifest.get("full_model") or {}).get("cost"))]:
+        if isinstance(cost, dict) and cost.pop("measured_ms", None) is not None:
+            stale.append(where)
+    if stale:
+        say(f"dropped the fp32 measured_ms of {stale}: int8 graphs run at other speeds; re-measure them")
+    if manifest.pop("calibration", None) is not None:
+        say("dropped the fp32 calibration history: it describes the fp32 graphs")
+    return manifest
+
+
 def quantize_package(
     src: str | os.PathLike[str],
     dst: str | os.PathLike[str],
@@ -284,6 +310,7 @@ def quantize_package(
     max_calibration_samples: int = DEFAULT_MAX_CALIBRATION_SAMPLES,
     calibration_labels: np.ndarray | None = None,
     max_drop: float = 0.003,
+    overwrite: bool = True,
     log: Callable[[str], None] | None = print,
 ) -> Package:
     """Write an int8 copy of the fp32 exit package ``src`` at ``dst`` and return it.
@@ -307,13 +334,15 @@ def quantize_package(
             calibration sample) before the package is written.  Without them the fp32
             thresholds are copied, the manifest says so and a line is logged.
         max_drop: the accuracy drop allowed when recalibrating.
+        overwrite: replace an existing package at ``dst`` (False: refuse, before any work).
         log: where progress lines go (None: silent).
 
     Raises:
         QuantizationOptionError: bad ``mode``/``activation_type``, ``dst`` equal to ``src``.
         InputError: calibration inputs with wrong names, dtype, shape, empty or non-finite.
         QuantizationError: onnxruntime.quantization failed or changed the graph's names.
-        PackageError: ``src`` is not a valid package.
+        PackageError: ``src`` is not a valid package, or ``dst`` exists (``overwrite=False``)
+            or is not a package.
 
     Example:
         >>> quantize_package("lenet.eexit", "lenet-int8.eexit", x_cal,
@@ -325,9 +354,12 @@ def quantize_package(
     src_path, dst_path = Path(src), Path(dst)
     package = load_package(src_path)
     _check_paths(package.root, dst_path)
-    if "quantization" in package.manifest:
+    if dst_path.exists() and not overwrite:
+        raise PackageError(f"{dst_path} already exists; pass overwrite=True (CLI: --force) to replace it")
+    previous = package.manifest.get("quantization")
+    if previous is not None:
         raise QuantizationOptionError(
-            f"{src_path} is already quantized ({package.manifest['quantization'].get('method')}); "
+            f"{src_path} is already quantized ({previous.get('method')}); "
             "quantize the fp32 package it was made from"
         )
     feeds = check_calibration_inputs(package, calibration_inputs, max_calibration_samples)
@@ -362,14 +394,13 @@ def quantize_package(
             files[job.file], entries[job.file] = _quantize_graph(
                 job, package.file_path(job.file), folder, mode, per_channel, activation_type, say)
 
-        manifest = copy.deepcopy(dict(package.manifest))
-        manifest.pop("files", None)
+        manifest = _int8_manifest(package, say)
         manifest["quantization"] = {
             "method": "int8",
             "tool": f"onnxruntime.quantization {ort.__version__}",
             "weight_type": "int8",
-            "activation_type": activation_type,
-            "calibration": {"method": "minmax", "samples": n, "fed": "fp32 stages"},
+            "calibration": {"method": "minmax", "samples": n, "fed": "each stage the tensors the fp32 stages "
+                            "before it produce"} if any(e["mode"] == "static_qdq" for e in entries.values()) else None,
             "stages": [entries[s.file] for s in package.stages],
             "full_model": entries[full.file] if full is not None else None,
             "source_sha256": {job.file: package.files[job.file]["sha256"] for job in jobs},
@@ -378,13 +409,13 @@ def quantize_package(
         if labelled is None:
             say(f"thresholds {package.thresholds} were copied from the fp32 package; quantization shifts exit "
                 f"scores, so recalibrate them: recalibrate_shared_threshold({str(dst_path)!r}, x_cal, y_cal)")
-            write_package(dst_path, manifest, files)
+            write_package(dst_path, manifest, files, overwrite=overwrite)
         else:
             staging = write_package(folder / "staging.eexit", manifest, files)
             recalibrate_shared_threshold(staging, *labelled, max_drop=max_drop, log=say)
             _, final = read_manifest(staging)
             final.pop("files", None)
-            write_package(dst_path, final, {name: staging / name for name in files})
+            write_package(dst_path, final, {name: staging / name for name in files}, overwrite=overwrite)
     say(f"wrote {dst_path}")
     return load_package(dst_path)
 

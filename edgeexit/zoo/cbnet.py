@@ -351,7 +351,8 @@ def build_cbnet(
         seed: seeds the splits, the initial weights and the shuffling.
         dataset: ``mnist5k`` (MNIST-5k, 3,000 train) or ``digits`` (sklearn digits resized
             to 28x28, 1,197 train); see ``dataset_splits``.
-        blenet_epochs, ae_epochs: training epochs of the two networks.
+        blenet_epochs, ae_epochs: training epochs of the two networks (``blenet_epochs`` is
+            only recorded when a trained ``blenet`` is given).
         sizes: the converter's (h1, h2, h3).
         blenet: a B-LeNet already trained on this dataset's train split (skips its training).
         progress: ``progress(label, total) -> context manager with .update(n)`` (e.g. a
@@ -474,6 +475,7 @@ class CBNetQuickstartReport:
 
     dataset: str
     packages: dict[str, Path]          # "cbnet" (with fallback), "cbnet-light"
+    weights: Path                      # CBNetBuild.save file: B-LeNet, converter, exemplars
     sizes: tuple[int, int, int]        # train / calibration / test
     converter_sizes: tuple[int, ...]
     exemplars: list[int]
@@ -500,7 +502,7 @@ class CBNetQuickstartReport:
                        f"{self.speedup_p50(key):>8.2f}x")
         out.append(f"light-exit entropy threshold {self.threshold:.4g} (calibration split); exemplars "
                    f"(train indices) {self.exemplars}")
-        out.append("packages: " + ", ".join(str(p) for p in self.packages.values()))
+        out.append("packages: " + ", ".join(str(p) for p in self.packages.values()) + f"; weights: {self.weights}")
         return out
 
 
@@ -540,18 +542,26 @@ def run_cbnet_quickstart(
 ) -> CBNetQuickstartReport:
     """Train B-LeNet and the converter, export CBNet with and without fallback, time the test split.
 
-    Writes ``OUTPUT_DIR/cbnet.eexit`` (with fallback; its ``full.onnx`` is the full LeNet)
-    and ``OUTPUT_DIR/cbnet-light.eexit`` (the paper's CBNet).
+    Writes ``OUTPUT_DIR/cbnet.eexit`` (with fallback; its ``full.onnx`` is the full LeNet),
+    ``OUTPUT_DIR/cbnet-light.eexit`` (the paper's CBNet) and ``OUTPUT_DIR/cbnet.pt`` (the
+    trained weights, for ``CBNetBuild.load``).
     """
     import onnxruntime as ort
 
     from ..runtime import ExitSession
     from ..runtime._threads import session_options
 
-    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
-    build = build_cbnet(seed=seed, dataset=dataset, blenet_epochs=blenet_epochs, ae_epochs=ae_epochs, sizes=sizes,
-                        progress=progress, log=log)
+    # one thread: these models are too small to gain from more, and one thread makes the
+    # trained weights bit-for-bit reproducible on a given machine
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        build = build_cbnet(seed=seed, dataset=dataset, blenet_epochs=blenet_epochs, ae_epochs=ae_epochs, sizes=sizes,
+                            progress=progress, log=log)
+    finally:
+        torch.set_num_threads(previous)
     out = Path(output_dir)
+    weights = build.save(out / "cbnet.pt")
     with_fb = export_cbnet(build, out / "cbnet.eexit", fallback=True, max_drop=max_drop, log=log)
     light = export_cbnet(build, out / "cbnet-light.eexit", fallback=False, log=log)
     assert with_fb.threshold is not None
@@ -565,7 +575,7 @@ def run_cbnet_quickstart(
     stats = time_batch1_many(
         [lambda s: full.run(None, {"image": s}), light_session.run, fb_session.run], test.x, progress=progress)
     return CBNetQuickstartReport(
-        dataset=dataset, packages={"cbnet": with_fb.package, "cbnet-light": light.package},
+        dataset=dataset, packages={"cbnet": with_fb.package, "cbnet-light": light.package}, weights=weights,
         sizes=(len(build.splits.train), len(build.splits.calibration), len(test)),
         converter_sizes=tuple(build.converter.sizes), exemplars=build.exemplars.tolist(),
         threshold=with_fb.threshold,
