@@ -143,6 +143,26 @@ class Search:
         return [sorted({0, s - 1, *np.linspace(0, s - 1, min(s, per_exit)).round().astype(int).tolist()})
                 for s in sizes], False
 
+    def repair(self, start: Point, objective: Objective, visit: Callable[[Point], None]) -> Point | None:
+        """From an infeasible ``start``, move one exit at a time toward feasibility (more correct
+        samples for an accuracy target, less cost for a budget) until feasible or stuck."""
+        def toward(p: Point) -> tuple[float, float]:
+            return (p.cost, -p.correct) if objective.kind == "latency_budget" else (-p.correct, p.cost)
+
+        current = start
+        while not objective.feasible(current, self.n):
+            step = current
+            for e in range(self.early):
+                for c in range(len(self.candidates[e])):
+                    p = self.evaluate((*current.index[:e], c, *current.index[e + 1:]))
+                    visit(p)
+                    if toward(p) < toward(step):
+                        step = p
+            if step is current:
+                return None
+            current = step
+        return current
+
     def refine(self, start: Point, objective: Objective, visit: Callable[[Point], None]) -> Point:
         """Coordinate descent over every candidate of one exit at a time, from ``start``."""
         best = start

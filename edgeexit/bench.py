@@ -184,11 +184,17 @@ def run_benchmark(
     thermal: ThrottleMonitor | None = None,
     progress: Progress | None = None,
 ) -> BenchReport:
-    """Benchmark ``session`` (and the full model) on ``inputs``; see the module docstring."""
+    """Benchmark ``session`` (and the full model) on ``inputs``; see the module docstring.
+
+    The full model is ``full_model`` (an ONNX file) if given, else the package's own
+    ``full.onnx`` if it has one, else the package with every early exit disabled.
+    """
     batches = split_batches(inputs, config.batch)
     contenders: list[tuple[str, Callable[[dict[str, np.ndarray]], object]]] = [("early exit", session.run)]
     full_session = None
     if compare_full:
+        if full_model is None and session.package.full_model is not None:
+            full_model = session.package.file_path(session.package.full_model.file)  # the package's own graph
         if full_model is not None:
             full_session = ort.InferenceSession(str(full_model), session_options(*session._options),
                                                 providers=session.providers)
@@ -196,7 +202,7 @@ def run_benchmark(
             missing = [n for n in names if n not in inputs]
             if missing:
                 raise InputError(f"--full-model {full_model} needs inputs {names}; the data lacks {missing}")
-            contenders.append(("full model (file)", lambda b: full_session.run(None, {n: b[n] for n in names})))
+            contenders.append(("full model (one graph)", lambda b: full_session.run(None, {n: b[n] for n in names})))
         else:
             contenders.append(("full model (no early exit)", lambda b: session.run(b, early_exits=False)))
 

@@ -325,6 +325,12 @@ def search_thresholds(
     grids, complete = search.grid()
     search.enumerate(grids, visit)
     method = "exhaustive" if complete else "grid+refine"
+    if not complete and best is None:  # the grid may miss a feasible corner: walk toward one
+        start = min(seen, key=(lambda p: (p.cost, -p.correct)) if objective.kind == "latency_budget"
+                    else (lambda p: (-p.correct, p.cost)))
+        repaired = search.repair(start, objective, visit)
+        if repaired is not None:
+            best = repaired
     if not complete and best is not None:
         best = search.refine(best, objective, visit)
     if best is None:
@@ -359,7 +365,7 @@ def apply_calibration(path, result: CalibrationResult, device: str | None = None
                 f"the result has {len(result.thresholds)} thresholds but the package has {len(early)} early exits"
             )
         previous = [s["exit"]["threshold"] for s in early]
-        policies = {s["exit"]["policy"] for s in early}
+        previous_policies = [s["exit"]["policy"] for s in [*early, manifest["stages"][-1]]]
         for stage, t in zip(early, result.thresholds):
             stage["exit"]["threshold"] = t
             stage["exit"]["policy"] = result.policy
@@ -368,7 +374,7 @@ def apply_calibration(path, result: CalibrationResult, device: str | None = None
             for stage, ms in zip(manifest["stages"], result.stage_costs):
                 stage.setdefault("cost", {})["measured_ms"] = ms
         entry = {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": device,
-                 "previous_thresholds": previous, "previous_policy": sorted(policies)[0], **result.entry()}
+                 "previous_thresholds": previous, "previous_policies": previous_policies, **result.entry()}
         calibration = manifest.get("calibration") or {"history": []}
         calibration["history"].append(entry)
         manifest["calibration"] = calibration
@@ -392,8 +398,8 @@ def revert_calibration(path):  # type: ignore[no-untyped-def]
         early = [s for s in manifest["stages"][:-1] if s.get("exit")]
         for stage, t in zip(early, last["previous_thresholds"]):
             stage["exit"]["threshold"] = t
-            stage["exit"]["policy"] = last["previous_policy"]
-        manifest["stages"][-1]["exit"]["policy"] = last["previous_policy"]
+        for stage, policy in zip([*early, manifest["stages"][-1]], last["previous_policies"]):
+            stage["exit"]["policy"] = policy
         last["reverted"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
 
     return update_manifest(path, change)

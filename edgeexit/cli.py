@@ -87,7 +87,11 @@ def _load_user_model(spec: str) -> tuple[Any, dict[str, Any], list[str] | None]:
 def export(model: str, output: Path, policy: str, thresholds: tuple[float, ...], weights: Path | None,
            train: bool, epochs: int, seed: int, full_model: bool, dynamo: bool, quantize: str | None,
            cal_data: Path | None, force: bool) -> None:
-    """Export MODEL (a zoo name, or module.path:factory) as an exit package."""
+    """Export MODEL (a zoo name: blenet, bresnet, cbnet; or module.path:factory) as an exit package.
+
+    For cbnet, --no-full-model exports the paper's CBNet (converter + light classifier only)
+    instead of the pipeline with a fallback to the full LeNet on the original image.
+    """
     from .export import EarlyExitModel, export_package
     from .zoo import ZOO, example_images, get_model, load_weights
 
@@ -97,6 +101,11 @@ def export(model: str, output: Path, policy: str, thresholds: tuple[float, ...],
         raise click.UsageError("--quantize int8 and --data CAL.npz go together")
     labels = None
     preprocessing = None
+    if model == "cbnet":
+        if quantize is not None:
+            raise click.UsageError("--quantize is not supported for cbnet yet; run `edgeexit quantize` afterwards")
+        _export_cbnet(output, weights, train, epochs, seed, full_model, thresholds, dynamo)
+        return
     if ":" in model:
         net, example, labels = _load_user_model(model)
         if weights is not None or train:
@@ -142,6 +151,22 @@ def export(model: str, output: Path, policy: str, thresholds: tuple[float, ...],
         fp32 = Path(tmp) / "fp32.eexit"
         export_package(net, example, fp32, **kwargs)
         _quantize(fp32, output, cal_data, force)  # type: ignore[arg-type]
+
+
+def _export_cbnet(output: Path, weights: Path | None, train: bool, epochs: int, seed: int, fallback: bool,
+                  thresholds: tuple[float, ...], dynamo: bool) -> None:
+    from .zoo.cbnet import CBNetBuild, build_cbnet, export_cbnet
+
+    if weights is not None:
+        build = CBNetBuild.load(weights)
+    elif train:
+        build = build_cbnet(seed=seed, blenet_epochs=epochs, progress=_bar, log=click.echo)
+    else:
+        raise click.UsageError("cbnet needs weights: pass --weights CBNET.pt (CBNetBuild.save) or --train")
+    if len(thresholds) > 1:
+        raise click.UsageError("cbnet has one early exit (the light classifier): pass at most one --threshold")
+    export_cbnet(build, output, fallback=fallback, threshold=thresholds[0] if thresholds else None, dynamo=dynamo,
+                 log=click.echo)
 
 
 def _quantize(src: Path, dst: Path, data_file: Path, force: bool, **options: Any) -> None:
@@ -289,7 +314,7 @@ def _format_frontier(result: Any) -> str:
     for p in result.frontier:
         mark = "*" if list(p.thresholds) == result.thresholds else " "
         shares = " ".join(f"{s:.3f}" for s in p.shares)
-        thr = ", ".join(f"{t:.4g}" for t in p.thresholds)
+        thr = ", ".join(f"{t:.6g}" for t in p.thresholds)
         lines.append(f"{mark:2}{p.accuracy:>9.2%}{p.expected_cost:>16.4f}{result.full_cost / p.expected_cost:>8.2f}x"
                      f"  {shares:<24}{thr}")
     return "\n".join(lines)
@@ -350,6 +375,11 @@ def calibrate(package: Path, data_file: Path | None, max_drop: float | None, tar
         return
     if data_file is None:
         raise click.UsageError("pass --data VAL.npz (labelled validation data), or --revert")
+    objectives = [o for o in (max_drop, target_accuracy, latency_budget_ms) if o is not None]
+    if len(objectives) != 1:
+        raise click.UsageError(
+            "pass exactly one of --max-drop POINTS, --target-accuracy PERCENT or --latency-budget-ms MS"
+        )
     if latency_budget_ms is not None and flops:
         raise click.UsageError("--latency-budget-ms needs timed stages; drop --flops")
     from .datafiles import load_input_file
@@ -399,6 +429,8 @@ def _pick_meter(profile: Any, meter: str | None, meter_log: Path | None, meter_c
         for why in skipped:
             click.echo(f"meter skipped: {why}", err=True)
         return chosen
+    if meter == "external" and "external" not in options:
+        raise click.UsageError("--meter external needs --meter-log FILE.csv or --meter-command CMD")
     if meter == "estimate":
         from .devices.energy import EstimateMeter
 
@@ -420,7 +452,10 @@ def _pick_meter(profile: Any, meter: str | None, meter_log: Path | None, meter_c
 @click.option("--warmup", default=2.0, show_default=True, type=click.FloatRange(min=0), help="Warm-up seconds.")
 @click.option("--compare", type=click.Choice(["full"]), help="Also measure the full model, interleaved.")
 @click.option("--full-model", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="A separate full-model ONNX file for --compare full (default: the package, early exits off).")
+              help="A full-model ONNX file for --compare full (default: the package's full.onnx if it has one, "
+                   "else the package with early exits off).")
+@click.option("--threads", type=click.IntRange(min=1), help="Intra-op threads per stage session (default: the "
+              "profile's).")
 @click.option("--meter", default=None, help="Energy meter to use (default: the profile's first readable one).")
 @click.option("--meter-log", type=click.Path(path_type=Path), help="CSV log (timestamp,watts) of an external meter.")
 @click.option("--meter-command", help="Command printing the current watts (external meter).")
@@ -432,7 +467,7 @@ def _pick_meter(profile: Any, meter: str | None, meter_log: Path | None, meter_c
 def bench(package: Path, data_file: Path | None, dataset: str | None, device: str, batch: int, duration: float,
           windows: int, warmup: float, compare: str | None, full_model: Path | None, meter: str | None,
           meter_log: Path | None, meter_command: str | None, idle_seconds: float, allow_fallback: bool,
-          json_out: Path | None, csv_out: Path | None) -> None:
+          json_out: Path | None, csv_out: Path | None, threads: int | None) -> None:
     """Measure latency, throughput and energy of PACKAGE on this device."""
     from .bench import BenchConfig, csv_rows, format_table, run_benchmark
     from .devices import create_meter, get_profile, measure_idle
@@ -443,7 +478,7 @@ def bench(package: Path, data_file: Path | None, dataset: str | None, device: st
     if full_model is not None and compare != "full":
         raise click.UsageError("--full-model goes with --compare full")
     profile = get_profile(device)
-    session = ExitSession(package, device=profile, allow_fallback=allow_fallback)
+    session = ExitSession(package, device=profile, allow_fallback=allow_fallback, threads=threads)
     if dataset == "mnist5k":
         from .datasets import mnist5k_splits
 
@@ -533,7 +568,7 @@ def devices(device: str) -> None:
 
 
 @cli.command()
-@click.option("--model", type=click.Choice(["blenet", "bresnet"]), default="blenet", show_default=True)
+@click.option("--model", type=click.Choice(["blenet", "bresnet", "cbnet"]), default="blenet", show_default=True)
 @click.option("--epochs", default=20, show_default=True, type=click.IntRange(min=1))
 @click.option("--seed", default=0, show_default=True)
 @click.option("--output", type=click.Path(path_type=Path), default=Path("edgeexit-quickstart"), show_default=True)
@@ -541,6 +576,15 @@ def devices(device: str) -> None:
               help="Accuracy drop (points) allowed when choosing the threshold on the calibration split.")
 def quickstart(model: str, epochs: int, seed: int, output: Path, max_drop: float) -> None:
     """Train a zoo model on MNIST-5k, export it, and compare early exit with the full model."""
+    if model == "cbnet":
+        from .zoo.cbnet import run_cbnet_quickstart
+
+        report = run_cbnet_quickstart(blenet_epochs=epochs, seed=seed, output_dir=output, max_drop=max_drop / 100,
+                                      progress=_bar, log=click.echo)
+        click.echo("")
+        for line in report.lines():
+            click.echo(line)
+        return
     from .zoo.quickstart import run_quickstart
 
     r = run_quickstart(model, epochs=epochs, seed=seed, output_dir=output, max_drop=max_drop / 100,

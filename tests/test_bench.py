@@ -70,7 +70,7 @@ def test_benchmark_with_a_separate_full_model_file(tiny_package, tmp_path):
     report = run_benchmark(ExitSession(tiny_package), inputs, labels, FAST, EstimateMeter(1.0, source="t"),
                            compare_full=True, full_model=tmp_path / "full.onnx", thermal=_quiet_monitor(tmp_path))
     full = report.contenders[1].summary
-    assert full["name"] == "full model (file)"
+    assert full["name"] == "full model (one graph)"
     assert full["accuracy"] == pytest.approx(((inputs["x"] @ w).argmax(1) == labels).mean())
 
 
@@ -171,3 +171,27 @@ def test_devices_cli_lists_profile_providers_and_meters():
         assert f" {meter}" in out
     result = CliRunner().invoke(cli, ["devices", "--device", "cuda"])
     assert "CUDAExecutionProvider (MISSING)" in result.output
+
+
+def test_compare_full_uses_the_packages_own_full_graph(tmp_path):
+    torch = pytest.importorskip("torch")
+    from _models import tiny_inputs, tiny_model
+
+    from edgeexit.export import export_package
+
+    path = tmp_path / "with-full.eexit"
+    export_package(tiny_model(), {"x": torch.from_numpy(tiny_inputs(4))}, path, thresholds=[0.5, 0.5],
+                   include_full_model=True, log=None)
+    x = tiny_inputs(40, seed=2)
+    labels = np.zeros(40, dtype=np.int64)
+    report = run_benchmark(ExitSession(path), {"x": x}, labels, FAST, EstimateMeter(1.0, source="t"),
+                           compare_full=True, thermal=_quiet_monitor(tmp_path))
+    full = report.contenders[1].summary
+    assert full["name"] == "full model (one graph)"
+    want = (ExitSession(path).run_full(x).argmax(1) == labels).mean()
+    assert full["accuracy"] == pytest.approx(want)
+
+
+def test_external_meter_needs_a_log_or_command(tiny_package):
+    result = CliRunner().invoke(cli, ["bench", str(tiny_package), "--dataset", "mnist5k", "--meter", "external"])
+    assert result.exit_code == 2 and "--meter-log" in result.output and "Traceback" not in result.output

@@ -242,3 +242,51 @@ def test_calibrate_cli(tiny_package, tmp_path):
     result = CliRunner().invoke(cli, ["calibrate", str(tiny_package), "--data", str(tmp_path / "nolabels.npz"),
                                       "--max-drop", "1"])
     assert result.exit_code == 2 and "needs labels" in result.output
+
+
+def test_grid_search_repairs_toward_a_feasible_point(monkeypatch):
+    """A target only reachable off the coarse grid is still found (not reported infeasible)."""
+    import edgeexit.calibrate as calibrate_module
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, 400)
+    predictions = np.stack([labels.copy() for _ in range(4)])
+    predictions[3, :40] = (labels[:40] + 1) % 3          # the last exit misses 40 samples ...
+    predictions[0, 40:] = (labels[40:] + 1) % 3          # ... that only exit 0 gets right, with top scores
+    scores = np.stack([np.concatenate([rng.uniform(0.9, 1.0, 40), rng.uniform(0.0, 0.85, 360)])] +
+                      [rng.uniform(0, 1, 400) for _ in range(3)])
+    records = ExitRecords(scores=scores, predictions=predictions, labels=labels, policy="confidence")
+    top = search_thresholds(records, COSTS, Objective("latency_budget", 1e9)).best.correct  # most accurate choice
+    target = Objective("target_accuracy", top / 400)
+    coarse = lambda self, limit=0: ([[0] for _ in self.candidates], False)  # noqa: E731  (nobody exits early)
+    monkeypatch.setattr(calibrate_module.Search, "grid", coarse)
+    search = calibrate_module.Search(records.scores, records.predictions, records.labels, records.policy, COSTS)
+    on_grid = []
+    search.enumerate(coarse(search)[0], on_grid.append)
+    assert max(p.correct for p in on_grid) < top, "the coarse grid alone must miss the target"
+    outcome = search_thresholds(records, COSTS, target)
+    assert outcome.method == "grid+refine" and outcome.best.correct == top
+
+
+def test_revert_restores_each_exit_policy(tmp_path):
+    torch = pytest.importorskip("torch")
+    from _models import tiny_inputs, tiny_model
+
+    from edgeexit.export import export_package
+    from edgeexit.package import update_manifest
+
+    path = tmp_path / "mixed.eexit"
+    export_package(tiny_model(), {"x": torch.from_numpy(tiny_inputs(4))}, path, policy="entropy",
+                   thresholds=[0.5, 0.5], log=None)
+
+    def mix(manifest):
+        manifest["stages"][2]["exit"].update(policy="confidence", threshold=0.9)
+
+    update_manifest(path, mix)
+    x = tiny_inputs(200, seed=3)
+    y = ExitSession(path).run(x, early_exits=False).predictions
+    result = calibrate_thresholds(ExitSession(path), x, y, max_drop=0.05, stage_costs=[1, 1, 1, 1])
+    apply_calibration(path, result)
+    assert load_package(path).policies == ["entropy"] * 3
+    restored = revert_calibration(path)
+    assert restored.policies == ["entropy", "confidence", "entropy"] and restored.thresholds == [0.5, 0.9]

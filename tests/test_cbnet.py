@@ -6,6 +6,7 @@ small converter sizes; the real recipe on MNIST-5k is the slow test at the end.
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -361,3 +362,24 @@ def test_quickstart_on_mnist5k(tmp_path):
     assert abs(sum(report.path_shares) - 1) < 1e-9
     assert all((p / "manifest.json").is_file() for p in report.packages.values())
     assert len(report.lines()) == 7 and report.weights.is_file()
+
+
+def test_export_cbnet_from_the_cli(build, tmp_path):
+    from click.testing import CliRunner
+
+    from edgeexit.cli import cli
+
+    weights = build.save(tmp_path / "cbnet.pt")
+    out = tmp_path / "cbnet.eexit"
+    result = CliRunner().invoke(cli, ["export", "cbnet", "--weights", str(weights), "-o", str(out),
+                                      "--threshold", "0.2"])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["kind"] == "pipeline" and manifest["stages"][1]["exit"]["threshold"] == 0.2
+    light = tmp_path / "light.eexit"
+    result = CliRunner().invoke(cli, ["export", "cbnet", "--weights", str(weights), "-o", str(light),
+                                      "--no-full-model"])
+    assert result.exit_code == 0, result.output
+    assert len(json.loads((light / "manifest.json").read_text())["stages"]) == 2
+    result = CliRunner().invoke(cli, ["export", "cbnet", "-o", str(tmp_path / "x.eexit")])
+    assert result.exit_code == 2 and "cbnet needs weights" in result.output

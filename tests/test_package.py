@@ -636,7 +636,7 @@ def golden_manifest() -> dict[str, Any]:
         },
         "calibration": {"history": [{
             "created": "2026-11-28T19:00:00+00:00", "device": "cpu", "previous_thresholds": [0.25],
-            "previous_policy": "entropy", "policy": "entropy", "thresholds": [0.5],
+            "previous_policies": ["entropy", "entropy"], "policy": "entropy", "thresholds": [0.5],
             "objective": {"kind": "max_drop", "value": 0.003, "z": 1.645}, "method": "exhaustive",
             "samples": 1000, "validation_accuracy": 0.97, "full_accuracy": 0.971,
             "expected_shares": [0.9, 0.1], "expected_cost": 0.031, "full_cost": 0.0625, "cost_unit": "ms",
