@@ -153,3 +153,18 @@ def test_results_are_in_input_order_for_a_shuffled_batch(model, packages):
     a, b = sess.run(x), sess.run(x[perm])
     np.testing.assert_array_equal(a.exit_index[perm], b.exit_index)
     np.testing.assert_allclose(a.logits[perm], b.logits, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_io_binding_path_gives_the_same_results(model, packages, policy):
+    """The IOBinding path (carries as OrtValues, bound to the CPU here) decides exactly as the plain one."""
+    path, thresholds = packages[policy]
+    x = tiny_inputs(150, seed=7)
+    ref = reference_decisions(model, x, policy, thresholds)
+    bound = ExitSession(path, io_binding=True)
+    assert bound.io_binding_device == "cpu" and ExitSession(path).io_binding_device is None
+    _assert_matches(bound.run(x), ref)
+    for i in range(0, 150, 15):
+        _assert_matches(bound.run(x[i:i + 1]), ref, slice(i, i + 1))
+    for got, want in zip(bound.run_all_exits(x), ExitSession(path).run_all_exits(x), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)

@@ -1,0 +1,70 @@
+"""One stage session, run plainly or with IOBinding so carries stay on the accelerator."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from ..package import StageSpec
+
+# Providers whose carries can stay in device memory between stages, and the device name
+# onnxruntime's IOBinding uses for them.
+_DEVICE_OF = {"CUDAExecutionProvider": "cuda", "TensorrtExecutionProvider": "cuda"}
+
+
+def binding_device(providers: list[Any]) -> str | None:
+    """The device carries should stay on, or None when plain numpy runs are best (CPU)."""
+    first = providers[0] if isinstance(providers[0], str) else providers[0][0]
+    return _DEVICE_OF.get(first)
+
+
+def take(value: Any, rows: np.ndarray) -> np.ndarray:
+    """``value[rows]`` for a numpy array or an OrtValue (copied to the host first)."""
+    if isinstance(value, ort.OrtValue):
+        value = value.numpy()
+    return value[rows]
+
+
+class Stage:
+    """A stage session, the names it reads and writes, and how to run it.
+
+    With ``device`` set (``"cuda"``), ``run`` binds the carry outputs to device memory and
+    returns them as ``OrtValue``s that the next stage binds directly, so they never cross
+    to the host; only exit logits come back as numpy.  Without it, ``run`` is a plain
+    ``session.run`` on numpy arrays, which is faster on the CPU.
+    """
+
+    def __init__(self, spec: StageSpec, session: ort.InferenceSession, exit_number: int | None,
+                 keep_after: tuple[str, ...], device: str | None = None) -> None:
+        self.spec = spec
+        self.session = session
+        self.inputs = spec.inputs
+        self.outputs = list(spec.carry) + ([spec.exit.logits] if spec.exit else [])
+        self.exit_number = exit_number            # None: this stage has no exit
+        self.logits_pos = len(spec.carry)
+        self.keep_after = keep_after              # tensors later stages still read
+        self.device = device
+        self.run = self._run_plain if device is None else self._run_bound
+
+    def _run_plain(self, tensors: dict[str, Any]) -> list[Any]:
+        return self.session.run(self.outputs, {name: tensors[name] for name in self.inputs})
+
+    def _run_bound(self, tensors: dict[str, Any]) -> list[Any]:
+        io = self.session.io_binding()
+        for name in self.inputs:
+            value = tensors[name]
+            if isinstance(value, ort.OrtValue):
+                io.bind_ortvalue_input(name, value)
+            else:
+                io.bind_cpu_input(name, value)
+        for name in self.spec.carry:
+            io.bind_output(name, self.device)
+        if self.spec.exit is not None:
+            io.bind_output(self.spec.exit.logits, "cpu")
+        self.session.run_with_iobinding(io)
+        outs: list[Any] = list(io.get_outputs())
+        if self.spec.exit is not None:
+            outs[self.logits_pos] = outs[self.logits_pos].numpy()
+        return outs
