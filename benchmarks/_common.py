@@ -29,8 +29,10 @@ from typing import Any
 
 import numpy as np
 
+from edgeexit._atomic import write_bytes_atomically
 from edgeexit.datasets import Splits, mnist5k_splits
 from edgeexit.measure import LatencyStats
+from edgeexit.package import sha256_file
 
 BENCH_DIR = Path(__file__).resolve().parent
 CACHE_DIR = BENCH_DIR / ".cache"
@@ -47,18 +49,8 @@ def cache_key(model: str, epochs: int, seed: int) -> str:
     return f"{model}-e{epochs}-s{seed}"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_bytes_atomically(path, (json.dumps(data, indent=2) + "\n").encode("utf-8"))
 
 
 # --- training and packaging (torch needed) --------------------------------------------
@@ -102,7 +94,7 @@ def trained_model(model_name: str, epochs: int, seed: int, splits: Splits, train
     _write_json_atomic(weights.with_suffix(".json"), {
         "model": model_name, "epochs": epochs, "seed": seed, "train_threads": train_threads,
         "train_seconds": round(took, 1), "torch": torch.__version__, "numpy": np.__version__,
-        "platform": platform.platform(), "sha256": _sha256(weights),
+        "platform": platform.platform(), "sha256": sha256_file(weights),
         "weights_digest": state_digest(model.state_dict()),
     })
     log(f"[{model_name}] trained in {took:.1f} s, cached as {weights.relative_to(BENCH_DIR)}")
@@ -160,7 +152,7 @@ def prepare(model_name: str, epochs: int, seed: int, *, train_threads: int = 1,
     path = folder / f"{key}.eexit"
     sidecar = folder / f"{key}.json"
     wanted = {
-        "weights_sha256": _sha256(CACHE_DIR / f"{key}.pt"), "edgeexit": edgeexit.__version__,
+        "weights_sha256": sha256_file(CACHE_DIR / f"{key}.pt"), "edgeexit": edgeexit.__version__,
         "torch": torch.__version__, "onnxruntime": ort.__version__, "max_drop": max_drop,
         "policy": "entropy",
     }
@@ -306,10 +298,8 @@ def machine_info() -> dict[str, Any]:
 
 
 def write_json(path: str | os.PathLike[str], data: Any) -> None:
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    log(f"wrote {out}")
+    _write_json_atomic(Path(path), data)
+    log(f"wrote {path}")
 
 
 def fmt_ms(v: float) -> str:

@@ -340,12 +340,10 @@ def _save_frontier_plot(result: Any, path: Path) -> None:
     ax.set_title(f"calibration frontier ({result.policy}, {result.samples} samples)")
     ax.legend(loc="lower right")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    import os
+    from ._atomic import replace_atomically
 
-    os.replace(tmp, path)
+    replace_atomically(path, lambda f: fig.savefig(f, format="png", dpi=120))
+    plt.close(fig)
 
 
 @cli.command()
@@ -521,21 +519,9 @@ def bench(package: Path, data_file: Path | None, dataset: str | None, device: st
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
-    import os
-    import tempfile
+    from ._atomic import write_bytes_atomically
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_bytes_atomically(path, text.encode("utf-8"))
 
 
 @cli.command()

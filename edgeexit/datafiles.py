@@ -8,12 +8,13 @@ lone array (plus, optionally, ``labels``).  Pickled objects are never loaded.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
+from ._atomic import replace_atomically
 from .errors import InputFileError
 
 LABELS_KEY = "labels"
@@ -72,23 +73,14 @@ def save_results_atomic(path: str | os.PathLike[str], arrays: Mapping[str, np.nd
     suffix = dest.suffix.lower()
     if suffix not in (".npz", ".csv"):
         raise InputFileError(f"output {dest} must end in .npz or .csv")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=suffix, dir=dest.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            if suffix == ".npz":
-                np.savez(f, **arrays)
-            else:
-                cols = {k: v for k, v in arrays.items() if v.ndim == 1}
-                header = ",".join(cols)
-                table = np.column_stack([v.astype(np.float64) if v.dtype.kind == "f" else v for v in cols.values()])
-                fmt = ["%.6g" if v.dtype.kind == "f" else "%d" for v in cols.values()]
-                np.savetxt(f, table, delimiter=",", header=header, comments="", fmt=fmt)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, dest)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return dest
+
+    def write(f: BinaryIO) -> None:
+        if suffix == ".npz":
+            np.savez(f, **arrays)
+            return
+        cols = {k: v for k, v in arrays.items() if v.ndim == 1}
+        table = np.column_stack([v.astype(np.float64) if v.dtype.kind == "f" else v for v in cols.values()])
+        fmt = ["%.6g" if v.dtype.kind == "f" else "%d" for v in cols.values()]
+        np.savetxt(f, table, delimiter=",", header=",".join(cols), comments="", fmt=fmt)
+
+    return replace_atomically(dest, write)

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ._atomic import fsync_dir, write_bytes_atomically
 from .errors import (
     FileIntegrityError,
     ManifestParseError,
@@ -404,19 +405,6 @@ def manifest_bytes(manifest: Mapping[str, Any]) -> bytes:
     return (json.dumps(manifest, indent=2, ensure_ascii=False, allow_nan=False) + "\n").encode("utf-8")
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _write_bytes_synced(path: Path, data: bytes) -> None:
     with open(path, "wb") as f:
         f.write(data)
@@ -459,7 +447,7 @@ def write_package(
         full["files"] = table
         parse_manifest(full, tmp)  # never write a manifest this module would refuse to read
         _write_bytes_synced(tmp / MANIFEST_NAME, manifest_bytes(full))
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         _swap_into_place(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -481,7 +469,7 @@ def _swap_into_place(tmp: Path, dest: Path) -> None:
         if old is not None:
             os.rename(old, dest)
         raise
-    _fsync_dir(dest.parent)
+    fsync_dir(dest.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -496,17 +484,5 @@ def update_manifest(path: str | os.PathLike[str], change: Callable[[dict[str, An
     manifest = json.loads(json.dumps(package.manifest))
     change(manifest)
     _verify_files(package.root, parse_manifest(manifest, package.root).files, verify_hashes=True)
-    target = package.root / MANIFEST_NAME
-    fd, tmpname = tempfile.mkstemp(prefix=".manifest.", suffix=".json", dir=package.root)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(manifest_bytes(manifest))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmpname, target)
-    except BaseException:
-        if os.path.exists(tmpname):
-            os.unlink(tmpname)
-        raise
-    _fsync_dir(package.root)
+    write_bytes_atomically(package.root / MANIFEST_NAME, manifest_bytes(manifest))
     return load_package(package.root)
