@@ -28,7 +28,6 @@ from .devices.thermal import ThermalReport, ThrottleMonitor
 from .errors import InputError
 from .measure import LatencyStats
 from .runtime import ExitSession
-from .runtime._threads import session_options
 
 Progress = Callable[[float], None]
 
@@ -196,7 +195,7 @@ def run_benchmark(
         if full_model is None and session.package.full_model is not None:
             full_model = session.package.file_path(session.package.full_model.file)  # the package's own graph
         if full_model is not None:
-            full_session = ort.InferenceSession(str(full_model), session_options(*session._options),
+            full_session = ort.InferenceSession(str(full_model), session.thread_settings.options(),
                                                 providers=session.providers)
             names = [i.name for i in full_session.get_inputs()]
             missing = [n for n in names if n not in inputs]
@@ -249,7 +248,7 @@ def _untimed_pass(
 
 
 def environment(session: ExitSession) -> dict[str, Any]:
-    threads, spinning, global_pool = session._options
+    settings = session.thread_settings
     return {
         "machine": platform.machine(),
         "processor": platform.processor() or platform.machine(),
@@ -260,9 +259,9 @@ def environment(session: ExitSession) -> dict[str, Any]:
         "numpy": np.__version__,
         "profile": session.profile.name if session.profile else None,
         "providers": session._stages[0].session.get_providers(),
-        "threads": threads,
-        "spinning": spinning,
-        "global_thread_pool": global_pool,
+        "threads": settings.threads,
+        "spinning": settings.spinning,
+        "global_thread_pool": settings.global_pool,
         "package": str(session.package.root),
         "package_name": session.package.name,
         "thresholds": session.package.thresholds,

@@ -139,18 +139,20 @@ def export(model: str, output: Path, policy: str, thresholds: tuple[float, ...],
             f"pass --threshold once per early exit ({net.num_exits - 1} for this model); "
             "`edgeexit calibrate` can choose them from data"
         )
-    kwargs = {"policy": policy, "thresholds": list(thresholds), "labels": labels, "name": model.split(":")[-1],
-              "include_full_model": full_model, "dynamo": dynamo, "preprocessing": preprocessing, "seed": seed,
-              "log": click.echo}
-    if quantize is None:
-        export_package(net, example, output, **kwargs)
+    def write(path: Path) -> None:
+        export_package(net, example, path, policy=policy, thresholds=list(thresholds), labels=labels,
+                       name=model.split(":")[-1], include_full_model=full_model, dynamo=dynamo,
+                       preprocessing=preprocessing, seed=seed, log=click.echo)
+
+    if quantize is None or cal_data is None:
+        write(output)
         return
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="edgeexit-fp32-") as tmp:
         fp32 = Path(tmp) / "fp32.eexit"
-        export_package(net, example, fp32, **kwargs)
-        _quantize(fp32, output, cal_data, force)  # type: ignore[arg-type]
+        write(fp32)
+        _quantize(fp32, output, cal_data, force)
 
 
 def _export_cbnet(output: Path, weights: Path | None, train: bool, epochs: int, seed: int, fallback: bool,
@@ -268,8 +270,8 @@ def inspect(package: Path, as_json: bool) -> None:
     click.echo(f"{pkg.root}: {pkg.kind} {pkg.name!r}, format version {pkg.format_version}")
     prod = ", ".join(f"{k} {v}" for k, v in pkg.producer.items())
     click.echo(f"producer: {prod}")
-    for spec in pkg.inputs:
-        click.echo(f"input {spec.name}: {spec.dtype} ({', '.join(str(d) for d in spec.shape)})")
+    for inp in pkg.inputs:
+        click.echo(f"input {inp.name}: {inp.dtype} ({', '.join(str(d) for d in inp.shape)})")
     if pkg.labels:
         click.echo(f"labels: {len(pkg.labels)} ({', '.join(pkg.labels[:10])}{'…' if len(pkg.labels) > 10 else ''})")
     click.echo(f"{'stage':<8}{'reads':<18}{'carry':<14}{'exit':<10}{'policy':<12}{'threshold':>10}"
@@ -481,11 +483,13 @@ def bench(package: Path, data_file: Path | None, dataset: str | None, device: st
         from .datasets import mnist5k_splits
 
         test = mnist5k_splits().test
-        inputs, labels = {session.input_names[0]: test.x}, test.y
+        inputs: dict[str, Any] = {session.input_names[0]: test.x}
+        labels: Any = test.y
     else:
         from .datafiles import load_input_file
 
-        inputs, labels = load_input_file(data_file, session.input_names)  # type: ignore[arg-type]
+        assert data_file is not None  # exactly one of --data / --dataset was checked above
+        inputs, labels = load_input_file(data_file, session.input_names)
     energy = _pick_meter(profile, meter, meter_log, meter_command)
     if energy.whole_board and idle_seconds > 0:
         click.echo(f"measuring idle power for {idle_seconds:g} s (whole-board meter) ...", err=True)

@@ -76,7 +76,7 @@ def save_results_atomic(path: str | os.PathLike[str], arrays: Mapping[str, np.nd
 
     def write(f: BinaryIO) -> None:
         if suffix == ".npz":
-            np.savez(f, **arrays)
+            np.savez(f, **dict(arrays))  # type: ignore[arg-type]  # numpy's stub reads ** as allow_pickle
             return
         cols = {k: v for k, v in arrays.items() if v.ndim == 1}
         table = np.column_stack([v.astype(np.float64) if v.dtype.kind == "f" else v for v in cols.values()])

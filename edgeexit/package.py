@@ -265,7 +265,7 @@ def parse_manifest(manifest: Mapping[str, Any], root: Path) -> Package:
 
     stages = []
     raw_stages = _field(manifest, "stages", "manifest")
-    _schema(isinstance(raw_stages, list) and raw_stages, "stages", "a non-empty list", raw_stages)
+    _schema(isinstance(raw_stages, list) and len(raw_stages) > 0, "stages", "a non-empty list", raw_stages)
     for i, raw in enumerate(raw_stages):
         where = f"stages[{i}]"
         _schema(isinstance(raw, Mapping), where, "an object", raw)

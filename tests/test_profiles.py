@@ -106,4 +106,4 @@ def test_gpu_profiles_fail_loudly_without_the_provider(tiny_package, name):
 
 def test_explicit_arguments_override_the_profile(tiny_package):
     sess = ExitSession(tiny_package, device="cuda", providers=["CPUExecutionProvider"], threads=2)
-    assert sess.providers == ["CPUExecutionProvider"] and sess._options[0] == 2
+    assert sess.providers == ["CPUExecutionProvider"] and sess.thread_settings.threads == 2

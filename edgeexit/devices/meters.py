@@ -15,7 +15,7 @@ def meter_for_profile(
     """The first meter of ``profile.energy_meters`` that can be read here, and why the others
     were skipped; the profile's power estimate when none can (always labelled estimated)."""
     options = options or {}
-    skipped = []
+    skipped: list[str] = []
     for name in profile.energy_meters[:-1]:
         opts = dict(options.get(name, {}))
         try:

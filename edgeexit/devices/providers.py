@@ -54,7 +54,10 @@ def resolve_providers(
     missing: list[str] = []
     for spec in requested:
         name = provider_name(spec)
-        (kept if name in available else missing).append(spec if name in available else name)
+        if name in available:
+            kept.append(spec)
+        else:
+            missing.append(name)
     if missing:
         hints = []
         for name in missing:

@@ -72,12 +72,15 @@ class _FullGraph(nn.Module):
                 break
             k = source  # type: ignore[assignment]
         self.path = path[::-1]
+        head = model.exit_at(model.num_stages - 1)
+        assert head is not None  # EarlyExitModel guarantees the final exit
+        self.head: nn.Module = head
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
         carries: list[tuple[torch.Tensor, ...]] = [()] * self.model.num_stages
         for k in self.path:
             carries[k] = as_tuple(self.model.stages[k](*self.model.stage_args(k, inputs, carries)))
-        return self.model.exit_at(self.model.num_stages - 1)(*carries[-1])  # type: ignore[misc]
+        return self.head(*carries[-1])
 
 
 def _carry_name(stage: int, i: int) -> str:
@@ -125,7 +128,8 @@ def _export_graph(graph: _Graph, folder: Path, opset: int, dynamo: bool) -> Path
     if dynamo:
         # forward(*args): one varargs entry holding a spec per input; one shared batch dim
         batch = torch.export.Dim("batch")
-        shape_args: dict[str, Any] = {"dynamic_shapes": (tuple({0: batch} for _ in graph.example),)}
+        shape_args: dict[str, Any] = {"dynamic_shapes": (tuple({0: batch} for _ in graph.example),),
+                                      "verbose": False}
     else:
         shape_args = {"dynamic_axes": {n: {0: "batch"} for n in graph.input_names + graph.output_names}}
     try:
@@ -135,7 +139,7 @@ def _export_graph(graph: _Graph, folder: Path, opset: int, dynamo: bool) -> Path
                 graph.module, graph.example, str(path), input_names=graph.input_names,
                 output_names=graph.output_names, opset_version=opset, dynamo=dynamo,
                 do_constant_folding=True, external_data=False,
-                **({"verbose": False} if dynamo else {}), **shape_args,
+                **shape_args,
             )
     except Exception as exc:
         raise ExportError(f"torch.onnx.export failed for {graph.name}: {exc}") from exc
@@ -299,8 +303,7 @@ def _export(
         full_spec = {
             "file": "full.onnx", "inputs": input_names, "logits": "logits",
             "cost": {
-                "params": count_parameters([*(model.stages[k] for k in path_stages),
-                                            model.exit_at(model.num_stages - 1)]),
+                "params": count_parameters([*(model.stages[k] for k in path_stages), full.head]),
                 "flops": sum(stage_specs[k]["cost"]["flops"] - stage_specs[k]["cost"]["exit_flops"]
                              for k in path_stages) + stage_specs[-1]["cost"]["exit_flops"],
             },

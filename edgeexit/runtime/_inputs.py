@@ -31,19 +31,21 @@ class InputChecker:
         self._ranks = tuple(len(s.shape) for s in specs)
         self._floating = tuple(np.issubdtype(d, np.floating) for d in self._dtypes)
         self.check_finite = check_finite
-        only_batch_symbolic = len(specs) == 1 and all(isinstance(d, int) for d in specs[0].shape[1:])
-        self._single = (1, *specs[0].shape[1:]) if only_batch_symbolic else None
-        self._check_single_finite = check_finite and self._floating[0] and self._single is not None
+        sample_dims = [d for d in specs[0].shape[1:] if isinstance(d, int)]
+        fixed_sample = len(specs) == 1 and len(sample_dims) == len(specs[0].shape) - 1
+        self._single: tuple[int, ...] | None = (1, *sample_dims) if fixed_sample else None
         # x . 0 is exactly 0 when every element is finite and NaN otherwise: one BLAS call,
         # cheaper than np.isfinite(x).all() on the batch-1 path.
-        self._zeros = np.zeros(int(np.prod(self._single)), dtype=self._dtypes[0]) if self._check_single_finite else None
+        self._zeros: np.ndarray | None = None
+        if check_finite and self._floating[0] and fixed_sample:
+            self._zeros = np.zeros(int(np.prod(sample_dims)), dtype=self._dtypes[0])
 
     def feeds(self, inputs: Any) -> tuple[dict[str, np.ndarray], int]:
         """Validated ``{name: C-contiguous array}`` and the batch size."""
         if (  # batch-1 fast path: one input, exact dtype and shape, contiguous
             self._single is not None and type(inputs) is np.ndarray and inputs.shape == self._single
             and inputs.dtype == self._dtypes[0] and inputs.flags.c_contiguous
-            and not (self._check_single_finite and np.dot(inputs.reshape(-1), self._zeros) != 0.0)
+            and not (self._zeros is not None and np.dot(inputs.reshape(-1), self._zeros) != 0.0)
         ):
             return {self.names[0]: inputs}, 1
         if isinstance(inputs, np.ndarray):

@@ -9,6 +9,8 @@ once it exists every later session in the process must opt in too or fail to bui
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import onnxruntime as ort
 
 from ..errors import SessionError
@@ -37,6 +39,18 @@ def use_global_thread_pool(intra_op_threads: int = 1, inter_op_threads: int = 1)
     _global_pool_sizes = sizes
 
 
+@dataclass(frozen=True)
+class ThreadSettings:
+    """How a session's onnxruntime threads are set up (see the module docstring)."""
+
+    threads: int = 1
+    spinning: bool = False
+    global_pool: bool = False
+
+    def options(self) -> ort.SessionOptions:
+        return session_options(self.threads, self.spinning, self.global_pool)
+
+
 def session_options(threads: int, spinning: bool, global_pool: bool) -> ort.SessionOptions:
     if threads < 1:
         raise SessionError(f"threads must be >= 1, got {threads}")
@@ -54,7 +68,7 @@ def session_options(threads: int, spinning: bool, global_pool: bool) -> ort.Sess
     return so
 
 
-def explain_session_failure(exc: Exception, global_pool: bool) -> str | None:
+def explain_session_failure(exc: Exception) -> str | None:
     """A user-facing explanation for onnxruntime's thread-pool errors, if it is one."""
     text = str(exc)
     if "use_per_session_threads must be false" in text:

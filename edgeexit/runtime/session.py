@@ -23,7 +23,7 @@ from ..policies import ExitPolicy, check_thresholds, get_policy
 from ._inputs import InputChecker
 from ._measure import Measurement
 from ._stage import Stage, binding_device, take
-from ._threads import explain_session_failure, session_options
+from ._threads import ThreadSettings, explain_session_failure
 
 
 @dataclass(slots=True)
@@ -106,9 +106,13 @@ class ExitSession:
         if providers is None and profile is not None:
             providers = profile.providers
         self.providers = resolve_providers(providers, allow_fallback=allow_fallback)
-        defaults = (profile.threads, profile.spinning, profile.global_thread_pool) if profile else (1, False, False)
-        given = (threads, spinning, global_thread_pool)
-        self._options = tuple(g if g is not None else d for g, d in zip(given, defaults))
+        base = ThreadSettings(profile.threads, profile.spinning, profile.global_thread_pool) if profile \
+            else ThreadSettings()
+        self.thread_settings = ThreadSettings(
+            threads if threads is not None else base.threads,
+            spinning if spinning is not None else base.spinning,
+            global_thread_pool if global_thread_pool is not None else base.global_pool,
+        )
         self._allow_fallback = allow_fallback
         self._checker = InputChecker(self.package.inputs, check_finite=check_finite)
         self.exit_stages = self.package.exit_stages
@@ -141,14 +145,13 @@ class ExitSession:
     # --- building ---------------------------------------------------------------
 
     def _build(self, file: str, what: str) -> ort.InferenceSession:
-        threads, spinning, global_pool = self._options
+        settings = self.thread_settings
         try:
             session = ort.InferenceSession(
-                str(self.package.file_path(file)), session_options(threads, spinning, global_pool),
-                providers=self.providers,
+                str(self.package.file_path(file)), settings.options(), providers=self.providers,
             )
         except Exception as exc:  # onnxruntime raises bare RuntimeError/Fail subclasses
-            reason = explain_session_failure(exc, global_pool) or str(exc).strip().splitlines()[0]
+            reason = explain_session_failure(exc) or str(exc).strip().splitlines()[0]
             raise SessionError(f"cannot build the onnxruntime session for {what}: {reason}") from None
         check_session_providers(session, self.providers, what, allow_fallback=self._allow_fallback)
         return session
@@ -336,10 +339,10 @@ def _check_graph_names(session: ort.InferenceSession, spec: StageSpec) -> None:
 
 def describe(session: ExitSession) -> dict[str, Any]:
     """Providers and thread settings actually in use (for reports)."""
-    threads, spinning, global_pool = session._options
+    settings = session.thread_settings
     return {
         "providers": session._stages[0].session.get_providers(),
-        "threads": threads,
-        "spinning": spinning,
-        "global_thread_pool": global_pool,
+        "threads": settings.threads,
+        "spinning": settings.spinning,
+        "global_thread_pool": settings.global_pool,
     }
