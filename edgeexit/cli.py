@@ -274,7 +274,10 @@ def inspect(package: Path, as_json: bool) -> None:
         click.echo(f"input {inp.name}: {inp.dtype} ({', '.join(str(d) for d in inp.shape)})")
     if pkg.labels:
         click.echo(f"labels: {len(pkg.labels)} ({', '.join(pkg.labels[:10])}{'…' if len(pkg.labels) > 10 else ''})")
-    click.echo(f"{'stage':<8}{'reads':<18}{'carry':<14}{'exit':<10}{'policy':<12}{'threshold':>10}"
+    w = max(8, *(len(s.name) + 2 for s in pkg.stages))
+    r = max(18, *(len(",".join(s.inputs)) + 2 for s in pkg.stages))
+    c = max(14, *(len(",".join(s.carry)) + 2 for s in pkg.stages))
+    click.echo(f"{'stage':<{w}}{'reads':<{r}}{'carry':<{c}}{'exit':<10}{'policy':<12}{'threshold':>10}"
                f"{'params':>10}{'MFLOPs':>9}{'bytes':>10}  sha256")
     exit_no = 0
     for spec in pkg.stages:
@@ -285,7 +288,7 @@ def inspect(package: Path, as_json: bool) -> None:
             exit_no += 1
         meta = pkg.files[spec.file]
         click.echo(
-            f"{spec.name:<8}{','.join(spec.inputs):<18}{','.join(spec.carry) or '-':<14}{exit_col:<10}"
+            f"{spec.name:<{w}}{','.join(spec.inputs):<{r}}{','.join(spec.carry) or '-':<{c}}{exit_col:<10}"
             f"{ex.policy if ex else '-':<12}{thr:>10}{spec.cost.get('params', 0):>10}"
             f"{spec.cost.get('flops', 0) / 1e6:>9.3f}{meta['size']:>10}  {meta['sha256'][:12]}"
         )
