@@ -18,20 +18,15 @@ from . import __version__
 from .errors import EdgeExitError, ModelSpecError
 
 
-class _UserError(click.ClickException):
-    """An ``EdgeExitError`` shown as one line, with the error's own exit code."""
-
-    def __init__(self, exc: EdgeExitError) -> None:
-        super().__init__(f"{type(exc).__name__}: {exc}")
-        self.exit_code = exc.exit_code
-
-
 class _Group(click.Group):
+    """Shows an ``EdgeExitError`` as one line on stderr and exits with the error's own code."""
+
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except EdgeExitError as exc:
-            raise _UserError(exc) from None
+            click.echo(f"Error: {type(exc).__name__}: {exc}", err=True)
+            ctx.exit(exc.exit_code)
 
 
 @click.group(cls=_Group)
