@@ -18,9 +18,28 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .policies import get_policy
+from .policies import ExitPolicy, get_policy
 
 EXHAUSTIVE_LIMIT = 250_000  # evaluations; about a second of numpy on 1,000 samples
+
+
+def candidate_thresholds(policy: ExitPolicy, scores: np.ndarray) -> np.ndarray:
+    """Midpoints between neighbouring distinct finite scores, plus one beyond each end, strictest
+    first (nobody exits ... everybody exits).  Each candidate changes at least one decision and
+    sits as far as possible from every recorded score."""
+    finite = np.unique(scores[np.isfinite(scores)])
+    if finite.size == 0:
+        return np.array([math.inf if policy.direction == "higher" else -math.inf])
+    pad = 1e-9 + 1e-9 * np.abs(finite[[0, -1]])
+    cands = np.concatenate([[finite[0] - pad[0]], (finite[:-1] + finite[1:]) / 2, [finite[-1] + pad[1]]])
+    return cands[::-1] if policy.direction == "higher" else cands
+
+
+def drop_bound(lost: int, won: int, n: int, z: float) -> float:
+    """Upper confidence bound on the accuracy drop vs the last exit from paired outcomes: ``lost``
+    samples the last exit gets right and the early exit wrong, ``won`` the other way round;
+    (lost - won) / n with standard error sqrt(lost + won) / n (normal approximation)."""
+    return (lost - won + z * math.sqrt(lost + won)) / n
 
 
 @dataclass(frozen=True)
@@ -45,7 +64,7 @@ class Objective:
 
     def feasible(self, p: Point, n: int) -> bool:
         if self.kind == "max_drop":
-            return (p.lost - p.won + self.z * math.sqrt(p.lost + p.won)) / n <= self.value + 1e-12
+            return drop_bound(p.lost, p.won, n, self.z) <= self.value + 1e-12
         if self.kind == "target_accuracy":
             return p.correct / n >= self.value - 1e-12
         return p.cost / n <= self.value + 1e-12
@@ -71,20 +90,11 @@ class Search:
         self.correct = correct
         self.lost = full_right[None, :] & ~correct
         self.won = ~full_right[None, :] & correct
-        self.candidates = [self._candidates(scores[e]) for e in range(self.early)]
+        self.candidates = [candidate_thresholds(self.policy, scores[e]) for e in range(self.early)]
         # pass[e][c]: which samples the c-th candidate of exit e lets out
         self.passes = [np.stack([self.policy.accepts(scores[e], t) for t in cands]) if len(cands) else
                        np.zeros((0, self.n), bool) for e, cands in enumerate(self.candidates)]
         self.evaluated = 0
-
-    def _candidates(self, scores: np.ndarray) -> np.ndarray:
-        finite = np.unique(scores[np.isfinite(scores)])
-        if finite.size == 0:
-            return np.array([math.inf if self.policy.direction == "higher" else -math.inf])
-        pad = 1e-9 + 1e-9 * np.abs(finite[[0, -1]])
-        cands = np.concatenate([[finite[0] - pad[0]], (finite[:-1] + finite[1:]) / 2, [finite[-1] + pad[1]]])
-        # strictest first: nobody exits, ..., everybody exits
-        return cands[::-1] if self.policy.direction == "higher" else cands
 
     def thresholds(self, index: Sequence[int]) -> list[float]:
         return [float(self.candidates[e][c]) for e, c in enumerate(index)]

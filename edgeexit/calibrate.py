@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._search import Objective, Point, Search, pareto
+from ._search import Objective, Point, Search, candidate_thresholds, drop_bound, pareto
 from .errors import InputError
-from .policies import ExitPolicy, get_policy
+from .policies import get_policy
 
 
 @dataclass(frozen=True)
@@ -80,19 +80,6 @@ def accuracy_at(records: ExitRecords, thresholds: Sequence[float]) -> tuple[floa
     return float((preds == records.labels).mean()), shares
 
 
-def _candidates(pol: ExitPolicy, scores: np.ndarray) -> np.ndarray:
-    # Midpoints between neighbouring distinct scores: each candidate changes the decision
-    # of at least one sample and sits as far as possible from every recorded score.
-    finite = np.unique(scores[np.isfinite(scores)])
-    if finite.size == 0:
-        return np.array([])
-    mids = (finite[:-1] + finite[1:]) / 2
-    lo, hi = finite[0] - 1e-9 - abs(finite[0]) * 1e-9, finite[-1] + 1e-9 + abs(finite[-1]) * 1e-9
-    cands = np.concatenate([[lo], mids, [hi]])
-    # most permissive first
-    return cands[::-1] if pol.direction == "lower" else cands
-
-
 def accuracy_drop_bound(records: ExitRecords, taken: np.ndarray, z: float) -> float:
     """Upper confidence bound on the accuracy drop vs the last exit, from paired outcomes.
 
@@ -103,9 +90,7 @@ def accuracy_drop_bound(records: ExitRecords, taken: np.ndarray, z: float) -> fl
     n = taken.size
     early_right = records.predictions[taken, np.arange(n)] == records.labels
     full_right = records.predictions[-1] == records.labels
-    lost = int((full_right & ~early_right).sum())
-    won = int((early_right & ~full_right).sum())
-    return (lost - won + z * np.sqrt(lost + won)) / n
+    return drop_bound(int((full_right & ~early_right).sum()), int((early_right & ~full_right).sum()), n, z)
 
 
 def shared_threshold(records: ExitRecords, max_drop: float, z: float = 1.645) -> tuple[float, float, np.ndarray]:
@@ -118,7 +103,7 @@ def shared_threshold(records: ExitRecords, max_drop: float, z: float = 1.645) ->
     """
     pol = get_policy(records.policy)
     early = records.scores.shape[0] - 1
-    for t in _candidates(pol, records.scores[:-1].ravel()):
+    for t in candidate_thresholds(pol, records.scores[:-1].ravel())[::-1]:  # most permissive first
         taken = exits_taken(records, [t] * early)
         if accuracy_drop_bound(records, taken, z) <= max_drop + 1e-12:
             acc, shares = accuracy_at(records, [t] * early)

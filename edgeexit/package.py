@@ -15,7 +15,7 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -472,6 +472,22 @@ def _swap_into_place(tmp: Path, dest: Path) -> None:
     fsync_dir(dest.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def set_thresholds(path: str | os.PathLike[str], thresholds: Sequence[float]) -> Package:
+    """Write one threshold per early exit into a package's manifest (atomically)."""
+    values = [float(t) for t in thresholds]
+
+    def change(manifest: dict[str, Any]) -> None:
+        early = [s for s in manifest["stages"][:-1] if s.get("exit") is not None]
+        if len(early) != len(values):
+            raise ManifestSchemaError(
+                f"{len(values)} threshold(s) given but the package has {len(early)} early exit(s)"
+            )
+        for stage, t in zip(early, values):
+            stage["exit"]["threshold"] = t
+
+    return update_manifest(path, change)
 
 
 def update_manifest(path: str | os.PathLike[str], change: Callable[[dict[str, Any]], None]) -> Package:

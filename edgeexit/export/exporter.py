@@ -91,6 +91,11 @@ def _logits_name(stage: int) -> str:
     return f"logits{stage}"
 
 
+def _dtype_name(t: torch.Tensor) -> str:
+    """numpy's name for a tensor's dtype (torch.float32 -> "float32"; same spelling for bfloat16)."""
+    return str(t.dtype).removeprefix("torch.")
+
+
 def _check_inputs(example_inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     if not isinstance(example_inputs, Mapping) or not example_inputs:
         raise ModelSpecError("example_inputs must be a non-empty dict {input_name: tensor}")
@@ -98,7 +103,7 @@ def _check_inputs(example_inputs: Mapping[str, torch.Tensor]) -> dict[str, torch
     for name, t in example_inputs.items():
         if not isinstance(t, torch.Tensor):
             raise ModelSpecError(f"example input {name!r} must be a torch.Tensor, got {type(t).__name__}")
-        if str(t.numpy().dtype if t.dtype != torch.bfloat16 else "bfloat16") not in DTYPES:
+        if _dtype_name(t) not in DTYPES:
             raise ModelSpecError(
                 f"example input {name!r} has dtype {t.dtype}; exit packages support {', '.join(DTYPES)}"
             )
@@ -331,7 +336,7 @@ def _export(
         "kind": "classifier" if model.reads == ["inputs", *range(model.num_stages - 1)] else "pipeline",
         "name": name or type(model).__name__,
         "inputs": [
-            {"name": n, "dtype": str(t.numpy().dtype), "shape": ["batch", *t.shape[1:]]}
+            {"name": n, "dtype": _dtype_name(t), "shape": ["batch", *t.shape[1:]]}
             for n, t in examples.items()
         ],
         "labels": labels_list,
