@@ -14,6 +14,7 @@ Cache layout (``benchmarks/.cache``, git-ignored)::
 
 from __future__ import annotations
 
+import argparse
 import gc
 import hashlib
 import itertools
@@ -38,6 +39,59 @@ BENCH_DIR = Path(__file__).resolve().parent
 CACHE_DIR = BENCH_DIR / ".cache"
 DEFAULT_EPOCHS = {"blenet": 20, "bresnet": 6}
 MAX_DROP = 0.003
+
+
+def one_torch_thread() -> None:
+    """Pin torch to one thread, like every onnxruntime session here (call before torch works)."""
+    import torch
+
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:  # already set once in this process
+        pass
+    torch.set_num_threads(1)
+
+
+def timing_parser(doc: str, *, zoo_models: bool, block: int) -> argparse.ArgumentParser:
+    """The options every timing script shares; ``parse_timing_args`` fills the --quick defaults."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seed", type=int, default=0)
+    if zoo_models:
+        ap.add_argument("--models", default="blenet,bresnet", help="comma-separated zoo models")
+        ap.add_argument("--epochs-blenet", type=int, default=DEFAULT_EPOCHS["blenet"])
+        ap.add_argument("--epochs-bresnet", type=int, default=DEFAULT_EPOCHS["bresnet"])
+        ap.add_argument("--batch-sizes", default="1,64")
+        ap.add_argument("--warmup-batches", type=int, default=None, help="untimed rounds at batch > 1")
+    ap.add_argument("--passes", type=int, default=None, help="timing passes over the test samples")
+    ap.add_argument("--samples", type=int, default=None, help="test samples used (default: all 1000)")
+    ap.add_argument("--warmup", type=int, default=None, help="untimed batch-1 rounds before timing")
+    ap.add_argument("--block", type=int, default=block,
+                    help=f"interleave the contenders per block of this many inputs (default {block}; 1: per "
+                         "input, every call follows another contender's, caches cold; 100: each runs warm)")
+    ap.add_argument("--train-threads", type=int, default=1, help="torch threads while training (default 1)")
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke run: 1 pass, 200 samples, short warm-up (numbers are not for reporting)")
+    ap.add_argument("--json", type=Path, default=None, help="write every number and machine info here")
+    return ap
+
+
+def parse_timing_args(ap: argparse.ArgumentParser, argv: list[str] | None,
+                      defaults: dict[str, tuple[int, int]]) -> argparse.Namespace:
+    """Parse; options left unset take ``defaults[name] = (full run, --quick)``; validate."""
+    args = ap.parse_args(argv)
+    for name, (full, small) in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, small if args.quick else full)
+    if hasattr(args, "models"):
+        args.models = [m.strip() for m in args.models.split(",") if m.strip()]
+        args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+        for m in args.models:
+            if m not in DEFAULT_EPOCHS:
+                ap.error(f"unknown model {m!r}; choose from {', '.join(DEFAULT_EPOCHS)}")
+    if min(args.passes, args.samples, args.block) < 1:
+        ap.error("--passes, --samples and --block must be >= 1")
+    return args
 
 
 def log(message: str) -> None:
@@ -131,7 +185,7 @@ def prepare(model_name: str, epochs: int, seed: int, *, train_threads: int = 1,
 
     The threshold is the most permissive one shared by every early exit whose accuracy
     drop on the calibration split stays within ``max_drop`` (``shared_threshold``); it is
-    written into the package with ``update_manifest``.  A package built earlier from the
+    written into the package with ``set_thresholds``.  A package built earlier from the
     same weights, edgeexit/torch/onnxruntime versions and ``max_drop`` is reused.
     """
     import onnxruntime as ort
@@ -141,7 +195,7 @@ def prepare(model_name: str, epochs: int, seed: int, *, train_threads: int = 1,
     from edgeexit.calibrate import record_exits, shared_threshold
     from edgeexit.datasets import MNIST_PREPROCESSING
     from edgeexit.export import export_package
-    from edgeexit.package import load_package, update_manifest
+    from edgeexit.package import load_package, set_thresholds
     from edgeexit.runtime import ExitSession
 
     splits = mnist5k_splits(seed)
@@ -179,12 +233,7 @@ def prepare(model_name: str, epochs: int, seed: int, *, train_threads: int = 1,
     records = record_exits(ExitSession(path), splits.calibration.x, splits.calibration.y)
     threshold, cal_acc, cal_shares = shared_threshold(records, max_drop)
 
-    def _set(manifest: dict[str, Any]) -> None:
-        for stage in manifest["stages"][:-1]:
-            if stage["exit"] is not None:
-                stage["exit"]["threshold"] = threshold
-
-    update_manifest(path, _set)
+    set_thresholds(path, [threshold] * early)
     calibration = {
         "samples": len(splits.calibration), "max_drop": max_drop, "threshold": threshold,
         "early_exit_accuracy": cal_acc, "full_accuracy": records.full_accuracy,

@@ -39,7 +39,7 @@ from edgeexit.calibrate import (
     shared_threshold,
 )
 from edgeexit.measure import LatencyStats
-from edgeexit.package import update_manifest
+from edgeexit.package import set_thresholds
 from edgeexit.runtime import ExitSession
 from edgeexit.runtime._threads import session_options
 
@@ -48,13 +48,7 @@ def _copy_with_thresholds(src: Path, dst: Path, thresholds: list[float]) -> Path
     if dst.exists():
         shutil.rmtree(dst)
     shutil.copytree(src, dst)
-
-    def change(manifest: dict) -> None:
-        early = [s for s in manifest["stages"][:-1] if s["exit"]]
-        for stage, t in zip(early, thresholds, strict=True):
-            stage["exit"]["threshold"] = t
-
-    update_manifest(dst, change)
+    set_thresholds(dst, thresholds)
     return dst
 
 

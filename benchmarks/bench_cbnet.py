@@ -64,9 +64,12 @@ from _common import (
     interleaved_timing,
     log,
     machine_info,
+    one_torch_thread,
+    parse_timing_args,
     prepare,
     stats_dict,
     table,
+    timing_parser,
     write_json,
 )
 
@@ -74,7 +77,7 @@ from edgeexit.devices.energy import EnergyMeter, EstimateMeter
 from edgeexit.devices.meters import meter_for_profile
 from edgeexit.devices.profiles import get_profile
 from edgeexit.measure import LatencyStats
-from edgeexit.package import sha256_file, update_manifest
+from edgeexit.package import set_thresholds, sha256_file
 from edgeexit.runtime import ExitSession
 from edgeexit.runtime._threads import session_options
 from edgeexit.zoo.cbnet import DEFAULT_SIZES, CBNetBuild, build_cbnet, export_cbnet
@@ -136,12 +139,7 @@ def with_threshold(src: Path, dst: Path, threshold: float) -> Path:
         shutil.rmtree(dst)
     shutil.copytree(src, dst)
 
-    def _set(manifest: dict[str, Any]) -> None:
-        for stage in manifest["stages"][:-1]:
-            if stage["exit"] is not None:
-                stage["exit"]["threshold"] = threshold
-
-    update_manifest(dst, _set)
+    set_thresholds(dst, [threshold])
     return dst
 
 
@@ -184,43 +182,23 @@ def energy_windows(calls: dict[str, Callable[[int], Any]], n: int, meter: Energy
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seed", type=int, default=0)
+    ap = timing_parser(__doc__, zoo_models=False, block=100)
     ap.add_argument("--blenet-epochs", type=int, default=DEFAULT_EPOCHS["blenet"])
     ap.add_argument("--ae-epochs", type=int, default=30)
     ap.add_argument("--sizes", default=",".join(map(str, DEFAULT_SIZES)), help="converter h1,h2,h3")
-    ap.add_argument("--passes", type=int, default=None, help="timing passes over the test samples (default 10)")
-    ap.add_argument("--samples", type=int, default=None, help="test samples used (default: all 1000)")
-    ap.add_argument("--warmup", type=int, default=None, help="untimed rounds before timing (default 200)")
-    ap.add_argument("--block", type=int, default=100,
-                    help="interleave the contenders per block of this many samples (default 100; 1: per sample)")
     ap.add_argument("--energy-windows", type=int, default=None,
                     help="measured-energy windows per contender (default: 3 when a meter can be read, else 0)")
     ap.add_argument("--energy-seconds", type=float, default=2.0, help="length of one energy window")
-    ap.add_argument("--train-threads", type=int, default=1, help="torch threads while training (default 1)")
-    ap.add_argument("--quick", action="store_true",
-                    help="smoke run: 1 pass, 200 samples, short warm-up (numbers are not for reporting)")
-    ap.add_argument("--json", type=Path, default=None, help="write every number and machine info here")
-    args = ap.parse_args(argv)
-    for name, full, small in (("passes", 10, 1), ("samples", 1000, 200), ("warmup", 200, 50)):
-        if getattr(args, name) is None:
-            setattr(args, name, small if args.quick else full)
+    args = parse_timing_args(ap, argv, {"passes": (10, 1), "samples": (1000, 200), "warmup": (200, 50)})
     args.sizes = tuple(int(v) for v in args.sizes.split(","))
     if len(args.sizes) != 3:
         ap.error("--sizes takes three integers h1,h2,h3")
-    if min(args.passes, args.samples, args.block) < 1:
-        ap.error("--passes, --samples and --block must be >= 1")
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        torch.set_num_interop_threads(1)
-    except RuntimeError:
-        pass
-    torch.set_num_threads(1)
+    one_torch_thread()
     machine = machine_info()
     print(f"bench_cbnet: {machine.get('cpu_model', machine['processor'])}, {machine['cpu_count']} CPU(s), "
           f"python {machine['python']}, onnxruntime {machine['onnxruntime']}, torch {torch.__version__}; "

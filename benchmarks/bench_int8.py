@@ -35,23 +35,23 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 from _common import (
     CACHE_DIR,
-    DEFAULT_EPOCHS,
     MAX_DROP,
     cache_key,
     fmt_ms,
     interleaved_timing,
     log,
     machine_info,
+    parse_timing_args,
     prepare,
     stats_dict,
     table,
+    timing_parser,
     write_json,
 )
 
@@ -201,39 +201,13 @@ def print_block(name: str, info: dict[str, Any], res: dict[str, Any], passes: in
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", default="blenet,bresnet", help="comma-separated zoo models")
-    ap.add_argument("--epochs-blenet", type=int, default=DEFAULT_EPOCHS["blenet"])
-    ap.add_argument("--epochs-bresnet", type=int, default=DEFAULT_EPOCHS["bresnet"])
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--passes", type=int, default=None, help="timing passes over the test split (default 3)")
-    ap.add_argument("--samples", type=int, default=None, help="test samples used (default all 1000; --quick 200)")
-    ap.add_argument("--batch-sizes", default="1,64")
-    ap.add_argument("--warmup", type=int, default=None, help="untimed batch-1 rounds (default 200)")
-    ap.add_argument("--warmup-batches", type=int, default=None, help="untimed rounds at batch > 1 (default 10)")
-    ap.add_argument("--block", type=int, default=100,
-                    help="interleave the contenders per block of this many samples (default 100: each "
-                         "contender runs warm, as in an application loop; 1: per input, caches cold)")
+    ap = timing_parser(__doc__, zoo_models=True, block=100)
     ap.add_argument("--activation-type", choices=("uint8", "int8"), default="uint8",
                     help="int8 activations type of the static QDQ stages (default uint8: U8S8)")
     ap.add_argument("--max-calibration-samples", type=int, default=512,
                     help="calibration-split samples that fix the activation ranges (default 512)")
-    ap.add_argument("--quick", action="store_true", help="smoke run: 1 pass, 200 samples, short warm-up")
-    ap.add_argument("--json", type=Path, default=None, help="write every number and machine info here")
-    args = ap.parse_args(argv)
-    for key, full, small in (("passes", 3, 1), ("samples", 1000, 200), ("warmup", 200, 30),
-                             ("warmup_batches", 10, 2)):
-        if getattr(args, key) is None:
-            setattr(args, key, small if args.quick else full)
-    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
-    args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
-    for m in args.models:
-        if m not in DEFAULT_EPOCHS:
-            ap.error(f"unknown model {m!r}; choose from {', '.join(DEFAULT_EPOCHS)}")
-    if args.passes < 1 or args.samples < 1 or args.block < 1:
-        ap.error("--passes, --samples and --block must be >= 1")
-    return args
+    return parse_timing_args(ap, argv, {"passes": (3, 1), "samples": (1000, 200), "warmup": (200, 30),
+                                        "warmup_batches": (10, 2)})
 
 
 def run_model(model_name: str, args: argparse.Namespace) -> dict[str, Any]:

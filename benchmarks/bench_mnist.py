@@ -37,23 +37,24 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 import torch
 from _common import (
-    DEFAULT_EPOCHS,
     MAX_DROP,
     Prepared,
     fmt_ms,
     interleaved_timing,
     log,
     machine_info,
+    one_torch_thread,
+    parse_timing_args,
     prepare,
     stats_dict,
     table,
+    timing_parser,
     write_json,
 )
 
@@ -316,49 +317,14 @@ def print_block(model: str, prep: Prepared, res: dict[str, Any], passes: int, bl
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", default="blenet,bresnet", help="comma-separated zoo models")
-    ap.add_argument("--epochs-blenet", type=int, default=DEFAULT_EPOCHS["blenet"])
-    ap.add_argument("--epochs-bresnet", type=int, default=DEFAULT_EPOCHS["bresnet"])
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--passes", type=int, default=None, help="timing passes over the test split (default 3)")
-    ap.add_argument("--samples", type=int, default=None,
-                    help="test samples used (default: all 1000; --quick: 200)")
-    ap.add_argument("--batch-sizes", default="1,64")
-    ap.add_argument("--warmup", type=int, default=None, help="untimed batch-1 rounds (default 200)")
-    ap.add_argument("--warmup-batches", type=int, default=None,
-                    help="untimed rounds at batch > 1 (default 20)")
-    ap.add_argument("--block", type=int, default=1,
-                    help="interleave the contenders per block of this many consecutive inputs "
-                         "(default 1: per input, the order rotating; see interleaved_timing)")
-    ap.add_argument("--train-threads", type=int, default=1, help="torch threads while training (default 1)")
-    ap.add_argument("--quick", action="store_true",
-                    help="smoke run: 1 pass, 200 samples, short warm-up (numbers are not for reporting)")
-    ap.add_argument("--json", type=Path, default=None, help="write every number and machine info here")
-    args = ap.parse_args(argv)
-    quick = args.quick
-    for name, full, small in (("passes", 3, 1), ("samples", 1000, 200), ("warmup", 200, 50),
-                              ("warmup_batches", 20, 3)):
-        if getattr(args, name) is None:
-            setattr(args, name, small if quick else full)
-    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
-    args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
-    for m in args.models:
-        if m not in DEFAULT_EPOCHS:
-            ap.error(f"unknown model {m!r}; choose from {', '.join(DEFAULT_EPOCHS)}")
-    if args.passes < 1 or args.samples < 1 or args.block < 1:
-        ap.error("--passes, --samples and --block must be >= 1")
-    return args
+    ap = timing_parser(__doc__, zoo_models=True, block=1)
+    return parse_timing_args(ap, argv, {"passes": (3, 1), "samples": (1000, 200), "warmup": (200, 50),
+                                        "warmup_batches": (20, 3)})
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        torch.set_num_interop_threads(1)
-    except RuntimeError:
-        pass
-    torch.set_num_threads(1)
+    one_torch_thread()
     machine = machine_info()
     report: dict[str, Any] = {
         "benchmark": "bench_mnist",
