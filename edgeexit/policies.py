@@ -15,7 +15,6 @@ Policies live in a registry so packages and the CLI can name them::
 
 from __future__ import annotations
 
-import difflib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from typing import Literal
 
 import numpy as np
 
+from ._names import did_you_mean
 from .errors import PolicyError, ThresholdError, UnknownPolicyError
 
 Direction = Literal["higher", "lower"]
@@ -179,10 +179,9 @@ def get_policy(name: str) -> ExitPolicy:
     try:
         return _REGISTRY[name]
     except KeyError:
-        near = difflib.get_close_matches(str(name), list(_REGISTRY), n=1)
-        hint = f" Did you mean {near[0]!r}?" if near else ""
         raise UnknownPolicyError(
-            f"unknown exit policy {name!r}; registered policies: {', '.join(list_policies())}.{hint}"
+            f"unknown exit policy {name!r}; registered policies: {', '.join(list_policies())}."
+            + did_you_mean(name, _REGISTRY)
         ) from None
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import abc
 import csv
-import difflib
 import math
 import re
 import shlex
@@ -38,6 +37,7 @@ from typing import Any, ClassVar, Generic, TypeVar
 
 import numpy as np
 
+from .._names import did_you_mean
 from ..errors import EdgeExitError
 
 Clock = Callable[[], float]
@@ -417,10 +417,9 @@ def get_meter(name: str) -> type[EnergyMeter]:
     try:
         return _REGISTRY[name]
     except KeyError:
-        near = difflib.get_close_matches(str(name), list(_REGISTRY), n=1)
-        hint = f" Did you mean {near[0]!r}?" if near else ""
         raise UnknownMeterError(
-            f"unknown energy meter {name!r}; registered meters: {', '.join(list_meters())}.{hint}"
+            f"unknown energy meter {name!r}; registered meters: {', '.join(list_meters())}."
+            + did_you_mean(name, _REGISTRY)
         ) from None
 
 

@@ -7,11 +7,11 @@ the *estimated* energy when no meter can be read; each says where it comes from.
 
 from __future__ import annotations
 
-import difflib
 import platform
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .._names import did_you_mean
 from ..errors import EdgeExitError
 from .providers import ProviderSpec, available_providers, provider_name
 
@@ -135,10 +135,9 @@ def get_profile(name: str, *, root: Path = Path("/")) -> DeviceProfile:
     try:
         return PRESETS[name]
     except KeyError:
-        near = difflib.get_close_matches(str(name), list_profiles(), n=1)
         raise UnknownProfileError(
-            f"unknown device profile {name!r}; valid profiles: {', '.join(list_profiles())}"
-            + (f". Did you mean {near[0]!r}?" if near else "")
+            f"unknown device profile {name!r}; valid profiles: {', '.join(list_profiles())}."
+            + did_you_mean(name, list_profiles())
         ) from None
 
 

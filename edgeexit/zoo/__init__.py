@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from .._names import did_you_mean
 from ..errors import ModelSpecError
 from ..export.model import EarlyExitModel
 from .blenet import blenet as blenet
@@ -29,15 +30,11 @@ def example_images(n: int = 4, seed: int = 0) -> dict[str, object]:
 
 def get_model(name: str, seed: int | None = None) -> EarlyExitModel:
     """An untrained zoo model by name; ``seed`` makes its initial weights reproducible."""
-    import difflib
-
     import torch
 
     if name not in ZOO:
-        near = difflib.get_close_matches(name, list(ZOO), n=1)
         raise ModelSpecError(
-            f"unknown zoo model {name!r}; available: {', '.join(sorted(ZOO))}"
-            + (f". Did you mean {near[0]!r}?" if near else "")
+            f"unknown zoo model {name!r}; available: {', '.join(sorted(ZOO))}." + did_you_mean(name, ZOO)
         )
     if seed is not None:
         torch.manual_seed(seed)
