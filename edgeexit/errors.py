@@ -127,6 +127,10 @@ class ExportValidationError(ExportError):
     """onnxruntime's outputs differ from torch's beyond the tolerance."""
 
 
+class CompileError(ExportError):
+    """A package cannot be compiled into one graph (a policy with no in-graph form, ...)."""
+
+
 class ModelSpecError(EdgeExitError, ValueError):
     """A model given for export is not a valid early-exit model."""
 

@@ -35,9 +35,10 @@ from .policies import get_policy
 
 FORMAT_NAME = "edgeexit"
 # Version 2 added the optional `calibration` history, `quantization` record and
-# `stages[].cost.measured_ms`; version 1 packages load unchanged (they have none of them).
-FORMAT_VERSION = 2
-SUPPORTED_FORMAT_VERSIONS = frozenset({1, 2})
+# `stages[].cost.measured_ms`; version 3 added the optional `compiled` graph (the whole
+# model as one ONNX graph deciding its exits in-graph).  Versions 1 and 2 load unchanged.
+FORMAT_VERSION = 3
+SUPPORTED_FORMAT_VERSIONS = frozenset({1, 2, 3})
 MANIFEST_NAME = "manifest.json"
 KINDS = ("classifier", "seq2seq", "pipeline")
 DTYPES = ("float32", "float16", "float64", "int64", "int32", "int8", "uint8", "bool")
@@ -86,6 +87,25 @@ class FullModelSpec:
     cost: Mapping[str, Any]
 
 
+COMPILED_OUTPUTS = ("logits", "exit_index", "score")
+
+
+@dataclass(frozen=True)
+class CompiledSpec:
+    """Optional single graph of the whole early-exit model that decides its exits in-graph.
+
+    ``policies`` are the exit policies compiled into the graph (one per exit); ``sources``
+    maps each stage file to the sha256 it had when the graph was built from it.
+    """
+
+    file: str
+    inputs: tuple[str, ...]
+    thresholds: str
+    policies: tuple[str, ...]
+    outputs: Mapping[str, str]
+    sources: Mapping[str, str]
+
+
 @dataclass(frozen=True)
 class Package:
     """A verified exit package on disk."""
@@ -103,6 +123,7 @@ class Package:
     manifest: Mapping[str, Any] = field(repr=False)
     calibration: Mapping[str, Any] | None = None
     quantization: Mapping[str, Any] | None = None
+    compiled: CompiledSpec | None = None
 
     def file_path(self, name: str) -> Path:
         return self.root / name
@@ -300,7 +321,9 @@ def parse_manifest(manifest: Mapping[str, Any], root: Path) -> Package:
 
     files = _field(manifest, "files", "manifest")
     _schema(isinstance(files, Mapping), "files", "an object", files)
-    referenced = [s.file for s in stages] + ([full_spec.file] if full_spec else [])
+    compiled = _parse_compiled(manifest.get("compiled"), version, inputs, stages, files)
+    referenced = [s.file for s in stages] + ([full_spec.file] if full_spec else []) + \
+        ([compiled.file] if compiled else [])
     for ref in referenced:
         check_file_name(ref, root)
         if ref not in files:
@@ -325,7 +348,44 @@ def parse_manifest(manifest: Mapping[str, Any], root: Path) -> Package:
         root=root, format_version=version, kind=kind, name=name, inputs=tuple(inputs),
         labels=labels, stages=tuple(stages), full_model=full_spec, files=dict(files),
         producer=dict(producer), manifest=manifest, calibration=calibration, quantization=quantization,
+        compiled=compiled,
     )
+
+
+def _parse_compiled(raw: Any, version: int, inputs: list[InputSpec], stages: list[StageSpec],
+                    files: Mapping[str, Any]) -> CompiledSpec | None:
+    if raw is None:
+        return None
+    _schema(version >= 3, "compiled", f"absent in a version-{version} package (it is a version-3 field)", raw)
+    _schema(isinstance(raw, Mapping), "compiled", "an object", raw)
+    file = _field(raw, "file", "compiled")
+    _schema(isinstance(file, str), "compiled.file", "a string", file)
+    names = _str_list(_field(raw, "inputs", "compiled"), "compiled.inputs")
+    _schema(sorted(names) == sorted(i.name for i in inputs), "compiled.inputs",
+            f"the model input names {[i.name for i in inputs]}", list(names))
+    thresholds = _field(raw, "thresholds", "compiled")
+    _schema(isinstance(thresholds, str) and thresholds not in names, "compiled.thresholds",
+            "the name of the thresholds input (a string, not a model input name)", thresholds)
+    policies = _str_list(_field(raw, "policies", "compiled"), "compiled.policies")
+    num_exits = sum(1 for s in stages if s.exit is not None)
+    _schema(len(policies) == num_exits, "compiled.policies", f"one policy per exit ({num_exits})", list(policies))
+    for p in policies:
+        get_policy(p)
+    outputs = _field(raw, "outputs", "compiled")
+    _schema(isinstance(outputs, Mapping) and sorted(outputs) == sorted(COMPILED_OUTPUTS)
+            and all(isinstance(v, str) for v in outputs.values()), "compiled.outputs",
+            f"an object naming the graph outputs {list(COMPILED_OUTPUTS)}", outputs)
+    sources = _field(raw, "sources", "compiled")
+    _schema(isinstance(sources, Mapping) and sorted(sources) == sorted(s.file for s in stages),
+            "compiled.sources", "the sha256 of every stage file the graph was built from", sources)
+    stale = [name for name, digest in sources.items()
+             if not isinstance(files.get(name), Mapping) or files[name].get("sha256") != digest]
+    if stale:
+        raise ManifestSchemaError(
+            f"the compiled graph {file!r} was built from other versions of {stale} than the package holds; it "
+            "would not agree with the stage graphs. Rebuild it with `edgeexit compile PACKAGE`."
+        )
+    return CompiledSpec(file, names, thresholds, policies, dict(outputs), dict(sources))
 
 
 def _check_stage_wiring(stages: list[StageSpec], inputs: list[InputSpec]) -> None:

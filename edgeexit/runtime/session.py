@@ -20,6 +20,7 @@ from ..devices.providers import ProviderSpec, check_session_providers, resolve_p
 from ..errors import GraphMismatchError, InputError, SessionError
 from ..package import Package, StageSpec, load_package
 from ..policies import ExitPolicy, check_thresholds, get_policy
+from ._engines import ENGINES, CompiledGraph, EngineTiming, time_interleaved
 from ._inputs import InputChecker
 from ._measure import Measurement
 from ._stage import Stage, binding_device, take
@@ -40,6 +41,8 @@ class ExitResult:
             did not run).
         nonfinite_scores: how many scores were NaN/Inf (they never trigger an exit).
         total_ms: wall time of the whole call in ms.
+        engine: ``"stages"`` (the stage loop) or ``"compiled"`` (the package's compiled
+            graph, one onnxruntime call: ``stage_ms`` is then empty).
     """
 
     predictions: np.ndarray
@@ -49,6 +52,7 @@ class ExitResult:
     stage_ms: tuple[float, ...]
     nonfinite_scores: int
     total_ms: float
+    engine: str = "stages"
 
     def exit_counts(self, num_exits: int) -> np.ndarray:
         """Number of samples that left at each exit."""
@@ -59,6 +63,8 @@ class ExitResult:
 class _Plan:
     policies: tuple[ExitPolicy, ...]   # one per exit
     thresholds: tuple[float, ...]      # one per early exit
+    compiled: bool = False             # the compiled graph has these policies
+    threshold_array: np.ndarray | None = None   # float64, the compiled graph's input
 
 
 class ExitSession:
@@ -79,6 +85,10 @@ class ExitSession:
         verify_hashes: check every file's sha256 when loading.
         io_binding: keep carries in device memory between stages (onnxruntime IOBinding);
             default: on for CUDA/TensorRT, off for the CPU (where plain runs are faster).
+        engine: ``"auto"`` (the package's compiled graph when it has one and the call's
+            policies are compiled in, else the stage loop; ``tune_engines`` refines the
+            choice per batch-size regime), ``"compiled"`` or ``"stages"``.  Results are
+            identical either way; see ``edgeexit.runtime._engines`` for the rule.
 
     Example:
         >>> sess = ExitSession("lenet.eexit")                    # doctest: +SKIP
@@ -99,7 +109,10 @@ class ExitSession:
         check_finite: bool = True,
         verify_hashes: bool = True,
         io_binding: bool | None = None,
+        engine: str = "auto",
     ) -> None:
+        if engine not in ENGINES:
+            raise InputError(f"engine={engine!r} is not one of {', '.join(ENGINES)}")
         self.package: Package = load_package(path, verify_hashes=verify_hashes)
         profile = get_profile(device) if isinstance(device, str) else device
         self.profile: DeviceProfile | None = profile
@@ -136,6 +149,17 @@ class ExitSession:
             _check_graph_names(session, spec)
             number = self.exit_stages.index(k) if spec.exit else None
             self._stages.append(Stage(spec, session, number, keep_after[k], device))
+        self._compiled: CompiledGraph | None = None
+        spec = self.package.compiled
+        if engine == "compiled" and spec is None:
+            raise SessionError(
+                f"{self.package.root} has no compiled graph; add one with `edgeexit compile {self.package.root}` "
+                "or use engine='auto'"
+            )
+        if spec is not None and engine != "stages":
+            self._compiled = CompiledGraph(spec, self._build(spec.file, "the compiled graph"))
+        # engine per regime: batch 1, batch > 1 ("auto": compiled when usable)
+        self.engine_choice = {"batch1": engine, "batch": engine}
         self._default_plan = self._make_plan(None, None)
         never = tuple(math.inf if p.direction == "higher" else -math.inf for p in self._default_plan.policies[:-1])
         self._no_exit_plan = _Plan(self._default_plan.policies, never)
@@ -168,7 +192,8 @@ class ExitSession:
                 )
             thresholds = [s.threshold for s in specs[:-1]]  # type: ignore[union-attr,misc]
         values = check_thresholds(policies[0], thresholds, self.num_exits - 1)  # type: ignore[arg-type]
-        return _Plan(policies, tuple(values))
+        compiled = self._compiled is not None and tuple(p.name for p in policies) == self._compiled.policies
+        return _Plan(policies, tuple(values), compiled, np.array(values, dtype=np.float64))
 
     # --- running ----------------------------------------------------------------
 
@@ -183,6 +208,7 @@ class ExitSession:
         thresholds: Sequence[float] | None = None,
         policy: str | None = None,
         early_exits: bool = True,
+        engine: str | None = None,
     ) -> ExitResult:
         """Run a batch; each sample stops at its first exit whose policy fires.
 
@@ -192,7 +218,9 @@ class ExitSession:
             thresholds: one per early exit, overriding the package's for this call.
             policy: a registered policy name overriding the package's (needs thresholds).
             early_exits: False runs every stage and answers from the last exit (the
-                package as a full model, for baselines).
+                package as a full model, for baselines; always the stage loop).
+            engine: ``"compiled"`` or ``"stages"`` for this call; default: the session's
+                choice for this batch size (see ``tune_engines``).
         """
         start = perf_counter_ns()
         feeds, n = self._checker.feeds(inputs)
@@ -202,10 +230,66 @@ class ExitSession:
             plan = self._default_plan
         else:
             plan = self._make_plan(thresholds, policy)
-        result = self._run_one(feeds, plan, start) if n == 1 else self._run_batch(feeds, n, plan, start)
+        use = engine or self.engine_choice["batch1" if n == 1 else "batch"]
+        if use != "stages" and early_exits and plan.compiled:
+            result = self._run_compiled(feeds, plan, start)
+        elif use == "compiled":
+            raise InputError(self._why_not_compiled(early_exits, plan))
+        elif n == 1:
+            result = self._run_one(feeds, plan, start)
+        else:
+            result = self._run_batch(feeds, n, plan, start)
         if self._measuring is not None:
             self._measuring.record(n, result.total_ms)
         return result
+
+    def _run_compiled(self, feeds: dict[str, np.ndarray], plan: _Plan, start: int) -> ExitResult:
+        assert self._compiled is not None and plan.threshold_array is not None
+        logits, exit_index, scores = self._compiled.run(feeds, plan.threshold_array)
+        return ExitResult(
+            predictions=logits.argmax(axis=1), logits=logits, exit_index=exit_index, scores=scores, stage_ms=(),
+            nonfinite_scores=int((~np.isfinite(scores)).sum()), total_ms=(perf_counter_ns() - start) / 1e6,
+            engine="compiled",
+        )
+
+    def _why_not_compiled(self, early_exits: bool, plan: _Plan) -> str:
+        if self._compiled is None:
+            return (f"engine='compiled' but {self.package.root} has no compiled graph (or the session was opened "
+                    f"with engine='stages'); add one with `edgeexit compile {self.package.root}`")
+        if not early_exits:
+            return "early_exits=False runs the stage loop (the full-model baseline); drop engine='compiled'"
+        return (f"the compiled graph decides with policies {list(self._compiled.policies)}, this call asks for "
+                f"{[p.name for p in plan.policies]}; drop engine='compiled' (the stage loop runs it) or recompile")
+
+    def tune_engines(self, inputs: np.ndarray | dict[str, np.ndarray], *, batch_size: int = 64,
+                     rounds: int = 200) -> list[EngineTiming]:
+        """Time both engines on ``inputs`` and use the faster one per batch-size regime from now on.
+
+        Both engines run interleaved (call by call) at batch 1 and at ``batch_size``, with
+        the session's current thresholds; the median decides.  Without a compiled graph
+        there is nothing to choose and the stage loop stays.  Repeatable at any time.
+
+        Returns:
+            One ``EngineTiming`` per regime (batch 1, then ``batch_size``).
+
+        Example:
+            >>> sess = ExitSession("lenet.eexit")                       # doctest: +SKIP
+            >>> [t.faster for t in sess.tune_engines(x_val)]            # doctest: +SKIP
+            ['compiled', 'compiled']
+        """
+        if self._compiled is None or not self._default_plan.compiled:
+            self.engine_choice = {"batch1": "stages", "batch": "stages"}
+            return []
+        feeds, n = self._checker.feeds(inputs)
+        timings = []
+        for regime, size in (("batch1", 1), ("batch", min(batch_size, n))):
+            chunk = {k: v[:size] for k, v in feeds.items()}
+            per_call = time_interleaved({e: (lambda e=e: self.run(chunk, engine=e)) for e in ("stages", "compiled")},
+                                        rounds if size == 1 else max(rounds // 10, 5))
+            timing = EngineTiming(size, per_call["stages"], per_call["compiled"])
+            self.engine_choice[regime] = timing.faster
+            timings.append(timing)
+        return timings
 
     def _run_batch(self, tensors: dict[str, np.ndarray], n: int, plan: _Plan, start: int) -> ExitResult:
         stage_ms = [0.0] * len(self._stages)

@@ -1,0 +1,503 @@
+"""Compiled exits: the whole early-exit model as one ONNX graph that decides its exits in-graph.
+
+The stage graphs of a package are spliced into one graph, each prefixed so names stay
+unique.  After each early exit the policy score is computed with ONNX ops in float64
+(as ``edgeexit.policies`` does in numpy), the rows that did not pass are gathered, and
+an ``If`` runs the rest of the model on those rows only; their results are scattered
+back in input order::
+
+    inputs, thresholds -> segment 0 -> logits0 -> score0 -> pass0 ?
+        If(any row left): gather the rows left -> segment 1 -> ... -> ScatterND back
+        else:             logits0, exit 0, score0
+
+A *segment* is the run of stages up to and including the next stage with an exit.  Each
+segment's nodes and weights live inside the branch that runs it (weights read from an
+outer scope make onnxruntime much slower there).  At batch 1 the same graph is a chain
+of ``If`` nodes: one ``session.run`` with no Python between stages.
+
+Graph inputs: the package's inputs plus ``thresholds`` (float64, one per early exit): a
+plain required input, so calibration never rewrites the graph.  Outputs: ``logits``
+(batch, classes), ``exit_index`` (int64, batch), ``score`` (float64, batch).  A NaN score
+compares false, so it never exits, as in the runtime.
+
+This module needs onnx and onnxruntime, never torch.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from .._atomic import write_bytes_atomically
+from ..errors import CompileError
+from ..package import (
+    COMPILED_OUTPUTS,
+    FORMAT_VERSION,
+    Package,
+    load_package,
+    read_manifest,
+    sha256_file,
+    write_package,
+)
+from ..policies import get_policy
+
+COMPILED_FILE = "compiled.onnx"
+THRESHOLDS_INPUT = "thresholds"
+IN_GRAPH_POLICIES = ("confidence", "entropy", "margin")
+MIN_OPSET = 13   # Softmax over one axis, ReduceSum with axes as an input
+_DTYPE = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "float64": TensorProto.DOUBLE,
+          "int64": TensorProto.INT64, "int32": TensorProto.INT32, "int8": TensorProto.INT8,
+          "uint8": TensorProto.UINT8, "bool": TensorProto.BOOL}
+_FLOAT_LOGITS = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE)
+# Multiplying p = 0 by this stays 0 where log p is -inf (a -inf logit); numpy's policy
+# skips such terms the same way.
+_LOWEST = float(np.finfo(np.float64).min)
+
+
+def compile_blocker(package: Package) -> str | None:
+    """Why ``package`` cannot be compiled with its current policies, or None when it can."""
+    if len(package.exit_stages) < 2:
+        return "it has no early exit (run full.onnx or the last stage instead)"
+    out_of_graph = sorted({p for p in package.policies if p not in IN_GRAPH_POLICIES})
+    if out_of_graph:
+        return (f"policy {', '.join(out_of_graph)} has no in-graph form (compiled policies: "
+                f"{', '.join(IN_GRAPH_POLICIES)}); the stage loop runs it")
+    return None
+
+
+# --- names and nodes ---------------------------------------------------------------
+
+
+class _Names:
+    """Unique value names across the whole compiled model (ONNX forbids shadowing in subgraphs)."""
+
+    def __init__(self, taken: Sequence[str]) -> None:
+        self._taken = set(taken)
+        self._count = 0
+
+    def new(self, hint: str) -> str:
+        self._count += 1
+        name = f"ee/{hint}_{self._count}"
+        while name in self._taken:
+            self._count += 1
+            name = f"ee/{hint}_{self._count}"
+        self._taken.add(name)
+        return name
+
+    def claim(self, names: Sequence[str]) -> None:
+        clash = self._taken.intersection(names)
+        if clash:
+            raise CompileError(f"value names {sorted(clash)[:5]} occur twice while splicing the stage graphs")
+        self._taken.update(names)
+
+
+@dataclass
+class _Scope:
+    """One graph body (the main graph or an ``If`` branch) being filled."""
+
+    names: _Names
+    opset: int
+    nodes: list[onnx.NodeProto] = field(default_factory=list)
+    initializers: list[onnx.TensorProto] = field(default_factory=list)
+    value_info: list[onnx.ValueInfoProto] = field(default_factory=list)
+
+    def op(self, op_type: str, inputs: Sequence[str], hint: str | None = None, outputs: int = 1,
+           **attrs: Any) -> list[str]:
+        outs = [self.names.new(hint or op_type.lower()) for _ in range(outputs)]
+        self.nodes.append(helper.make_node(op_type, list(inputs), outs, name=outs[0], **attrs))
+        return outs
+
+    def one(self, op_type: str, inputs: Sequence[str], hint: str | None = None, **attrs: Any) -> str:
+        return self.op(op_type, inputs, hint, **attrs)[0]
+
+    def const(self, value: np.ndarray, hint: str) -> str:
+        name = self.names.new(hint)
+        self.initializers.append(numpy_helper.from_array(np.asarray(value), name))
+        return name
+
+    def reduce(self, op_type: str, x: str, hint: str) -> str:
+        """Reduce over axis 1, dropping it (axes as attribute or input, by opset)."""
+        takes_input = self.opset >= (13 if op_type == "ReduceSum" else 18)
+        if takes_input:
+            return self.one(op_type, [x, self.const(np.array([1], np.int64), "axis1")], hint, keepdims=0)
+        return self.one(op_type, [x], hint, axes=[1], keepdims=0)
+
+    def graph(self, name: str, outputs: Sequence[onnx.ValueInfoProto]) -> onnx.GraphProto:
+        return helper.make_graph(self.nodes, name, [], list(outputs), initializer=self.initializers,
+                                 value_info=self.value_info)
+
+
+# --- splicing stage graphs -------------------------------------------------------
+
+
+def _rename_graph(graph: onnx.GraphProto, rename: Callable[[str], str]) -> None:
+    for vi in [*graph.input, *graph.output, *graph.value_info]:
+        vi.name = rename(vi.name)
+    for init in graph.initializer:
+        init.name = rename(init.name)
+    for sparse in graph.sparse_initializer:
+        sparse.values.name = rename(sparse.values.name)
+        sparse.indices.name = rename(sparse.indices.name)
+    for node in graph.node:
+        _rename_node(node, rename)
+
+
+def _rename_node(node: onnx.NodeProto, rename: Callable[[str], str]) -> None:
+    node.input[:] = [rename(n) if n else n for n in node.input]
+    node.output[:] = [rename(n) if n else n for n in node.output]
+    if node.name:
+        node.name = rename(node.name)
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.GRAPH:
+            _rename_graph(attr.g, rename)
+        elif attr.type == onnx.AttributeProto.GRAPHS:
+            for g in attr.graphs:
+                _rename_graph(g, rename)
+
+
+def _splice(scope: _Scope, model: onnx.ModelProto, prefix: str, feeds: Mapping[str, str]) -> dict[str, str]:
+    """Add a stage graph's nodes and weights to ``scope``, reading ``feeds`` for its inputs.
+
+    Returns the scope name of each of the stage graph's outputs.
+    """
+    graph = copy.deepcopy(model.graph)
+    inputs = {vi.name for vi in graph.input}
+
+    def rename(name: str) -> str:
+        return feeds[name] if name in inputs else prefix + name
+
+    defined = [prefix + i.name for i in graph.initializer] + [
+        prefix + o for n in graph.node for o in n.output if o]
+    scope.names.claim(defined)
+    outputs = [o.name for o in graph.output]
+    _rename_graph(graph, rename)
+    scope.nodes.extend(graph.node)
+    scope.initializers.extend(graph.initializer)
+    scope.value_info.extend(vi for vi in graph.value_info)
+    if graph.sparse_initializer:
+        raise CompileError(f"stage graph {prefix.rstrip('/')} has sparse initializers, which the compiler "
+                           "does not splice; export it with dense weights")
+    return {o: rename(o) for o in outputs}
+
+
+# --- policy scores and decisions ----------------------------------------------------
+
+
+def _score(scope: _Scope, logits: str, policy: str, classes: int | None) -> str:
+    """float64 score per row, as ``edgeexit.policies`` computes it."""
+    z = scope.one("Cast", [logits], "z64", to=TensorProto.DOUBLE)
+    p = scope.one("Softmax", [z], "p", axis=1)
+    if policy == "confidence":
+        return scope.reduce("ReduceMax", p, "confidence")
+    if policy == "entropy":
+        log_p = scope.one("LogSoftmax", [z], "log_p", axis=1)
+        safe = scope.one("Max", [log_p, scope.const(np.array(_LOWEST), "lowest")], "log_p_safe")
+        plogp = scope.one("Mul", [p, safe], "plogp")
+        return scope.one("Neg", [scope.reduce("ReduceSum", plogp, "neg_entropy")], "entropy")
+    if policy == "margin":
+        if classes is not None and classes < 2:
+            raise CompileError("policy 'margin' needs at least 2 classes; the logits have 1")
+        top = scope.op("TopK", [p, scope.const(np.array([2], np.int64), "k2")], "top2", outputs=2, axis=1)[0]
+        diff = scope.one("Mul", [top, scope.const(np.array([1.0, -1.0]), "plus_minus")], "top2_signed")
+        return scope.reduce("ReduceSum", diff, "margin")
+    raise CompileError(f"policy {policy!r} has no in-graph form; compiled policies: {', '.join(IN_GRAPH_POLICIES)}")
+
+
+def _passes(scope: _Scope, score: str, policy: str, exit_number: int) -> str:
+    """Boolean per row: the score passes this exit's threshold (a NaN score never does)."""
+    index = scope.const(np.array(exit_number, np.int64), f"exit{exit_number}_index")
+    threshold = scope.one("Gather", [THRESHOLDS_INPUT, index], f"threshold{exit_number}", axis=0)
+    op = "GreaterOrEqual" if get_policy(policy).direction == "higher" else "Less"
+    return scope.one(op, [score, threshold], f"pass{exit_number}")
+
+
+# --- the graph -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Segment:
+    stages: tuple[int, ...]   # stage indices, the last one with the exit
+    exit_number: int
+    keep_after: tuple[str, ...]   # tensors (model names) a later segment still reads
+
+
+def _segments(package: Package) -> list[_Segment]:
+    segments, current = [], []
+    exit_stages = package.exit_stages
+    available = {i.name for i in package.inputs}
+    for k, spec in enumerate(package.stages):
+        current.append(k)
+        available.update(spec.carry)
+        if spec.exit is not None:
+            later = set().union(*(s.inputs for s in package.stages[k + 1:]))
+            segments.append(_Segment(tuple(current), exit_stages.index(k), tuple(sorted(later & available))))
+            current = []
+    return segments
+
+
+@dataclass
+class _Compiler:
+    package: Package
+    models: list[onnx.ModelProto]
+    names: _Names
+    opset: int
+    logits_type: int
+    classes: int | None
+
+    def emit(self, scope: _Scope, segments: list[_Segment], tensors: dict[str, str]) -> tuple[str, str, str]:
+        """Nodes that run ``segments`` on the rows in ``tensors``; returns (logits, exit_index, score)."""
+        seg, rest = segments[0], segments[1:]
+        tensors = dict(tensors)
+        logits = ""
+        for k in seg.stages:
+            spec = self.package.stages[k]
+            outs = _splice(scope, self.models[k], f"s{k}/", {n: tensors[n] for n in spec.inputs})
+            tensors.update({c: outs[c] for c in spec.carry})
+            if spec.exit is not None:
+                logits = outs[spec.exit.logits]
+        policy = self.package.stages[seg.stages[-1]].exit.policy  # type: ignore[union-attr]
+        if self._elem_type(seg.stages[-1]) != self.logits_type:
+            logits = scope.one("Cast", [logits], f"logits{seg.exit_number}_cast", to=self.logits_type)
+        score = _score(scope, logits, policy, self.classes)
+        shape = scope.one("Shape", [score], "rows")
+        exit_index = scope.one("ConstantOfShape", [shape], f"exit{seg.exit_number}",
+                               value=numpy_helper.from_array(np.array([seg.exit_number], np.int64)))
+        if not rest:
+            return logits, exit_index, score
+
+        left = scope.one("Not", [_passes(scope, score, policy, seg.exit_number)], "left")
+        rows = scope.one("NonZero", [left], "rows_left")                      # (1, m)
+        count = scope.one("Size", [rows], "count_left")
+        any_left = scope.one("Greater", [count, scope.const(np.array(0, np.int64), "zero")], "any_left")
+
+        branch = _Scope(self.names, self.opset)
+        flat = branch.one("Reshape", [rows, branch.const(np.array([-1], np.int64), "flat")], "rows_flat")
+        column = branch.one("Transpose", [rows], "rows_column", perm=[1, 0])   # (m, 1) for ScatterND
+        kept = {n: branch.one("Gather", [tensors[n], flat], "kept", axis=0) for n in seg.keep_after}
+        sub_logits, sub_exit, sub_score = self.emit(branch, rest, kept)
+        merged = [branch.one("ScatterND", [full, column, part], f"merged_{what}")
+                  for what, full, part in (("logits", logits, sub_logits), ("exit", exit_index, sub_exit),
+                                           ("score", score, sub_score))]
+        done = _Scope(self.names, self.opset)
+        kept_as_is = [done.one("Identity", [v], "exited_all") for v in (logits, exit_index, score)]
+        outs = scope.op("If", [any_left], f"after_exit{seg.exit_number}", outputs=3,
+                        then_branch=branch.graph(f"rows_left_after_exit{seg.exit_number}", self._infos(merged)),
+                        else_branch=done.graph(f"none_left_after_exit{seg.exit_number}", self._infos(kept_as_is)))
+        return outs[0], outs[1], outs[2]
+
+    def _elem_type(self, k: int) -> int:
+        spec = self.package.stages[k]
+        assert spec.exit is not None
+        for out in self.models[k].graph.output:
+            if out.name == spec.exit.logits:
+                return int(out.type.tensor_type.elem_type)
+        raise CompileError(f"stage {spec.name!r} has no output {spec.exit.logits!r}")
+
+    def _infos(self, names: Sequence[str]) -> list[onnx.ValueInfoProto]:
+        types = (self.logits_type, TensorProto.INT64, TensorProto.DOUBLE)
+        return [helper.make_tensor_value_info(n, t, None) for n, t in zip(names, types)]
+
+
+def _opsets(models: Sequence[onnx.ModelProto]) -> tuple[list[onnx.OperatorSetIdProto], int]:
+    versions: dict[str, set[int]] = {}
+    for m in models:
+        for imp in m.opset_import:
+            versions.setdefault(imp.domain if imp.domain != "ai.onnx" else "", set()).add(imp.version)
+    default = versions.get("", set())
+    if len(default) > 1:
+        raise CompileError(f"the stage graphs use different ONNX opsets {sorted(default)}; re-export them with one")
+    opset = max(default, default=MIN_OPSET)
+    if opset < MIN_OPSET:
+        raise CompileError(f"the stage graphs use opset {opset}; compiling needs opset >= {MIN_OPSET}. Re-export.")
+    imports = [helper.make_opsetid(d, max(v)) for d, v in sorted(versions.items())]
+    if "" not in versions:
+        imports.insert(0, helper.make_opsetid("", opset))
+    return imports, opset
+
+
+def build_compiled_model(package: Package) -> onnx.ModelProto:
+    """The compiled graph of ``package`` (checked with ``onnx.checker``, full check).
+
+    Raises:
+        CompileError: a policy without an in-graph form, no early exit, mixed opsets, or
+            logits that are not a float (batch, classes) tensor.
+    """
+    blocker = compile_blocker(package)
+    if blocker:
+        raise CompileError(f"{package.root} cannot be compiled: {blocker}")
+    models = [onnx.load(str(package.file_path(s.file))) for s in package.stages]
+    imports, opset = _opsets(models)
+    first = package.stages[package.exit_stages[0]]
+    assert first.exit is not None
+    logits_info = next((o for o in models[package.exit_stages[0]].graph.output if o.name == first.exit.logits), None)
+    if logits_info is None:
+        raise CompileError(f"stage {first.name!r} has no output {first.exit.logits!r}")
+    ttype = logits_info.type.tensor_type
+    dims = ttype.shape.dim
+    if ttype.elem_type not in _FLOAT_LOGITS or len(dims) != 2:
+        raise CompileError(f"exit logits {first.exit.logits!r} must be a float tensor (batch, classes) to compile")
+    classes = dims[1].dim_value if dims[1].HasField("dim_value") else None
+
+    inputs = [helper.make_tensor_value_info(i.name, _DTYPE[i.dtype], list(i.shape)) for i in package.inputs]
+    num_early = len(package.exit_stages) - 1
+    inputs.append(helper.make_tensor_value_info(THRESHOLDS_INPUT, TensorProto.DOUBLE, [num_early]))
+    names = _Names([i.name for i in inputs])
+    main = _Scope(names, opset)
+    compiler = _Compiler(package, models, names, opset, int(ttype.elem_type), classes)
+    results = compiler.emit(main, _segments(package), {i.name: i.name for i in package.inputs})
+    shapes = (["batch", classes if classes else "classes"], ["batch"], ["batch"])
+    types = (int(ttype.elem_type), TensorProto.INT64, TensorProto.DOUBLE)
+    for public, inner in zip(COMPILED_OUTPUTS, results):
+        main.nodes.append(helper.make_node("Identity", [inner], [public], name=f"ee/output_{public}"))
+    outputs = [helper.make_tensor_value_info(n, t, s) for n, t, s in zip(COMPILED_OUTPUTS, types, shapes)]
+    graph = helper.make_graph(main.nodes, f"{package.name}_compiled", inputs, outputs,
+                              initializer=main.initializers, value_info=main.value_info)
+    functions = _functions(models)
+    model = helper.make_model(graph, opset_imports=imports, functions=functions,
+                              producer_name="edgeexit", doc_string=(
+                                  "Early-exit model compiled by edgeexit: feed the inputs and thresholds "
+                                  "(float64, one per early exit); outputs logits, exit_index, score."))
+    model.ir_version = max(m.ir_version for m in models)
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except Exception as exc:
+        raise CompileError(f"onnx.checker refused the compiled graph of {package.root}: {exc}") from exc
+    return model
+
+
+def _functions(models: Sequence[onnx.ModelProto]) -> list[onnx.FunctionProto]:
+    seen: dict[tuple[str, str, str], onnx.FunctionProto] = {}
+    for m in models:
+        for f in m.functions:
+            key = (f.domain, f.name, getattr(f, "overload", ""))
+            if key in seen and seen[key].SerializeToString() != f.SerializeToString():
+                raise CompileError(f"two stage graphs define different local functions named {f.domain}:{f.name}")
+            seen[key] = f
+    return list(seen.values())
+
+
+def bake_thresholds(model: onnx.ModelProto, thresholds: Sequence[float]) -> onnx.ModelProto:
+    """A copy of a compiled model whose ``thresholds`` are constants, not an input."""
+    baked = copy.deepcopy(model)
+    kept = [i for i in baked.graph.input if i.name != THRESHOLDS_INPUT]
+    if len(kept) == len(baked.graph.input):
+        raise CompileError("the model has no 'thresholds' input to bake")
+    del baked.graph.input[:]
+    baked.graph.input.extend(kept)
+    baked.graph.initializer.append(
+        numpy_helper.from_array(np.asarray(thresholds, dtype=np.float64), THRESHOLDS_INPUT))
+    return baked
+
+
+# --- packages ----------------------------------------------------------------------
+
+
+def compiled_entry(package: Package) -> dict[str, Any]:
+    """The manifest's ``compiled`` object for a graph built from ``package``'s stage files now."""
+    return {
+        "file": COMPILED_FILE,
+        "inputs": [i.name for i in package.inputs],
+        "thresholds": THRESHOLDS_INPUT,
+        "policies": list(package.policies),
+        "outputs": {name: name for name in COMPILED_OUTPUTS},
+        "sources": {s.file: sha256_file(package.file_path(s.file)) for s in package.stages},
+    }
+
+
+def compile_package(
+    path: str | os.PathLike[str],
+    *,
+    output: str | os.PathLike[str] | None = None,
+    bake: bool = False,
+    check_samples: int = 7,
+    log: Callable[[str], None] | None = print,
+) -> Path:
+    """Compile a package's stages into one graph: into the package, or to a standalone file.
+
+    Args:
+        path: the exit package.
+        output: write the compiled graph to this ``.onnx`` file instead of adding
+            ``compiled.onnx`` to the package (the package is then only read).
+        bake: with ``output``, store the package's thresholds as constants instead of a
+            ``thresholds`` input (a single-file model for apps that never change them).
+        check_samples: random samples on which the compiled graph must agree with the
+            stage loop before anything is written (0: skip the check).
+        log: where progress lines go (None: silent).
+
+    Returns:
+        The package path, or ``output``.
+
+    Example:
+        >>> compile_package("lenet.eexit")                                  # doctest: +SKIP
+        >>> compile_package("lenet.eexit", output="lenet.onnx", bake=True)  # doctest: +SKIP
+    """
+    say = log or (lambda _line: None)
+    package = load_package(path)
+    if bake and output is None:
+        raise CompileError("bake=True (--bake-thresholds) needs output=FILE.onnx: a package keeps its thresholds "
+                           "in the manifest only, so calibration never rewrites the graph")
+    model = build_compiled_model(package)
+    data = model.SerializeToString()
+    if check_samples:
+        check_against_stage_loop(package, data, check_samples)
+    if output is not None:
+        if bake:
+            data = bake_thresholds(model, package.thresholds).SerializeToString()
+        write_bytes_atomically(output, data)
+        say(f"wrote {output} ({len(data):,} bytes; thresholds "
+            f"{'baked in: ' + str(package.thresholds) if bake else 'as the input ' + repr(THRESHOLDS_INPUT)})")
+        return Path(output)
+    with tempfile.TemporaryDirectory(prefix="edgeexit-compile-") as tmp:
+        graph_path = Path(tmp) / COMPILED_FILE
+        graph_path.write_bytes(data)
+        _, manifest = read_manifest(package.root)
+        files = {name: package.file_path(name) for name in manifest.pop("files") if name != COMPILED_FILE}
+        files[COMPILED_FILE] = graph_path
+        manifest["format_version"] = max(int(manifest["format_version"]), FORMAT_VERSION)
+        manifest["compiled"] = compiled_entry(package)
+        write_package(package.root, manifest, files)
+    sizes = sum(package.files[s.file]["size"] for s in package.stages)
+    say(f"compiled {len(package.stages)} stage graph(s) ({sizes:,} bytes) into {package.root / COMPILED_FILE} "
+        f"({len(data):,} bytes), policies {package.policies}")
+    return package.root
+
+
+def check_against_stage_loop(package: Package, compiled: bytes, samples: int, seed: int = 0) -> None:
+    """Run the compiled graph and the stage loop on random inputs; raise if they disagree.
+
+    Thresholds are the package's, then "never exit" and "always exit", so every branch runs.
+    """
+    import onnxruntime as ort
+
+    from ..runtime import ExitSession
+
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for spec in package.inputs:
+        shape = [samples] + [d if isinstance(d, int) else 1 for d in spec.shape[1:]]
+        if spec.dtype == "bool":
+            feeds[spec.name] = rng.integers(0, 2, shape).astype(bool)
+        elif spec.dtype.startswith(("int", "uint")):
+            feeds[spec.name] = rng.integers(0, 2, shape).astype(spec.dtype)
+        else:
+            feeds[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
+    stages = ExitSession(package.root, engine="stages")
+    graph = ort.InferenceSession(compiled, providers=["CPUExecutionProvider"])
+    never = [1e300 if get_policy(p).direction == "higher" else -1e300 for p in package.policies[:-1]]
+    for thresholds in (package.thresholds, never, [-t for t in never]):
+        want = stages.run(feeds, thresholds=thresholds)
+        logits, exit_index, _ = graph.run(None, {**feeds, THRESHOLDS_INPUT: np.asarray(thresholds, np.float64)})
+        if not np.array_equal(exit_index, want.exit_index) or not np.allclose(logits, want.logits, atol=1e-5):
+            raise CompileError(
+                f"the compiled graph disagrees with the stage loop at thresholds {thresholds}: exits "
+                f"{exit_index.tolist()} vs {want.exit_index.tolist()}; this is a bug in the compiler, please report it"
+            )

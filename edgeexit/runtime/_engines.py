@@ -1,0 +1,76 @@
+"""The compiled engine (one graph that decides exits in-graph) and the rule that picks an engine.
+
+``ExitSession`` has two engines with identical results: the *stage loop* (one onnxruntime
+session per stage, Python deciding between stages) and, when the package holds
+``compiled.onnx``, the *compiled graph* (one ``session.run`` per call).  The rule:
+
+- ``engine="stages"`` or ``"compiled"`` (per session or per call) forces one;
+- ``engine="auto"`` (the default) takes the compiled graph whenever the package has one
+  and the call's policies are the ones compiled into it; otherwise the stage loop;
+- ``ExitSession.tune_engines(inputs)`` times both engines, interleaved, at batch 1 and at
+  one larger batch on the caller's data, and from then on ``auto`` uses the faster one in
+  each regime (batch 1, batch > 1).  It can be repeated at any time, e.g. on the device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from time import perf_counter_ns
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from ..errors import SessionError
+from ..package import COMPILED_OUTPUTS, CompiledSpec
+
+ENGINES = ("auto", "compiled", "stages")
+
+
+class CompiledGraph:
+    """The package's compiled graph in one onnxruntime session."""
+
+    def __init__(self, spec: CompiledSpec, session: ort.InferenceSession) -> None:
+        self.spec = spec
+        self.session = session
+        self.policies = spec.policies
+        self.outputs = [spec.outputs[name] for name in COMPILED_OUTPUTS]
+        self.inputs = spec.inputs
+        self.thresholds = spec.thresholds
+
+    def run(self, feeds: dict[str, np.ndarray], thresholds: np.ndarray) -> list[np.ndarray]:
+        """(logits, exit_index, score) for the batch in ``feeds``."""
+        run_feeds = {name: feeds[name] for name in self.inputs}
+        run_feeds[self.thresholds] = thresholds
+        try:
+            return self.session.run(self.outputs, run_feeds)  # type: ignore[no-any-return]
+        except Exception as exc:  # onnxruntime raises bare RuntimeError/Fail subclasses
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise SessionError(f"the compiled graph {self.spec.file} failed to run: {first}") from None
+
+
+@dataclass(frozen=True)
+class EngineTiming:
+    """Median ms per call of each engine in one regime, measured interleaved."""
+
+    batch_size: int
+    stages_ms: float
+    compiled_ms: float
+
+    @property
+    def faster(self) -> str:
+        return "compiled" if self.compiled_ms <= self.stages_ms else "stages"
+
+
+def time_interleaved(calls: dict[str, Callable[[], Any]], rounds: int) -> dict[str, float]:
+    """Median ms per call of each callable, calling them in turn ``rounds`` times."""
+    times: dict[str, list[int]] = {name: [] for name in calls}
+    for name, call in calls.items():   # warm-up
+        call()
+    for _ in range(rounds):
+        for name, call in calls.items():
+            t0 = perf_counter_ns()
+            call()
+            times[name].append(perf_counter_ns() - t0)
+    return {name: float(np.median(t)) / 1e6 for name, t in times.items()}
