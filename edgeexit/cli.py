@@ -75,13 +75,15 @@ def _load_user_model(spec: str) -> tuple[Any, dict[str, Any], list[str] | None]:
 @click.option("--full-model/--no-full-model", default=True, show_default=True,
               help="Also write full.onnx (the model without early exits) as a baseline.")
 @click.option("--dynamo/--no-dynamo", default=False, show_default=True, help="torch.onnx.export's exporter.")
+@click.option("--compile/--no-compile", "compile_graph", default=True, show_default=True,
+              help="Also write compiled.onnx (one graph deciding the exits in-graph) when every policy allows it.")
 @click.option("--quantize", type=click.Choice(["int8"]), help="Quantize the stage graphs (needs --data).")
 @click.option("--data", "cal_data", type=click.Path(path_type=Path),
               help="Calibration data for --quantize (.npz of the inputs; with 'labels' thresholds are recalibrated).")
 @click.option("--force", is_flag=True, help="Replace an existing package at --output.")
 def export(model: str, output: Path, policy: str, thresholds: tuple[float, ...], weights: Path | None,
-           train: bool, epochs: int, seed: int, full_model: bool, dynamo: bool, quantize: str | None,
-           cal_data: Path | None, force: bool) -> None:
+           train: bool, epochs: int, seed: int, full_model: bool, dynamo: bool, compile_graph: bool,
+           quantize: str | None, cal_data: Path | None, force: bool) -> None:
     """Export MODEL (a zoo name: blenet, bresnet, cbnet; or module.path:factory) as an exit package.
 
     For cbnet, --no-full-model exports the paper's CBNet (converter + light classifier only)
@@ -99,7 +101,7 @@ def export(model: str, output: Path, policy: str, thresholds: tuple[float, ...],
     if model == "cbnet":
         if quantize is not None:
             raise click.UsageError("--quantize is not supported for cbnet yet; run `edgeexit quantize` afterwards")
-        _export_cbnet(output, weights, train, epochs, seed, full_model, thresholds, dynamo)
+        _export_cbnet(output, weights, train, epochs, seed, full_model, thresholds, dynamo, compile_graph)
         return
     if ":" in model:
         net, example, labels = _load_user_model(model)
@@ -137,7 +139,8 @@ def export(model: str, output: Path, policy: str, thresholds: tuple[float, ...],
     def write(path: Path) -> None:
         export_package(net, example, path, policy=policy, thresholds=list(thresholds), labels=labels,
                        name=model.split(":")[-1], include_full_model=full_model, dynamo=dynamo,
-                       preprocessing=preprocessing, seed=seed, log=click.echo)
+                       preprocessing=preprocessing, seed=seed, compile=None if compile_graph else False,
+                       log=click.echo)
 
     if quantize is None or cal_data is None:
         write(output)
@@ -151,7 +154,7 @@ def export(model: str, output: Path, policy: str, thresholds: tuple[float, ...],
 
 
 def _export_cbnet(output: Path, weights: Path | None, train: bool, epochs: int, seed: int, fallback: bool,
-                  thresholds: tuple[float, ...], dynamo: bool) -> None:
+                  thresholds: tuple[float, ...], dynamo: bool, compile_graph: bool) -> None:
     from .zoo.cbnet import CBNetBuild, build_cbnet, export_cbnet
 
     if weights is not None:
@@ -163,7 +166,7 @@ def _export_cbnet(output: Path, weights: Path | None, train: bool, epochs: int, 
     if len(thresholds) > 1:
         raise click.UsageError("cbnet has one early exit (the light classifier): pass at most one --threshold")
     export_cbnet(build, output, fallback=fallback, threshold=thresholds[0] if thresholds else None, dynamo=dynamo,
-                 log=click.echo)
+                 compile=None if compile_graph else False, log=click.echo)
 
 
 def _quantize(src: Path, dst: Path, data_file: Path, force: bool, **options: Any) -> None:
@@ -198,6 +201,25 @@ def quantize(package: Path, output: Path, data_file: Path, mode: str, activation
               per_channel=per_channel, max_calibration_samples=max_calibration_samples, max_drop=max_drop / 100)
 
 
+@cli.command("compile")
+@click.argument("package", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the compiled graph to this .onnx file instead of adding compiled.onnx to the package.")
+@click.option("--bake-thresholds", is_flag=True,
+              help="With -o: store the package's thresholds as constants instead of a 'thresholds' input.")
+def compile_command(package: Path, output: Path | None, bake_thresholds: bool) -> None:
+    """Compile PACKAGE into one ONNX graph that decides its exits in-graph (any onnxruntime binding).
+
+    Inputs: the package's inputs plus 'thresholds' (float64, one per early exit; the
+    values are in the manifest). Outputs: logits, exit_index (int64), score (float64).
+    """
+    from .export.compile import compile_package
+
+    if bake_thresholds and output is None:
+        raise click.UsageError("--bake-thresholds writes a standalone graph: pass -o FILE.onnx with it")
+    compile_package(package, output=output, bake=bake_thresholds, log=click.echo)
+
+
 # --- run ----------------------------------------------------------------------------
 
 
@@ -209,15 +231,17 @@ def quantize(package: Path, output: Path, data_file: Path, mode: str, activation
 @click.option("--policy", default=None, help="Override the package's exit policy (with --threshold).")
 @click.option("--batch-size", default=256, show_default=True, type=click.IntRange(min=1))
 @click.option("--show", default=10, show_default=True, help="Print this many per-sample lines.")
+@click.option("--engine", type=click.Choice(["auto", "compiled", "stages"]), default="auto", show_default=True,
+              help="auto: the compiled graph when the package has one and the policy is compiled in.")
 def run(package: Path, input_file: Path, output: Path | None, thresholds: tuple[float, ...], policy: str | None,
-        batch_size: int, show: int) -> None:
+        batch_size: int, show: int, engine: str) -> None:
     """Run PACKAGE on INPUT (.npy, or .npz with arrays named after the inputs and optional labels)."""
     import numpy as np
 
     from .datafiles import load_input_file, save_results_atomic
     from .runtime import ExitSession
 
-    session = ExitSession(package)
+    session = ExitSession(package, engine=engine)
     inputs, labels = load_input_file(input_file, session.input_names)
     n = next(iter(inputs.values())).shape[0]
     parts = []
@@ -298,6 +322,13 @@ def inspect(package: Path, as_json: bool) -> None:
                    f"{last.get('created')} on {last.get('device')}: {last['objective']['kind']} "
                    f"{last['objective']['value']}, accuracy {last['validation_accuracy']:.2%} on "
                    f"{last['samples']} samples, expected {last['expected_cost']:.4g} {last['cost_unit']}")
+    if pkg.compiled:
+        meta = pkg.files[pkg.compiled.file]
+        click.echo(f"compiled graph: {pkg.compiled.file}, policies {', '.join(pkg.compiled.policies)}, "
+                   f"input {pkg.compiled.thresholds!r} (float64, {len(pkg.thresholds)}), {meta['size']} bytes  "
+                   f"{meta['sha256'][:12]}" + ("" if list(pkg.compiled.policies) == pkg.policies else
+                                               f"; STALE: the exits now use {pkg.policies}, so ExitSession runs "
+                                               "the stage loop (edgeexit compile PACKAGE)"))
     if pkg.full_model:
         meta = pkg.files[pkg.full_model.file]
         click.echo(f"full model: {pkg.full_model.file}, {pkg.full_model.cost.get('params', 0)} params, "

@@ -24,9 +24,10 @@ from torch import nn
 
 from .. import __version__
 from ..errors import ExportError, ExportValidationError, ModelSpecError
-from ..package import DTYPES, FORMAT_NAME, FORMAT_VERSION, Package, load_package, write_package
+from ..package import DTYPES, FORMAT_NAME, FORMAT_VERSION, Package, load_package, read_manifest, write_package
 from ..policies import check_thresholds, get_policy
 from ._costs import FlopCounter, count_parameters
+from .compile import compile_blocker, compile_package
 from .model import EarlyExitModel, as_tuple
 
 DEFAULT_OPSET = 18
@@ -194,6 +195,23 @@ def _validate(
         )
 
 
+def _compiled_in(folder: Path, manifest: dict[str, Any], files: dict[str, Path], *, required: bool,
+                 say: Callable[[str], None]) -> tuple[dict[str, Any], dict[str, Path]]:
+    """The manifest and files with ``compiled.onnx`` added, built in a staging package."""
+    staging = write_package(folder / "staging.eexit", manifest, files)
+    blocker = compile_blocker(load_package(staging))
+    if blocker is not None:
+        if required:
+            from ..errors import CompileError
+
+            raise CompileError(f"cannot compile this model: {blocker}")
+        say(f"not compiled: {blocker}")
+        return manifest, files
+    compile_package(staging, log=say)
+    _, compiled = read_manifest(staging)
+    return compiled, {name: staging / name for name in compiled.pop("files")}
+
+
 def export_package(
     model: EarlyExitModel,
     example_inputs: Mapping[str, torch.Tensor],
@@ -210,6 +228,7 @@ def export_package(
     rtol: float = 1e-4,
     preprocessing: Mapping[str, Any] | None = None,
     seed: int = 0,
+    compile: bool | None = None,
     log: Callable[[str], None] | None = print,
 ) -> Package:
     """Export ``model`` as an exit package at ``path`` and return the loaded package.
@@ -227,6 +246,10 @@ def export_package(
         dynamo: passed to ``torch.onnx.export``; the TorchScript exporter (False) is the
             default because it is fast and exact for these models.
         atol, rtol: validation tolerance per output: ``atol + rtol * max|torch|``.
+        compile: add ``compiled.onnx`` (the whole model as one graph deciding its exits
+            in-graph; see ``edgeexit.export.compile``).  None (default): when every exit
+            policy has an in-graph form; True: always (a ``CompileError`` if it cannot);
+            False: never.
         log: where the validation lines go (None: silent).
 
     Example:
@@ -243,7 +266,7 @@ def export_package(
     model.eval()
     try:
         return _export(model, examples, path, pol.name, values, labels, name, include_full_model, opset, dynamo,
-                       atol, rtol, preprocessing, seed, say)
+                       atol, rtol, preprocessing, seed, compile, say)
     finally:
         model.train(was_training)
 
@@ -252,7 +275,7 @@ def _export(
     model: EarlyExitModel, examples: dict[str, torch.Tensor], path: str | os.PathLike[str], policy: str,
     values: list[float], labels: Sequence[str] | None, name: str | None, include_full_model: bool, opset: int,
     dynamo: bool, atol: float, rtol: float, preprocessing: Mapping[str, Any] | None, seed: int,
-    say: Callable[[str], None],
+    compile: bool | None, say: Callable[[str], None],
 ) -> Package:
 
     input_names = list(examples)
@@ -355,6 +378,9 @@ def _export(
         paths = [_export_graph(g, folder, opset, dynamo) for g in graphs]
         say(f"validating onnxruntime against torch on batches {VALIDATION_BATCHES}:")
         _validate(graphs, paths, validation_args, atol, rtol, say)
-        write_package(path, manifest, {g.file: p for g, p in zip(graphs, paths)})
+        files = {g.file: p for g, p in zip(graphs, paths)}
+        if compile is not False:
+            manifest, files = _compiled_in(folder, manifest, files, required=bool(compile), say=say)
+        write_package(path, manifest, files)
     say(f"wrote {path}")
     return load_package(path)

@@ -286,6 +286,7 @@ def _int8_manifest(package: Package, say: Callable[[str], None]) -> dict[str, An
     """The source manifest without what described the fp32 graphs only (files, timings, calibrations)."""
     manifest = copy.deepcopy(dict(package.manifest))
     manifest.pop("files", None)
+    manifest.pop("compiled", None)  # built from the fp32 stages; recompiled from the int8 ones
     manifest["format_version"] = FORMAT_VERSION  # the `quantization` record is a version-2 field
     stale = []
     for where, cost in [(s.get("name"), s.get("cost")) for s in manifest["stages"]] + [
@@ -406,16 +407,19 @@ def quantize_package(
             "source_sha256": {job.file: package.files[job.file]["sha256"] for job in jobs},
             "thresholds": {"status": "copied_from_fp32", "values": package.thresholds},
         }
+        staging = write_package(folder / "staging.eexit", manifest, files)
         if labelled is None:
             say(f"thresholds {package.thresholds} were copied from the fp32 package; quantization shifts exit "
                 f"scores, so recalibrate them: recalibrate_shared_threshold({str(dst_path)!r}, x_cal, y_cal)")
-            write_package(dst_path, manifest, files, overwrite=overwrite)
         else:
-            staging = write_package(folder / "staging.eexit", manifest, files)
             recalibrate_shared_threshold(staging, *labelled, max_drop=max_drop, log=say)
-            _, final = read_manifest(staging)
-            final.pop("files", None)
-            write_package(dst_path, final, {name: staging / name for name in files}, overwrite=overwrite)
+        if package.compiled is not None:
+            from .compile import compile_package
+
+            say("recompiling compiled.onnx from the int8 stage graphs")
+            compile_package(staging, log=say)
+        _, final = read_manifest(staging)
+        write_package(dst_path, final, {name: staging / name for name in final.pop("files")}, overwrite=overwrite)
     say(f"wrote {dst_path}")
     return load_package(dst_path)
 

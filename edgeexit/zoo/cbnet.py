@@ -407,6 +407,7 @@ def export_cbnet(
     calibration: Split | None = None,
     name: str | None = None,
     dynamo: bool = False,
+    compile: bool | None = None,
     log: Callable[[str], None] | None = print,
 ) -> CBNetExport:
     """Export CBNet as a pipeline package (with ``fallback``) or as the paper's CBNet (without).
@@ -432,7 +433,8 @@ def export_cbnet(
     preprocessing = MNIST_PREPROCESSING if build.dataset == "mnist5k" else DIGITS_PREPROCESSING
     export_package(model, example, path, policy="entropy", thresholds=[0.0] if fallback else [],
                    labels=[str(i) for i in range(10)], name=name or ("cbnet" if fallback else "cbnet-light"),
-                   include_full_model=fallback, preprocessing=preprocessing, seed=build.seed, dynamo=dynamo, log=log)
+                   include_full_model=fallback, preprocessing=preprocessing, seed=build.seed, dynamo=dynamo,
+                   compile=compile, log=log)
     cal_info = None
     if fallback and threshold is None:
         cal = calibration or build.splits.calibration
