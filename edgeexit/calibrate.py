@@ -341,7 +341,7 @@ def apply_calibration(path, result: CalibrationResult, device: str | None = None
     the ``calibration`` history so ``revert_calibration`` can restore them."""
     from datetime import datetime, timezone
 
-    from .package import FORMAT_VERSION, update_manifest
+    from .package import update_manifest
 
     def change(manifest: dict) -> None:  # type: ignore[type-arg]
         early = [s for s in manifest["stages"][:-1] if s.get("exit")]
@@ -363,7 +363,7 @@ def apply_calibration(path, result: CalibrationResult, device: str | None = None
         calibration = manifest.get("calibration") or {"history": []}
         calibration["history"].append(entry)
         manifest["calibration"] = calibration
-        manifest["format_version"] = FORMAT_VERSION
+        manifest["format_version"] = max(manifest["format_version"], 2)  # `calibration` is a version-2 field
 
     return update_manifest(path, change)
 

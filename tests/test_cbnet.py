@@ -259,7 +259,7 @@ def test_fallback_is_taken_exactly_when_the_light_exit_is_not_confident(build, e
     light_logits = _torch_light_logits(build, x)
     scores = _torch_entropy(light_logits)
     t = _gap_threshold(scores)
-    session = ExitSession(with_fb.package)
+    session = ExitSession(with_fb.package, engine="stages")   # stage_ms shows which stages ran
     result = session.run(x, thresholds=[t])
     fallback = scores >= t
     assert 0 < fallback.sum() < len(x), "both paths must be taken"

@@ -95,7 +95,7 @@ def test_inspect_lists_stages_exits_costs_and_hashes(package):
     result = CliRunner().invoke(cli, ["inspect", str(package)])
     assert result.exit_code == 0, result.output
     out = result.output
-    assert "format version 2" in out and "input x: float32 (batch, 1, 8, 8)" in out
+    assert "format version 3" in out and "input x: float32 (batch, 1, 8, 8)" in out
     for stage in ("stage0", "stage1", "stage2", "stage3"):
         assert stage in out
     assert "confidence" in out and "0.9" in out and "0.7" in out and "always" in out

@@ -126,8 +126,8 @@ def test_manifest_is_canonical_json(tmp_path):
     text = (pkg.root / "manifest.json").read_text()
     manifest = json.loads(text)
     assert text == json.dumps(manifest, indent=2, ensure_ascii=False) + "\n"
-    assert manifest["format"] == "edgeexit" and manifest["format_version"] == 2
-    assert set(manifest["files"]) == {"stage0.onnx", "stage1.onnx", "stage2.onnx", "stage3.onnx"}
+    assert manifest["format"] == "edgeexit" and manifest["format_version"] == 3
+    assert set(manifest["files"]) == {"stage0.onnx", "stage1.onnx", "stage2.onnx", "stage3.onnx", "compiled.onnx"}
 
 
 @pytest.mark.parametrize("training", [False, True])

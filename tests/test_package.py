@@ -7,6 +7,7 @@ Refusals must happen before onnxruntime builds any session: each refusal test re
 from __future__ import annotations
 
 import difflib
+import hashlib
 import json
 import os
 import shutil
@@ -42,7 +43,8 @@ from edgeexit.package import (
 from edgeexit.policies import list_policies
 from edgeexit.runtime import ExitSession
 
-GOLDEN = Path(__file__).parent / "golden" / "manifest_v2.json"
+GOLDEN = Path(__file__).parent / "golden" / "manifest_v3.json"
+GOLDEN_V2 = Path(__file__).parent / "golden" / "manifest_v2.json"
 GOLDEN_V1 = Path(__file__).parent / "golden" / "manifest_v1.json"
 REGENERATE_ENV = "EDGEEXIT_REGENERATE_GOLDEN"
 
@@ -314,7 +316,7 @@ REFUSALS: list[tuple[str, Callable[[Path], Path], type[Exception], list[str]]] =
     ("not-a-regular-file", _damage_not_regular, UnsafePathError,
      ["package entry 'stage1.onnx'", "is not a regular file"]),
     ("format-version-99", _damage_format_version, UnsupportedFormatError,
-     ["package format_version 99 is not supported", "reads version(s) [1, 2]", "Upgrade edgeexit"]),
+     ["package format_version 99 is not supported", "reads version(s) [1, 2, 3]", "Upgrade edgeexit"]),
     ("format-version-missing", _damage_format_version_missing, UnsupportedFormatError,
      ["format_version None is not supported"]),
     ("format-name", _damage_format_name, UnsupportedFormatError,
@@ -601,7 +603,12 @@ GOLDEN_FILES = {
     "stage0.onnx": b"fixed bytes standing in for the stage 0 graph\n",
     "stage1.onnx": b"fixed bytes standing in for the stage 1 graph\n",
     "full.onnx": b"fixed bytes standing in for the whole model\n",
+    "compiled.onnx": b"fixed bytes standing in for the compiled graph\n",
 }
+
+
+def _sha(name: str) -> str:
+    return hashlib.sha256(GOLDEN_FILES[name]).hexdigest()
 
 
 def golden_manifest() -> dict[str, Any]:
@@ -609,7 +616,7 @@ def golden_manifest() -> dict[str, Any]:
     # change of the format or of write_package can move the golden bytes.
     return {
         "format": "edgeexit",
-        "format_version": 2,
+        "format_version": 3,
         "kind": "classifier",
         "name": "GoldenNet",
         "inputs": [{"name": "x", "dtype": "float32", "shape": ["batch", 4]}],
@@ -643,11 +650,24 @@ def golden_manifest() -> dict[str, Any]:
             "cost_source": "measured", "stage_costs": [0.0125, 0.05],
         }]},
         "quantization": None,
+        "compiled": {
+            "file": "compiled.onnx", "inputs": ["x"], "thresholds": "thresholds",
+            "policies": ["entropy", "entropy"],
+            "outputs": {"logits": "logits", "exit_index": "exit_index", "score": "score"},
+            "sources": {"stage0.onnx": _sha("stage0.onnx"), "stage1.onnx": _sha("stage1.onnx")},
+        },
     }
 
 
-def test_format_version_is_two() -> None:
-    assert FORMAT_VERSION == 2
+def test_format_version_is_three() -> None:
+    assert FORMAT_VERSION == 3
+
+
+def test_version_2_golden_still_loads(tmp_path: Path) -> None:
+    manifest = json.loads(GOLDEN_V2.read_text(encoding="utf-8"))
+    package = parse_manifest(manifest, tmp_path)
+    assert package.format_version == 2 and package.compiled is None
+    assert package.calibration is not None and package.thresholds == [0.5]
 
 
 def test_version_1_golden_still_loads(tmp_path: Path) -> None:
@@ -691,6 +711,8 @@ def test_golden_manifest_parses(tmp_path: Path) -> None:
     assert package.labels == ("zéro", "one", "two")
     assert package.thresholds == [0.5]
     assert package.full_model is not None and package.full_model.file == "full.onnx"
+    assert package.compiled is not None and package.compiled.policies == ("entropy", "entropy")
+    assert package.compiled.sources["stage1.onnx"] == package.files["stage1.onnx"]["sha256"]
     assert package.calibration is not None and package.calibration["history"][0]["previous_thresholds"] == [0.25]
     assert sorted(package.files) == sorted(GOLDEN_FILES)
     assert "zéro".encode() in GOLDEN.read_bytes()

@@ -55,7 +55,7 @@ def test_pipeline_package_wiring_and_decisions_equal_torch(tmp_path):
     bound = ExitSession(pkg.root, io_binding=True).run(x)  # OrtValue carries, compacted on the host
     np.testing.assert_array_equal(bound.exit_index, ref[0])
     np.testing.assert_allclose(bound.logits, result.logits, rtol=1e-6, atol=1e-6)
-    light_only = sess.run(x, thresholds=[1e9])
+    light_only = sess.run(x, thresholds=[1e9], engine="stages")
     assert (light_only.exit_index == 0).all() and light_only.stage_ms[2:] == (0.0, 0.0)
 
 

@@ -106,7 +106,12 @@ def test_conv_package_is_static_qdq_and_close_to_fp32(packages, tmp_path):
                for s in quant["stages"])
     assert quant["calibration"]["samples"] == 300 and quant["weight_type"] == "int8"
     assert quant["full_model"]["mode"] == "static_qdq"
-    assert quant["source_sha256"] == {f: fp32.files[f]["sha256"] for f in fp32.files}
+    fp32_graphs = [s.file for s in fp32.stages] + [fp32.full_model.file]
+    assert quant["source_sha256"] == {f: fp32.files[f]["sha256"] for f in fp32_graphs}
+    # the compiled graph is rebuilt from the int8 stages, not copied from the fp32 package
+    assert fp32.compiled is not None and pkg.compiled is not None
+    assert pkg.compiled.sources == {s.file: pkg.files[s.file]["sha256"] for s in pkg.stages}
+    assert pkg.files["compiled.onnx"]["sha256"] != fp32.files["compiled.onnx"]["sha256"]
     # the manifest is the fp32 one plus the record: same stages, names, thresholds
     assert pkg.stages == fp32.stages and pkg.full_model == fp32.full_model and pkg.thresholds == [0.123, 0.234]
     assert quant["thresholds"] == {"status": "copied_from_fp32", "values": [0.123, 0.234]}
@@ -190,7 +195,7 @@ def test_what_described_the_fp32_graphs_is_dropped(tiny_package, tmp_path):
     update_manifest(tiny_package, timed)
     lines: list[str] = []
     pkg = q.quantize_package(tiny_package, tmp_path / "int8.eexit", X4 + 1, log=lines.append)
-    assert pkg.format_version == 2 and "calibration" not in pkg.manifest
+    assert pkg.format_version == 3 and "calibration" not in pkg.manifest
     assert "measured_ms" not in pkg.stages[0].cost and pkg.stages[0].cost["flops"] == 24
     assert any("measured_ms of ['stage0']" in line for line in lines)
     assert any("dropped the fp32 calibration history" in line for line in lines)

@@ -49,24 +49,27 @@ def _assert_matches(result, ref, rows=slice(None)):
     np.testing.assert_allclose(result.logits, logits[rows], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("engine", ["stages", "compiled"])
 @pytest.mark.parametrize("policy", POLICIES)
-def test_batch_decisions_equal_torch_reference(model, packages, policy):
+def test_batch_decisions_equal_torch_reference(model, packages, policy, engine):
     path, thresholds = packages[policy]
     x = tiny_inputs(300, seed=7)
     ref = reference_decisions(model, x, policy, thresholds)
     assert len(np.unique(ref[0])) == 3, "the reference must use every exit"
-    result = ExitSession(path).run(x)
+    result = ExitSession(path, engine=engine).run(x)
     _assert_matches(result, ref)
-    assert result.nonfinite_scores == 0
-    assert len(result.stage_ms) == 4 and all(ms >= 0 for ms in result.stage_ms)
+    assert result.nonfinite_scores == 0 and result.engine == engine
+    # the stage loop times each stage; the compiled graph is one call
+    assert len(result.stage_ms) == (4 if engine == "stages" else 0) and all(ms >= 0 for ms in result.stage_ms)
 
 
+@pytest.mark.parametrize("engine", ["stages", "compiled"])
 @pytest.mark.parametrize("policy", POLICIES)
-def test_single_samples_equal_torch_reference(model, packages, policy):
+def test_single_samples_equal_torch_reference(model, packages, policy, engine):
     path, thresholds = packages[policy]
     x = tiny_inputs(60, seed=7)
     ref = reference_decisions(model, x, policy, thresholds)
-    sess = ExitSession(path)
+    sess = ExitSession(path, engine=engine)
     for i in range(len(x)):
         _assert_matches(sess.run(x[i:i + 1]), ref, slice(i, i + 1))
 
@@ -79,7 +82,7 @@ def test_batch_where_every_sample_leaves_at_a_different_exit(model, packages):
     x = pool[picks]
     ref = reference_decisions(model, x, "entropy", thresholds)
     np.testing.assert_array_equal(ref[0], [2, 0, 1])
-    result = ExitSession(path).run(x)
+    result = ExitSession(path, engine="stages").run(x)
     _assert_matches(result, ref)
     assert all(ms > 0 for ms in result.stage_ms), "every stage ran for the deepest sample"
 
@@ -89,7 +92,7 @@ def test_batch_where_all_leave_at_the_first_exit_skips_later_stages(model, packa
     pool = tiny_inputs(300, seed=7)
     exits = reference_decisions(model, pool, "entropy", thresholds)[0]
     x = pool[exits == 0][:20]
-    result = ExitSession(path).run(x)
+    result = ExitSession(path, engine="stages").run(x)
     assert (result.exit_index == 0).all()
     assert result.stage_ms[0] > 0 and result.stage_ms[1:] == (0.0, 0.0, 0.0)
 

@@ -1,6 +1,7 @@
-"""The export side: early-exit model -> exit package (torch), and int8 quantization (no torch).
+"""The export side: early-exit model -> exit package (torch); int8 quantization and compiling (no torch).
 
-Names load on first use, so ``edgeexit.export.quantize`` can run where torch is absent.
+Names load on first use, so ``edgeexit.export.quantize`` and ``edgeexit.export.compile`` can
+run where torch is absent.
 """
 
 from __future__ import annotations
@@ -8,11 +9,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from .compile import compile_package as compile_package
     from .exporter import export_package as export_package
     from .model import EarlyExitModel as EarlyExitModel
     from .quantize import quantize_package as quantize_package
 
-_LAZY = {"export_package": "exporter", "EarlyExitModel": "model", "quantize_package": "quantize"}
+_LAZY = {"export_package": "exporter", "EarlyExitModel": "model", "quantize_package": "quantize",
+         "compile_package": "compile"}
 
 
 def __getattr__(name: str) -> Any:
@@ -23,4 +26,4 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["EarlyExitModel", "export_package", "quantize_package"]
+__all__ = ["EarlyExitModel", "compile_package", "export_package", "quantize_package"]

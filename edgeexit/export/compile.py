@@ -289,10 +289,10 @@ class _Compiler:
                                            ("score", score, sub_score))]
         done = _Scope(self.names, self.opset)
         kept_as_is = [done.one("Identity", [v], "exited_all") for v in (logits, exit_index, score)]
-        outs = scope.op("If", [any_left], f"after_exit{seg.exit_number}", outputs=3,
+        results = scope.op("If", [any_left], f"after_exit{seg.exit_number}", outputs=3,
                         then_branch=branch.graph(f"rows_left_after_exit{seg.exit_number}", self._infos(merged)),
                         else_branch=done.graph(f"none_left_after_exit{seg.exit_number}", self._infos(kept_as_is)))
-        return outs[0], outs[1], outs[2]
+        return results[0], results[1], results[2]
 
     def _elem_type(self, k: int) -> int:
         spec = self.package.stages[k]

@@ -66,7 +66,7 @@ class EngineTiming:
 def time_interleaved(calls: dict[str, Callable[[], Any]], rounds: int) -> dict[str, float]:
     """Median ms per call of each callable, calling them in turn ``rounds`` times."""
     times: dict[str, list[int]] = {name: [] for name in calls}
-    for name, call in calls.items():   # warm-up
+    for call in calls.values():   # warm-up
         call()
     for _ in range(rounds):
         for name, call in calls.items():

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from time import perf_counter_ns
 from typing import Any
@@ -150,14 +151,14 @@ class ExitSession:
             number = self.exit_stages.index(k) if spec.exit else None
             self._stages.append(Stage(spec, session, number, keep_after[k], device))
         self._compiled: CompiledGraph | None = None
-        spec = self.package.compiled
-        if engine == "compiled" and spec is None:
+        compiled_spec = self.package.compiled
+        if engine == "compiled" and compiled_spec is None:
             raise SessionError(
                 f"{self.package.root} has no compiled graph; add one with `edgeexit compile {self.package.root}` "
                 "or use engine='auto'"
             )
-        if spec is not None and engine != "stages":
-            self._compiled = CompiledGraph(spec, self._build(spec.file, "the compiled graph"))
+        if compiled_spec is not None and engine != "stages":
+            self._compiled = CompiledGraph(compiled_spec, self._build(compiled_spec.file, "the compiled graph"))
         # engine per regime: batch 1, batch > 1 ("auto": compiled when usable)
         self.engine_choice = {"batch1": engine, "batch": engine}
         self._default_plan = self._make_plan(None, None)
@@ -284,8 +285,9 @@ class ExitSession:
         timings = []
         for regime, size in (("batch1", 1), ("batch", min(batch_size, n))):
             chunk = {k: v[:size] for k, v in feeds.items()}
-            per_call = time_interleaved({e: (lambda e=e: self.run(chunk, engine=e)) for e in ("stages", "compiled")},
-                                        rounds if size == 1 else max(rounds // 10, 5))
+            calls: dict[str, Callable[[], object]] = {
+                e: functools.partial(self.run, chunk, engine=e) for e in ("stages", "compiled")}
+            per_call = time_interleaved(calls, rounds if size == 1 else max(rounds // 10, 5))
             timing = EngineTiming(size, per_call["stages"], per_call["compiled"])
             self.engine_choice[regime] = timing.faster
             timings.append(timing)

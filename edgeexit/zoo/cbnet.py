@@ -36,7 +36,6 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from time import perf_counter_ns
 from typing import Any
 
 import numpy as np
@@ -48,6 +47,7 @@ from ..errors import DataError, ModelSpecError
 from ..export.model import EarlyExitModel
 from ..measure import LatencyStats
 from .blenet import blenet as make_blenet
+from .quickstart import time_batch1_many
 from .train import train_early_exit
 
 ProgressFactory = Callable[[str, int], Any]
@@ -506,28 +506,6 @@ class CBNetQuickstartReport:
                    f"(train indices) {self.exemplars}")
         out.append("packages: " + ", ".join(str(p) for p in self.packages.values()) + f"; weights: {self.weights}")
         return out
-
-
-def time_batch1_many(
-    calls: Sequence[Callable[[np.ndarray], Any]], x: np.ndarray, *, passes: int = 3, warmup: int = 200,
-    progress: ProgressFactory = _no_bar,
-) -> list[LatencyStats]:
-    """Batch-1 latency of several callables, interleaved per sample with a rotating order."""
-    samples = [np.ascontiguousarray(x[i:i + 1]) for i in range(len(x))]
-    for s in samples[:warmup]:
-        for call in calls:
-            call(s)
-    m = len(calls)
-    times: list[list[int]] = [[] for _ in calls]
-    with progress("timing batch 1", passes * len(samples)) as bar:
-        for p in range(passes):
-            for i, s in enumerate(samples):
-                for j in [(i + p + r) % m for r in range(m)]:
-                    t0 = perf_counter_ns()
-                    calls[j](s)
-                    times[j].append(perf_counter_ns() - t0)
-            bar.update(len(samples))
-    return [LatencyStats.from_ns(t) for t in times]
 
 
 def run_cbnet_quickstart(

@@ -1,0 +1,374 @@
+"""Compiled exits: one ONNX graph that decides exits in-graph must agree with the stage loop.
+
+The stage loop (``ExitSession(engine="stages")``) is the reference semantics; its own
+agreement with torch is tested in test_runtime.py.  Every model here is compared at
+batch 1, 7 and 64 with the package's thresholds, "never exit", "always exit" and per-exit
+thresholds from the score distribution (placed in gaps between scores, so a float
+difference between two onnxruntime graphs cannot flip a decision).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from _models import tiny_inputs, tiny_model
+from click.testing import CliRunner
+
+from edgeexit.cli import cli
+from edgeexit.errors import CompileError, InputError, ManifestSchemaError, NonFiniteInputError, SessionError
+from edgeexit.export import export_package
+from edgeexit.export.compile import THRESHOLDS_INPUT, bake_thresholds, build_compiled_model, compile_package
+from edgeexit.package import load_package, parse_manifest, read_manifest, update_manifest
+from edgeexit.policies import get_policy
+from edgeexit.runtime import ExitSession
+from edgeexit.zoo import get_model
+from edgeexit.zoo.cbnet import ConvertingAutoencoder, cbnet_model
+
+BATCHES = (1, 7, 64)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _images(n: int, seed: int = 0) -> np.ndarray:
+    from edgeexit.datasets import mnist5k_splits
+
+    return mnist5k_splits(seed).test.x[:n]
+
+
+def _gap_thresholds(session: ExitSession, x: np.ndarray, policy: str, quantiles: list[float]) -> list[float]:
+    """Per-exit thresholds near score quantiles, in the widest gap between neighbouring scores."""
+    pol = get_policy(policy)
+    out = []
+    for logits, q in zip(session.run_all_exits(x)[:-1], quantiles):
+        s = np.sort(pol.scores(logits))
+        lo, hi = int(len(s) * max(q - 0.3, 0)), int(len(s) * min(q + 0.3, 1))
+        window = s[lo:max(hi, lo + 2)]
+        j = int(np.argmax(np.diff(window)))
+        assert window[j + 1] - window[j] > 1e-6, "scores too dense for a threshold no rounding can flip"
+        out.append(float(window[j] + window[j + 1]) / 2)
+    return out
+
+
+def _never(policies: list[str]) -> list[float]:
+    return [1e300 if get_policy(p).direction == "higher" else -1e300 for p in policies[:-1]]
+
+
+def _assert_same(compiled, stages) -> None:
+    assert compiled.engine == "compiled" and stages.engine == "stages"
+    np.testing.assert_array_equal(compiled.exit_index, stages.exit_index)
+    np.testing.assert_array_equal(compiled.predictions, stages.predictions)
+    np.testing.assert_allclose(compiled.logits, stages.logits, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(compiled.scores, stages.scores, atol=1e-9, rtol=1e-9)
+    assert compiled.nonfinite_scores == stages.nonfinite_scores
+
+
+# --- the models -------------------------------------------------------------------
+
+
+def _export(model, example: np.ndarray, path: Path, input_name: str, thresholds, policy="entropy", **kw) -> Path:
+    export_package(model, {input_name: torch.from_numpy(example)}, path, policy=policy, thresholds=thresholds,
+                   log=None, **kw)
+    return path
+
+
+@pytest.fixture(scope="module")
+def packages(tmp_path_factory) -> dict[str, tuple[Path, np.ndarray]]:
+    """Exported once per module: B-LeNet, B-ResNet, CBNet's pipeline, a tuple-carry model."""
+    root = tmp_path_factory.mktemp("compiled")
+    images = _images(64)
+    out = {}
+    torch.manual_seed(0)
+    blenet = get_model("blenet", seed=0)
+    out["blenet"] = (_export(blenet, images[:4], root / "blenet.eexit", "image", [1.0], include_full_model=True),
+                     images)
+    out["bresnet"] = (_export(get_model("bresnet", seed=1), images[:4], root / "bresnet.eexit", "image",
+                              [1.0, 1.0], policy="confidence"), images)
+    torch.manual_seed(2)
+    ae = ConvertingAutoencoder(64, 32, 16)
+    with torch.no_grad():
+        ae.net[-1].weight.mul_(30.0)   # untrained, it maps every image to nearly one grey image
+    pipeline = cbnet_model(blenet, ae, fallback=True)
+    out["cbnet"] = (_export(pipeline, images[:4], root / "cbnet.eexit", "image", [1.0]), images)
+    x = tiny_inputs(64, seed=3)
+    out["tuple"] = (_export(tiny_model(), x[:4], root / "tuple.eexit", "x", [0.5, 0.5], policy="margin"), x)
+    return out
+
+
+@pytest.mark.parametrize("name", ["blenet", "bresnet", "cbnet", "tuple"])
+def test_compiled_graph_agrees_with_the_stage_loop(packages, name):
+    path, x = packages[name]
+    package = load_package(path)
+    assert package.compiled is not None and package.format_version == 3
+    compiled = ExitSession(path, engine="compiled")
+    stages = ExitSession(path, engine="stages")
+    policies = package.policies
+    spread = _gap_thresholds(stages, x, policies[0], [0.5] * len(package.thresholds))
+    never = _never(policies)
+    used_every_exit = False
+    for thresholds in (None, never, [-t for t in never], spread):
+        for n in BATCHES:
+            got, want = compiled.run(x[:n], thresholds=thresholds), stages.run(x[:n], thresholds=thresholds)
+            _assert_same(got, want)
+            if thresholds is spread and n == 64:
+                used_every_exit = bool((np.bincount(want.exit_index, minlength=compiled.num_exits) > 0).all())
+    assert used_every_exit or name == "tuple", "the spread thresholds should send samples to every exit"
+
+
+def test_auto_engine_takes_the_compiled_graph_and_falls_back_for_other_policies(packages):
+    path, x = packages["blenet"]
+    sess = ExitSession(path)
+    assert sess.run(x[:1]).engine == "compiled" and sess.run(x[:7]).engine == "compiled"
+    assert sess.run(x[:1], engine="stages").engine == "stages"
+    other = sess.run(x[:7], policy="confidence", thresholds=[0.5])
+    assert other.engine == "stages"      # the graph computes entropy: the stage loop runs confidence
+    assert sess.run(x[:7], early_exits=False).engine == "stages"
+    with pytest.raises(InputError, match="policies"):
+        sess.run(x[:7], policy="confidence", thresholds=[0.5], engine="compiled")
+    with pytest.raises(InputError, match="early_exits=False"):
+        sess.run(x[:7], early_exits=False, engine="compiled")
+
+
+def test_tune_engines_times_both_and_records_the_choice(packages):
+    path, x = packages["blenet"]
+    sess = ExitSession(path)
+    timings = sess.tune_engines(x, batch_size=32, rounds=20)
+    assert [t.batch_size for t in timings] == [1, 32]
+    assert all(t.stages_ms > 0 and t.compiled_ms > 0 for t in timings)
+    assert sess.engine_choice == {"batch1": timings[0].faster, "batch": timings[1].faster}
+    assert sess.run(x[:1]).engine == timings[0].faster
+
+
+def test_nonfinite_inputs(packages):
+    path, x = packages["blenet"]
+    bad = x[:7].copy()
+    bad[2, 0, 3, 3] = np.nan
+    bad[5, 0, 0, 0] = np.inf
+    with pytest.raises(NonFiniteInputError):
+        ExitSession(path).run(bad)      # refused before either engine runs
+    compiled = ExitSession(path, engine="compiled", check_finite=False)
+    stages = ExitSession(path, engine="stages", check_finite=False)
+    always = [-t for t in _never(load_package(path).policies)]
+    for thresholds in (None, always):
+        got, want = compiled.run(bad, thresholds=thresholds), stages.run(bad, thresholds=thresholds)
+        np.testing.assert_array_equal(got.exit_index, want.exit_index)
+        # a NaN score never exits: the poisoned rows reach the last exit even when everything else leaves
+        assert got.exit_index[2] == got.exit_index[5] == compiled.num_exits - 1
+        assert np.isnan(got.scores[[2, 5]]).all() and got.nonfinite_scores == want.nonfinite_scores >= 2
+        ok = np.isfinite(want.logits).all(axis=1)
+        np.testing.assert_allclose(got.logits[ok], want.logits[ok], atol=1e-5)
+        one = compiled.run(bad[2:3], thresholds=thresholds)
+        assert one.exit_index[0] == compiled.num_exits - 1 and one.nonfinite_scores == 1
+
+
+def test_scores_at_infinite_logits_match_numpy(tmp_path):
+    """-inf and +inf logits: the in-graph scores follow the numpy policies (NaN never exits)."""
+    logits = np.array([[0.0, -np.inf, 1.0], [np.inf, 0.0, 0.0], [-np.inf, -np.inf, -np.inf], [3.0, 3.0, 3.0]])
+    from onnx import TensorProto, helper
+
+    from edgeexit.export.compile import _Names, _Scope, _score
+
+    for policy in ("confidence", "entropy", "margin"):
+        scope = _Scope(_Names(["z"]), 18)
+        out = _score(scope, "z", policy, 3)
+        graph = helper.make_graph(scope.nodes, "g", [helper.make_tensor_value_info("z", TensorProto.FLOAT, [4, 3])],
+                                  [helper.make_tensor_value_info(out, TensorProto.DOUBLE, [4])],
+                                  initializer=scope.initializers)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+        onnx.checker.check_model(model, full_check=True)
+        got = ort.InferenceSession(model.SerializeToString()).run(None, {"z": logits.astype(np.float32)})[0]
+        with np.errstate(all="ignore"):
+            want = get_policy(policy).scores(logits.astype(np.float32))
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-15, equal_nan=True, err_msg=policy)
+
+
+def test_graph_passes_the_full_checker_and_runs_with_every_optimization(packages):
+    path, x = packages["bresnet"]
+    package = load_package(path)
+    model = onnx.load(str(path / package.compiled.file))
+    onnx.checker.check_model(model, full_check=True)
+    assert [i.name for i in model.graph.input] == ["image", THRESHOLDS_INPUT]
+    assert [o.name for o in model.graph.output] == ["logits", "exit_index", "score"]
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    session = ort.InferenceSession(str(path / package.compiled.file), options, providers=["CPUExecutionProvider"])
+    thresholds = np.array(package.thresholds, np.float64)
+    logits, exit_index, score = session.run(None, {"image": x, THRESHOLDS_INPUT: thresholds})
+    want = ExitSession(path, engine="stages").run(x)
+    np.testing.assert_array_equal(exit_index, want.exit_index)
+    np.testing.assert_allclose(logits, want.logits, atol=1e-5)
+    assert exit_index.dtype == np.int64 and score.dtype == np.float64
+
+
+def test_weights_are_embedded_once_inside_the_branch_that_runs_them(packages):
+    path, _ = packages["bresnet"]
+    package = load_package(path)
+    model = onnx.load(str(path / package.compiled.file))
+    stage_bytes = sum(package.files[s.file]["size"] for s in package.stages)
+    assert package.files[package.compiled.file]["size"] < 1.1 * stage_bytes
+
+    def weights(graph: onnx.GraphProto) -> list[str]:
+        found = [i.name for i in graph.initializer if i.name.startswith("s")]
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    found += weights(attr.g)
+        return found
+
+    names = weights(model.graph)
+    assert len(names) == len(set(names))
+    # stage 0's weights in the main graph, stage 1's only inside the first If's branch
+    assert any(n.startswith("s0/") for n in (i.name for i in model.graph.initializer))
+    assert not any(i.name.startswith(("s1/", "s2/")) for i in model.graph.initializer)
+
+
+# --- the package format -------------------------------------------------------------
+
+
+def test_thresholds_stay_in_the_manifest_so_calibration_never_touches_the_graph(packages, tmp_path):
+    import shutil
+
+    path = tmp_path / "copy.eexit"
+    shutil.copytree(packages["blenet"][0], path)
+    x = packages["blenet"][1]
+    before = (path / "compiled.onnx").read_bytes()
+    from edgeexit.package import set_thresholds
+
+    set_thresholds(path, [0.3])
+    assert (path / "compiled.onnx").read_bytes() == before
+    _assert_same(ExitSession(path, engine="compiled").run(x), ExitSession(path, engine="stages").run(x))
+
+
+def test_a_stale_compiled_graph_is_refused(packages, tmp_path):
+    import shutil
+
+    path = tmp_path / "stale.eexit"
+    shutil.copytree(packages["blenet"][0], path)
+    _, manifest = read_manifest(path)
+    manifest["compiled"]["sources"]["stage1.onnx"] = "0" * 64
+    with pytest.raises(ManifestSchemaError, match="edgeexit compile"):
+        parse_manifest(manifest, path)
+    _, manifest = read_manifest(path)
+    manifest["format_version"] = 2
+    with pytest.raises(ManifestSchemaError, match="version-3 field"):
+        parse_manifest(manifest, path)
+
+
+def test_a_compiled_graph_of_another_policy_is_not_used(packages, tmp_path):
+    import shutil
+
+    path = tmp_path / "recalibrated.eexit"
+    shutil.copytree(packages["blenet"][0], path)
+    update_manifest(path, lambda m: [s["exit"].update(policy="confidence") for s in m["stages"] if s.get("exit")])
+    x = packages["blenet"][1]
+    sess = ExitSession(path)
+    assert sess.run(x[:7]).engine == "stages"
+    result = CliRunner().invoke(cli, ["inspect", str(path)])
+    assert result.exit_code == 0 and "STALE" in result.output
+    compile_package(path, log=None)
+    assert ExitSession(path).run(x[:7]).engine == "compiled"
+    assert load_package(path).compiled.policies == ("confidence", "confidence")
+
+
+def test_export_can_skip_compiling_and_engine_compiled_then_says_how(tmp_path):
+    x = tiny_inputs(4)
+    path = _export(tiny_model(), x, tmp_path / "plain.eexit", "x", [0.5, 0.5], compile=False)
+    assert load_package(path).compiled is None
+    assert ExitSession(path).run(x).engine == "stages"
+    with pytest.raises(SessionError, match="edgeexit compile"):
+        ExitSession(path, engine="compiled")
+    compile_package(path, log=None)
+    assert ExitSession(path).run(x).engine == "compiled"
+
+
+def test_a_model_without_early_exits_cannot_be_compiled(tmp_path):
+    from edgeexit.export import EarlyExitModel
+
+    model = EarlyExitModel(stages=[torch.nn.Flatten()], exits=[torch.nn.Linear(64, 3)]).eval()
+    path = _export(model, tiny_inputs(4), tmp_path / "single.eexit", "x", [])
+    assert load_package(path).compiled is None           # compile=None: skipped, not an error
+    with pytest.raises(CompileError, match="no early exit"):
+        build_compiled_model(load_package(path))
+    with pytest.raises(CompileError, match="no early exit"):
+        _export(model, tiny_inputs(4), tmp_path / "forced.eexit", "x", [], compile=True)
+
+
+# --- standalone graphs and the CLI --------------------------------------------------------
+
+
+def test_standalone_and_baked_graphs(packages, tmp_path):
+    path, x = packages["blenet"]
+    want = ExitSession(path, engine="stages").run(x)
+    runner = CliRunner()
+    plain, baked = tmp_path / "plain.onnx", tmp_path / "baked.onnx"
+    assert runner.invoke(cli, ["compile", str(path), "-o", str(plain)]).exit_code == 0
+    result = runner.invoke(cli, ["compile", str(path), "-o", str(baked), "--bake-thresholds"])
+    assert result.exit_code == 0, result.output
+    assert "baked in" in result.output
+    s_plain = ort.InferenceSession(str(plain), providers=["CPUExecutionProvider"])
+    s_baked = ort.InferenceSession(str(baked), providers=["CPUExecutionProvider"])
+    assert [i.name for i in s_baked.get_inputs()] == ["image"]
+    assert s_baked.get_overridable_initializers() == []     # a constant, not an input default
+    thresholds = np.array(load_package(path).thresholds, np.float64)
+    for outs in (s_plain.run(None, {"image": x, THRESHOLDS_INPUT: thresholds}), s_baked.run(None, {"image": x})):
+        np.testing.assert_array_equal(outs[1], want.exit_index)
+        np.testing.assert_allclose(outs[0], want.logits, atol=1e-5)
+    assert load_package(path).compiled is not None      # -o leaves the package as it was
+
+
+def test_cli_compile_errors_are_typed(tmp_path, packages):
+    runner = CliRunner()
+    result = runner.invoke(cli, ["compile", str(packages["blenet"][0]), "--bake-thresholds"])
+    assert result.exit_code == 2 and "-o FILE.onnx" in result.output
+    x = tiny_inputs(4)
+    from edgeexit.export import EarlyExitModel
+
+    model = EarlyExitModel(stages=[torch.nn.Flatten()], exits=[torch.nn.Linear(64, 3)]).eval()
+    single = _export(model, x, tmp_path / "single.eexit", "x", [])
+    result = runner.invoke(cli, ["compile", str(single)])
+    assert result.exit_code == 5 and "CompileError" in result.output and "no early exit" in result.output
+    result = runner.invoke(cli, ["compile", str(tmp_path / "missing.eexit")])
+    assert result.exit_code == 3 and "PackageNotFoundError" in result.output
+
+
+def test_cli_compile_adds_the_graph_to_the_package_atomically(tmp_path):
+    x = tiny_inputs(8)
+    path = _export(tiny_model(), x[:4], tmp_path / "t.eexit", "x", [0.5, 0.5], compile=False)
+    result = CliRunner().invoke(cli, ["compile", str(path)])
+    assert result.exit_code == 0, result.output
+    package = load_package(path)
+    assert package.format_version == 3 and package.files["compiled.onnx"]["sha256"] == hashlib.sha256(
+        (path / "compiled.onnx").read_bytes()).hexdigest()
+    assert package.compiled.sources == {s.file: package.files[s.file]["sha256"] for s in package.stages}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.eexit"]   # no temporary siblings left
+    listed = json.loads((path / "manifest.json").read_text())["compiled"]
+    assert listed["thresholds"] == THRESHOLDS_INPUT and listed["outputs"] == {
+        "logits": "logits", "exit_index": "exit_index", "score": "score"}
+    result = CliRunner().invoke(cli, ["run", str(path), str(_npz(tmp_path, x)), "--engine", "compiled"])
+    assert result.exit_code == 0, result.output
+
+
+def _npz(folder: Path, x: np.ndarray) -> Path:
+    path = folder / "x.npz"
+    np.savez(path, x=x)
+    return path
+
+
+def test_bake_thresholds_refuses_a_graph_without_the_input(packages):
+    path, _ = packages["blenet"]
+    model = build_compiled_model(load_package(path))
+    baked = bake_thresholds(model, [0.1])
+    with pytest.raises(CompileError, match="no 'thresholds' input"):
+        bake_thresholds(baked, [0.1])
