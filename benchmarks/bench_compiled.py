@@ -28,7 +28,8 @@ seeded permutation of the test samples (a partial last batch is not timed).
 
 Accuracy and exit shares come from a separate untimed pass over every test sample at
 each batch size, in which the compiled graph (ExitSession and bare) must give the same
-predictions and exits as the stage loop on every sample.
+predictions and exits as the stage loop on every sample (else the exit status is 1;
+missed targets do not change it).
 
 Targets (printed PASS/MISS with the figures): batch 1: compiled mean speedup vs full
 >= 0.95 x the cost-model speedup, and compiled mean <= stage-loop mean, on every model;
@@ -400,6 +401,12 @@ def main(argv: list[str] | None = None) -> int:
         pass
     if args.json is not None:
         write_json(Path(args.json), report)
+    disagree = [f"{m} batch {b}" for m, entry in report["models"].items() for b, res in entry["batches"].items()
+                if any(a["different_predictions"] or a["different_exits"]
+                       for a in res["agreement_with_stage_loop"].values())]
+    if disagree:
+        print(f"ERROR: the compiled graph and the stage loop disagree ({', '.join(disagree)})", file=sys.stderr)
+        return 1
     return 0
 
 
