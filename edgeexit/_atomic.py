@@ -12,6 +12,21 @@ from pathlib import Path
 from typing import BinaryIO
 
 
+def _process_umask() -> int:
+    mask = os.umask(0o022)   # reading the umask means setting it; put it straight back
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _process_umask()
+
+
+def default_mode(directory: bool) -> int:
+    """The mode ``open``/``mkdir`` would give under the umask: mkstemp/mkdtemp give 0600/0700,
+    which would leave a package unreadable to a service running as another user."""
+    return (0o777 if directory else 0o666) & ~_UMASK
+
+
 def fsync_dir(path: str | os.PathLike[str]) -> None:
     """Make a rename inside ``path`` durable (best effort: some filesystems refuse)."""
     try:
@@ -32,6 +47,7 @@ def replace_atomically(path: str | os.PathLike[str], write: Callable[[BinaryIO],
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
     try:
+        os.chmod(tmp, default_mode(directory=False))
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()

@@ -527,7 +527,7 @@ def bench(package: Path, data_file: Path | None, dataset: str | None, device: st
         energy = create_meter(energy.name, idle_watts=idle, **opts)
         click.echo(f"idle {idle:.3f} W will be subtracted from every window", err=True)
     config = BenchConfig(batch=batch, duration_s=duration, windows=windows, warmup_s=warmup)
-    contenders = 2 if compare else 1
+    contenders = (2 if compare else 1) + (session.engine_for(batch) == "compiled")
     total = duration * windows * contenders
     with click.progressbar(length=int(total * 10), label="benchmarking", file=sys.stderr) as bar:
         report = run_benchmark(session, inputs, labels, config, energy, compare_full=compare == "full",

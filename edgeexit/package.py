@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ._atomic import fsync_dir, write_bytes_atomically
+from ._atomic import default_mode, fsync_dir, write_bytes_atomically
 from .errors import (
     FileIntegrityError,
     ManifestParseError,
@@ -495,6 +495,7 @@ def write_package(
         )
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
     try:
+        os.chmod(tmp, default_mode(directory=True))
         table: dict[str, dict[str, Any]] = {}
         for name, src in files.items():
             check_file_name(name, tmp)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,7 @@ from edgeexit.cli import cli
 from edgeexit.errors import CompileError, InputError, ManifestSchemaError, NonFiniteInputError, SessionError
 from edgeexit.export import export_package
 from edgeexit.export.compile import THRESHOLDS_INPUT, bake_thresholds, build_compiled_model, compile_package
-from edgeexit.package import load_package, parse_manifest, read_manifest, update_manifest
+from edgeexit.package import load_package, parse_manifest, read_manifest, update_manifest, write_package
 from edgeexit.policies import get_policy
 from edgeexit.runtime import ExitSession
 from edgeexit.zoo import get_model
@@ -372,3 +373,48 @@ def test_bake_thresholds_refuses_a_graph_without_the_input(packages):
     baked = bake_thresholds(model, [0.1])
     with pytest.raises(CompileError, match="no 'thresholds' input"):
         bake_thresholds(baked, [0.1])
+
+
+def test_bench_reports_both_engines_against_the_full_model(packages, tmp_path):
+    from edgeexit.bench import BenchConfig, format_table, run_benchmark
+    from edgeexit.devices.energy import EstimateMeter
+    from edgeexit.devices.thermal import ThrottleMonitor
+
+    path, x = packages["blenet"]
+    sess = ExitSession(path)
+    assert sess.engine_for(1) == "compiled"
+    monitor = ThrottleMonitor(tmp_path / "no-thermal", run_command=lambda argv: "", interval_s=None)
+    config = BenchConfig(batch=1, duration_s=0.05, windows=2, warmup_s=0.01)
+    meter = EstimateMeter(10.0, 2.0, source="test figures")
+    report = run_benchmark(sess, {"image": x}, np.zeros(len(x), np.int64), config, meter,
+                           compare_full=True, thermal=monitor)
+    names = [c.name for c in report.contenders]
+    assert names == ["early exit, compiled", "full model (one graph)", "early exit, stage loop"]
+    compiled, _, loop = (c.summary for c in report.contenders)
+    assert compiled["exit_shares"] == loop["exit_shares"] and compiled["accuracy"] == loop["accuracy"]
+    text = format_table(report)
+    assert "early exit, compiled vs full" in text and "early exit, stage loop vs full" in text
+    sess.engine_choice = {"batch1": "stages", "batch": "stages"}
+    report = run_benchmark(sess, {"image": x}, None, config, meter, thermal=monitor)
+    assert [c.name for c in report.contenders] == ["early exit"] and report.ratios() is None
+
+
+def test_compiled_graph_describes_itself_and_packages_are_readable_by_others(packages, tmp_path):
+    import stat
+
+    path, _ = packages["blenet"]
+    props = {p.key: p.value for p in onnx.load(str(path / "compiled.onnx")).metadata_props}
+    assert props["edgeexit.policies"] == "entropy,entropy" and props["edgeexit.exits"] == "2"
+    baked = bake_thresholds(onnx.load(str(path / "compiled.onnx")), [0.25])
+    assert {p.key: p.value for p in baked.metadata_props}["edgeexit.thresholds"] == "baked: 0.25"
+    # mkdtemp/mkstemp make 0700/0600; a package gets the modes of any file the user writes
+    mask = os.umask(0o022)
+    os.umask(mask)
+    copy = tmp_path / "copy.eexit"
+    write_package(copy, {k: v for k, v in read_manifest(path)[1].items() if k != "files"},
+                  {name: path / name for name in load_package(path).files})
+    from edgeexit.package import set_thresholds
+
+    set_thresholds(copy, [0.5])   # rewrites manifest.json through a temporary file
+    assert stat.S_IMODE(copy.stat().st_mode) == 0o777 & ~mask
+    assert stat.S_IMODE((copy / "manifest.json").stat().st_mode) == 0o666 & ~mask

@@ -295,12 +295,13 @@ class _Compiler:
         left = scope.one("Not", [_passes(scope, score, policy, threshold, seg.exit_number)], "left")
         rows = scope.one("NonZero", [left], "rows_left")                      # (1, m)
         any_left = scope.one("Cast", [scope.one("Size", [rows], "count_left")], "any_left", to=TensorProto.BOOL)
-        if seg.exit_number == 0:   # 0 where a row passed; rows left are overwritten below
-            exit_index = scope.one("Cast", [left], "exit0", to=TensorProto.INT64)
-        else:
-            exit_index = scope.one("ConstantOfShape", [scope.one("Shape", [score], "rows")],
-                                   f"exit{seg.exit_number}",
-                                   value=numpy_helper.from_array(np.array([seg.exit_number], np.int64)))
+
+        def exits_here(body: _Scope) -> str:
+            """This exit's number for every row (rows that go on are overwritten by the scatter)."""
+            if seg.exit_number == 0:    # one node: 0 where a row passed
+                return body.one("Cast", [left], "exit0", to=TensorProto.INT64)
+            return body.one("ConstantOfShape", [body.one("Shape", [score], "rows")], f"exit{seg.exit_number}",
+                            value=numpy_helper.from_array(np.array([seg.exit_number], np.int64)))
 
         branch = _Scope(self.names, self.opset)
         flat = branch.one("Reshape", [rows, branch.const(np.array([-1], np.int64), "flat")], "rows_flat")
@@ -308,16 +309,17 @@ class _Compiler:
         kept = {n: branch.one("Gather", [tensors[n], flat], "kept", axis=0) for n in seg.keep_after}
         sub_logits, sub_exit, sub_score = self.emit(branch, rest, kept)
         merged = [branch.one("ScatterND", [full, column, part], f"merged_{what}")
-                  for what, full, part in (("logits", logits, sub_logits), ("exit", exit_index, sub_exit),
+                  for what, full, part in (("logits", logits, sub_logits), ("exit", exits_here(branch), sub_exit),
                                            ("score", score, sub_score))]
         done = _Scope(self.names, self.opset)
-        kept_as_is = [done.one("Identity", [v], "exited_all") for v in (logits, exit_index, score)]
-        outs = list(public) if public else [self.names.new(f"after_exit{seg.exit_number}") for _ in range(3)]
+        kept_as_is = [done.one("Identity", [logits], "exited_all"), exits_here(done),
+                      done.one("Identity", [score], "exited_all")]
+        results = list(public) if public else [self.names.new(f"after_exit{seg.exit_number}") for _ in range(3)]
         scope.nodes.append(helper.make_node(
-            "If", [any_left], outs, name=self.names.new(f"if_rows_left_after_exit{seg.exit_number}"),
+            "If", [any_left], results, name=self.names.new(f"if_rows_left_after_exit{seg.exit_number}"),
             then_branch=branch.graph(f"rows_left_after_exit{seg.exit_number}", self._infos(merged)),
             else_branch=done.graph(f"none_left_after_exit{seg.exit_number}", self._infos(kept_as_is))))
-        return outs[0], outs[1], outs[2]
+        return results[0], results[1], results[2]
 
     def _elem_type(self, k: int) -> int:
         spec = self.package.stages[k]
@@ -392,6 +394,11 @@ def build_compiled_model(package: Package) -> onnx.ModelProto:
                                   "Early-exit model compiled by edgeexit: feed the inputs and thresholds "
                                   "(float64, one per early exit); outputs logits, exit_index, score."))
     model.ir_version = max(m.ir_version for m in models)
+    onnx.helper.set_model_props(model, {
+        "edgeexit.kind": "compiled exits", "edgeexit.model": package.name,
+        "edgeexit.policies": ",".join(package.policies), "edgeexit.exits": str(len(package.exit_stages)),
+        "edgeexit.thresholds": f"input {THRESHOLDS_INPUT} (float64, {num_early}: one per early exit)",
+    })
     try:
         onnx.checker.check_model(model, full_check=True)
     except Exception as exc:
@@ -420,6 +427,9 @@ def bake_thresholds(model: onnx.ModelProto, thresholds: Sequence[float]) -> onnx
     baked.graph.input.extend(kept)
     baked.graph.initializer.append(
         numpy_helper.from_array(np.asarray(thresholds, dtype=np.float64), THRESHOLDS_INPUT))
+    props = {p.key: p.value for p in baked.metadata_props}
+    props["edgeexit.thresholds"] = "baked: " + ",".join(repr(float(t)) for t in thresholds)
+    onnx.helper.set_model_props(baked, props)
     return baked
 
 

@@ -195,7 +195,7 @@ def _validate(
         )
 
 
-def _compiled_in(folder: Path, manifest: dict[str, Any], files: dict[str, Path], *, required: bool,
+def _compiled_in(folder: Path, manifest: dict[str, Any], files: dict[str, Path], *, required: bool, final: Path,
                  say: Callable[[str], None]) -> tuple[dict[str, Any], dict[str, Path]]:
     """The manifest and files with ``compiled.onnx`` added, built in a staging package."""
     staging = write_package(folder / "staging.eexit", manifest, files)
@@ -207,7 +207,7 @@ def _compiled_in(folder: Path, manifest: dict[str, Any], files: dict[str, Path],
             raise CompileError(f"cannot compile this model: {blocker}")
         say(f"not compiled: {blocker}")
         return manifest, files
-    compile_package(staging, log=say)
+    compile_package(staging, log=lambda line: say(line.replace(str(staging), str(final))))
     _, compiled = read_manifest(staging)
     return compiled, {name: staging / name for name in compiled.pop("files")}
 
@@ -380,7 +380,7 @@ def _export(
         _validate(graphs, paths, validation_args, atol, rtol, say)
         files = {g.file: p for g, p in zip(graphs, paths)}
         if compile is not False:
-            manifest, files = _compiled_in(folder, manifest, files, required=bool(compile), say=say)
+            manifest, files = _compiled_in(folder, manifest, files, required=bool(compile), final=Path(path), say=say)
         write_package(path, manifest, files)
     say(f"wrote {path}")
     return load_package(path)

@@ -233,7 +233,7 @@ class ExitSession:
             plan = self._make_plan(thresholds, policy)
         use = engine or self.engine_choice["batch1" if n == 1 else "batch"]
         if use != "stages" and early_exits and plan.compiled:
-            result = self._run_compiled(feeds, plan, start)
+            result = self._run_compiled(feeds, n, plan, start)
         elif use == "compiled":
             raise InputError(self._why_not_compiled(early_exits, plan))
         elif n == 1:
@@ -244,13 +244,19 @@ class ExitSession:
             self._measuring.record(n, result.total_ms)
         return result
 
-    def _run_compiled(self, feeds: dict[str, np.ndarray], plan: _Plan, start: int) -> ExitResult:
+    def _run_compiled(self, feeds: dict[str, np.ndarray], n: int, plan: _Plan, start: int) -> ExitResult:
+        # One onnxruntime call.  After it the CPU caches hold the model, not numpy, so every
+        # numpy call here costs microseconds at batch 1: the score is counted in Python.
         assert self._compiled is not None and plan.threshold_array is not None
         logits, exit_index, scores = self._compiled.run(feeds, plan.threshold_array)
+        if n == 1:
+            score = float(scores[0])
+            nonfinite = 0 if score == score and abs(score) != math.inf else 1
+        else:
+            nonfinite = int(np.count_nonzero(~np.isfinite(scores)))
         return ExitResult(
             predictions=logits.argmax(axis=1), logits=logits, exit_index=exit_index, scores=scores, stage_ms=(),
-            nonfinite_scores=int((~np.isfinite(scores)).sum()), total_ms=(perf_counter_ns() - start) / 1e6,
-            engine="compiled",
+            nonfinite_scores=nonfinite, total_ms=(perf_counter_ns() - start) / 1e6, engine="compiled",
         )
 
     def _why_not_compiled(self, early_exits: bool, plan: _Plan) -> str:
@@ -261,6 +267,11 @@ class ExitSession:
             return "early_exits=False runs the stage loop (the full-model baseline); drop engine='compiled'"
         return (f"the compiled graph decides with policies {list(self._compiled.policies)}, this call asks for "
                 f"{[p.name for p in plan.policies]}; drop engine='compiled' (the stage loop runs it) or recompile")
+
+    def engine_for(self, batch_size: int) -> str:
+        """The engine ``run`` takes by default for a batch of this size at the package's thresholds."""
+        choice = self.engine_choice["batch1" if batch_size == 1 else "batch"]
+        return "compiled" if choice != "stages" and self._default_plan.compiled else "stages"
 
     def tune_engines(self, inputs: np.ndarray | dict[str, np.ndarray], *, batch_size: int = 64,
                      rounds: int = 200) -> list[EngineTiming]:
