@@ -142,14 +142,28 @@ def test_auto_engine_takes_the_compiled_graph_and_falls_back_for_other_policies(
         sess.run(x[:7], early_exits=False, engine="compiled")
 
 
-def test_tune_engines_times_both_and_records_the_choice(packages):
+@pytest.mark.parametrize("with_data", [True, False])
+def test_tune_engines_times_both_and_records_the_choice(packages, with_data):
     path, x = packages["blenet"]
     sess = ExitSession(path)
-    timings = sess.tune_engines(x, batch_size=32, rounds=20)
+    timings = sess.tune_engines(x if with_data else None, batch_size=32, rounds=40)
     assert [t.batch_size for t in timings] == [1, 32]
     assert all(t.stages_ms > 0 and t.compiled_ms > 0 for t in timings)
     assert sess.engine_choice == {"batch1": timings[0].faster, "batch": timings[1].faster}
-    assert sess.run(x[:1]).engine == timings[0].faster
+    assert sess.run(x[:1]).engine == timings[0].faster and sess.run(x[:7]).engine == timings[1].faster
+    assert sess.engine_for(1) == timings[0].faster
+
+
+def test_forced_paths_send_every_sample_to_each_exit(packages):
+    from edgeexit.runtime._engines import forced_paths
+    from edgeexit.runtime.session import _never_threshold
+
+    path, x = packages["bresnet"]
+    sess = ExitSession(path)
+    paths = forced_paths(load_package(path).policies, _never_threshold)
+    for k, thresholds in enumerate(paths):
+        for engine in ("stages", "compiled"):
+            assert (sess.run(x[:7], thresholds=thresholds, engine=engine).exit_index == k).all()
 
 
 def test_nonfinite_inputs(packages):

@@ -261,10 +261,12 @@ class _Compiler:
     thresholds: list[str] = field(default_factory=list)   # one value name per early exit
 
     def emit(self, scope: _Scope, segments: list[_Segment], tensors: dict[str, str],
-             public: Sequence[str] | None = None) -> tuple[str, str, str]:
+             public: Sequence[str] | None = None, need_exit: bool = True) -> tuple[str, str, str]:
         """Nodes that run ``segments`` on the rows in ``tensors``; returns (logits, exit_index, score).
 
         ``public``: names for the three results (the graph outputs, at the top level).
+        ``need_exit``: False when the caller knows the exit (the last segment's rows all
+        leave at the final exit); the exit index comes back as "".
         Every node on the path of a sample that leaves at the first exit costs about half
         a microsecond at batch 1, so that path is kept short.
         """
@@ -281,6 +283,8 @@ class _Compiler:
         if self._elem_type(seg.stages[-1]) != self.logits_type:
             logits = scope.one("Cast", [logits], f"logits{seg.exit_number}_cast", to=self.logits_type)
         score = _score(scope, logits, policy, self.classes)
+        if not rest and not need_exit:
+            return logits, "", score
         if not rest:
             shape = scope.one("Shape", [score], "rows")
             exit_index = scope.one("ConstantOfShape", [shape], f"exit{seg.exit_number}",
@@ -307,10 +311,17 @@ class _Compiler:
         flat = branch.one("Reshape", [rows, branch.const(np.array([-1], np.int64), "flat")], "rows_flat")
         column = branch.one("Transpose", [rows], "rows_column", perm=[1, 0])   # (m, 1) for ScatterND
         kept = {n: branch.one("Gather", [tensors[n], flat], "kept", axis=0) for n in seg.keep_after}
-        sub_logits, sub_exit, sub_score = self.emit(branch, rest, kept)
+        final_next = len(rest) == 1    # every row left here leaves at the final exit, number j + 1
+        sub_logits, sub_exit, sub_score = self.emit(branch, rest, kept, need_exit=not final_next)
         merged = [branch.one("ScatterND", [full, column, part], f"merged_{what}")
-                  for what, full, part in (("logits", logits, sub_logits), ("exit", exits_here(branch), sub_exit),
-                                           ("score", score, sub_score))]
+                  for what, full, part in (("logits", logits, sub_logits), ("score", score, sub_score))]
+        if final_next:                 # j where a row passed, j + 1 where it went on: no scatter
+            went_on = branch.one("Cast", [left], "went_on", to=TensorProto.INT64)
+            merged_exit = went_on if seg.exit_number == 0 else branch.one(
+                "Add", [went_on, branch.const(np.array(seg.exit_number, np.int64), "exit_base")], "merged_exit")
+        else:
+            merged_exit = branch.one("ScatterND", [exits_here(branch), column, sub_exit], "merged_exit")
+        merged.insert(1, merged_exit)
         done = _Scope(self.names, self.opset)
         kept_as_is = [done.one("Identity", [logits], "exited_all"), exits_here(done),
                       done.one("Identity", [score], "exited_all")]
@@ -514,17 +525,9 @@ def check_against_stage_loop(package: Package, compiled: bytes, samples: int, se
     import onnxruntime as ort
 
     from ..runtime import ExitSession
+    from ..runtime._inputs import synthetic_inputs
 
-    rng = np.random.default_rng(seed)
-    feeds = {}
-    for spec in package.inputs:
-        shape = [samples] + [d if isinstance(d, int) else 1 for d in spec.shape[1:]]
-        if spec.dtype == "bool":
-            feeds[spec.name] = rng.integers(0, 2, shape).astype(bool)
-        elif spec.dtype.startswith(("int", "uint")):
-            feeds[spec.name] = rng.integers(0, 2, shape).astype(spec.dtype)
-        else:
-            feeds[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
+    feeds = synthetic_inputs(package.inputs, samples, seed)
     stages = ExitSession(package.root, engine="stages")
     graph = ort.InferenceSession(compiled, providers=["CPUExecutionProvider"])
     never = [1e300 if get_policy(p).direction == "higher" else -1e300 for p in package.policies[:-1]]

@@ -14,7 +14,7 @@ session per stage, Python deciding between stages) and, when the package holds
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from time import perf_counter_ns
 from typing import Any
@@ -23,7 +23,7 @@ import numpy as np
 import onnxruntime as ort
 
 from ..errors import SessionError
-from ..package import COMPILED_OUTPUTS, CompiledSpec
+from ..package import COMPILED_OUTPUTS, CompiledSpec, Package
 
 ENGINES = ("auto", "compiled", "stages")
 
@@ -63,14 +63,32 @@ class EngineTiming:
         return "compiled" if self.compiled_ms <= self.stages_ms else "stages"
 
 
-def time_interleaved(calls: dict[str, Callable[[], Any]], rounds: int) -> dict[str, float]:
-    """Median ms per call of each callable, calling them in turn ``rounds`` times."""
+def time_interleaved(calls: dict[str, Callable[[Any], Any]], args: Sequence[Any], rounds: int) -> dict[str, float]:
+    """Median ms per call of each callable, calling them in turn ``rounds`` times on ``args`` in cycle."""
     times: dict[str, list[int]] = {name: [] for name in calls}
     for call in calls.values():   # warm-up
-        call()
-    for _ in range(rounds):
+        call(args[0])
+    for r in range(rounds):
+        arg = args[r % len(args)]
         for name, call in calls.items():
             t0 = perf_counter_ns()
-            call()
+            call(arg)
             times[name].append(perf_counter_ns() - t0)
     return {name: float(np.median(t)) / 1e6 for name, t in times.items()}
+
+
+def calibrated_shares(package: Package) -> list[float] | None:
+    """The exit shares of the package's current calibration, if its history has one."""
+    history = (package.calibration or {}).get("history") or []
+    live = [e for e in history if not e.get("reverted")]
+    shares = live[-1].get("expected_shares") if live else None
+    if isinstance(shares, list) and len(shares) == len(package.exit_stages):
+        return [float(s) for s in shares]
+    return None
+
+
+def forced_paths(policies: Sequence[str], never: Callable[[str], float]) -> list[list[float]]:
+    """Thresholds that send every sample to exit k, one list per exit k."""
+    early = len(policies) - 1
+    return [[never(p) if j != k else -never(p) for j, p in enumerate(policies[:-1])] for k in range(early)] + [
+        [never(p) for p in policies[:-1]]]

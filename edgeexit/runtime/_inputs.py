@@ -135,3 +135,19 @@ class InputChecker:
 
 def _shape_str(shape: Sequence[int | str]) -> str:
     return "(" + ", ".join(str(d) for d in shape) + ")"
+
+
+def synthetic_inputs(specs: Sequence[InputSpec], n: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random inputs of the package's dtypes and shapes (symbolic non-batch axes: 1), for timing
+    and self-checks where only the shapes matter."""
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for spec in specs:
+        shape = [n] + [d if isinstance(d, int) else 1 for d in spec.shape[1:]]
+        if spec.dtype == "bool":
+            feeds[spec.name] = rng.integers(0, 2, shape).astype(bool)
+        elif spec.dtype.startswith(("int", "uint")):
+            feeds[spec.name] = rng.integers(0, 2, shape).astype(spec.dtype)
+        else:
+            feeds[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
+    return feeds

@@ -6,7 +6,7 @@ import contextlib
 import functools
 import math
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from time import perf_counter_ns
 from typing import Any
@@ -21,8 +21,8 @@ from ..devices.providers import ProviderSpec, check_session_providers, resolve_p
 from ..errors import GraphMismatchError, InputError, SessionError
 from ..package import Package, StageSpec, load_package
 from ..policies import ExitPolicy, check_thresholds, get_policy
-from ._engines import ENGINES, CompiledGraph, EngineTiming, time_interleaved
-from ._inputs import InputChecker
+from ._engines import ENGINES, CompiledGraph, EngineTiming, calibrated_shares, forced_paths, time_interleaved
+from ._inputs import InputChecker, synthetic_inputs
 from ._measure import Measurement
 from ._stage import Stage, binding_device, take
 from ._threads import ThreadSettings, explain_session_failure
@@ -273,36 +273,60 @@ class ExitSession:
         choice = self.engine_choice["batch1" if batch_size == 1 else "batch"]
         return "compiled" if choice != "stages" and self._default_plan.compiled else "stages"
 
-    def tune_engines(self, inputs: np.ndarray | dict[str, np.ndarray], *, batch_size: int = 64,
-                     rounds: int = 200) -> list[EngineTiming]:
-        """Time both engines on ``inputs`` and use the faster one per batch-size regime from now on.
+    def tune_engines(self, inputs: np.ndarray | dict[str, np.ndarray] | None = None, *, batch_size: int = 64,
+                     rounds: int = 300) -> list[EngineTiming]:
+        """Time both engines and use the faster one per batch-size regime from now on.
 
-        Both engines run interleaved (call by call) at batch 1 and at ``batch_size``, with
-        the session's current thresholds; the median decides.  Without a compiled graph
-        there is nothing to choose and the stage loop stays.  Repeatable at any time.
+        With ``inputs`` (your data, e.g. the calibration split), both engines run
+        interleaved, call by call, on its samples at batch 1 and in batches of
+        ``batch_size``, with the session's thresholds; the medians decide.  Without, the
+        measurement needs no data: random inputs of the package's shapes run every exit
+        path in turn (thresholds that send every sample to exit k), and each engine's
+        time is the sum over paths weighted by the exit shares of the package's last
+        calibration (equal shares if it has none).  Without a compiled graph there is
+        nothing to choose.  Repeat it whenever the device or its load changes.
 
         Returns:
-            One ``EngineTiming`` per regime (batch 1, then ``batch_size``).
+            One ``EngineTiming`` per regime (batch 1, then the larger batch): expected ms
+            per call of each engine.
 
         Example:
             >>> sess = ExitSession("lenet.eexit")                       # doctest: +SKIP
             >>> [t.faster for t in sess.tune_engines(x_val)]            # doctest: +SKIP
-            ['compiled', 'compiled']
+            ['stages', 'compiled']
         """
         if self._compiled is None or not self._default_plan.compiled:
             self.engine_choice = {"batch1": "stages", "batch": "stages"}
             return []
-        feeds, n = self._checker.feeds(inputs)
+        if inputs is None:
+            feeds, n = synthetic_inputs(self.package.inputs, batch_size), batch_size
+        else:
+            feeds, n = self._checker.feeds(inputs)
+        engines = ("stages", "compiled")
         timings = []
         for regime, size in (("batch1", 1), ("batch", min(batch_size, n))):
-            chunk = {k: v[:size] for k, v in feeds.items()}
-            calls: dict[str, Callable[[], object]] = {
-                e: functools.partial(self.run, chunk, engine=e) for e in ("stages", "compiled")}
-            per_call = time_interleaved(calls, rounds if size == 1 else max(rounds // 10, 5))
+            chunks = [{k: v[i:i + size] for k, v in feeds.items()} for i in range(0, n - size + 1, size)]
+            calls_per_engine = rounds if size == 1 else max(rounds // 20, 5)
+            if inputs is not None:
+                per_call = time_interleaved(
+                    {e: functools.partial(self._timed_run, engine=e) for e in engines}, chunks, calls_per_engine)
+            else:
+                paths = forced_paths([p.name for p in self._default_plan.policies], _never_threshold)
+                shares = calibrated_shares(self.package) or [1.0 / len(paths)] * len(paths)
+                per_call = dict.fromkeys(engines, 0.0)
+                for share, thresholds in zip(shares, paths):
+                    path = time_interleaved(
+                        {e: functools.partial(self._timed_run, engine=e, thresholds=thresholds) for e in engines},
+                        chunks, max(calls_per_engine // len(paths), 5))
+                    for e in engines:
+                        per_call[e] += share * path[e]
             timing = EngineTiming(size, per_call["stages"], per_call["compiled"])
             self.engine_choice[regime] = timing.faster
             timings.append(timing)
         return timings
+
+    def _timed_run(self, feeds: dict[str, np.ndarray], engine: str, thresholds: list[float] | None = None) -> None:
+        self.run(feeds, engine=engine, thresholds=thresholds)
 
     def _run_batch(self, tensors: dict[str, np.ndarray], n: int, plan: _Plan, start: int) -> ExitResult:
         stage_ms = [0.0] * len(self._stages)
@@ -419,6 +443,11 @@ class ExitSession:
         if self._full_session is None:
             self._full_session = self._build(full.file, "full model")
         return self._full_session.run([full.logits], {n: feeds[n] for n in full.inputs})[0]
+
+
+def _never_threshold(policy: str) -> float:
+    """A finite threshold no finite score passes under ``policy`` (its negation: every score passes)."""
+    return 1e300 if get_policy(policy).direction == "higher" else -1e300
 
 
 def _check_graph_names(session: ort.InferenceSession, spec: StageSpec) -> None:
