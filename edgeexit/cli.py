@@ -620,10 +620,12 @@ def quickstart(model: str, epochs: int, seed: int, output: Path, max_drop: float
     shares = "".join(f"{s:>9.1%}" for s in r.exit_shares)
     for label, stats in (("early exit, stage loop", r.early_latency), ("early exit, compiled", r.compiled_latency)):
         click.echo(f"{label:<24}{r.early_accuracy:>9.1%}{shares}{stats.p50:>9.3f}{stats.p95:>9.3f}")
-    click.echo(f"speedup of the compiled graph vs the full model: {r.speedup_p50:.2f}x at p50, "
-               f"{r.full_latency.p95 / r.compiled_latency.p95:.2f}x at p95 (stage loop: "
-               f"{r.full_latency.p50 / r.early_latency.p50:.2f}x at p50, {r.overhead_us:.1f} µs of Python per call); "
-               f"thresholds {[round(t, 4) for t in r.thresholds]}")
+    engine = "the compiled graph" if r.engine == "compiled" else "the stage loop"
+    click.echo(f"ExitSession.tune_engines (calibration split) chose {engine} at batch 1: {r.speedup_p50:.2f}x the "
+               f"full model at p50, {r.full_latency.p95 / r.chosen_latency.p95:.2f}x at p95; stage loop "
+               f"{r.full_latency.p50 / r.early_latency.p50:.2f}x ({r.overhead_us:.1f} µs of Python per call), compiled "
+               f"graph {r.full_latency.p50 / r.compiled_latency.p50:.2f}x at p50; thresholds "
+               f"{[round(t, 4) for t in r.thresholds]}")
     click.echo(f"package: {r.package}")
 
 

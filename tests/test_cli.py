@@ -141,7 +141,8 @@ def test_help_and_version():
 def test_quickstart_end_to_end(tmp_path):
     result = CliRunner().invoke(cli, ["quickstart", "--epochs", "2", "--output", str(tmp_path)])
     assert result.exit_code == 0, result.output
-    assert "full model (onnxruntime)" in result.output and "early exit (edgeexit)" in result.output
+    assert "full model (onnxruntime)" in result.output and "early exit, stage loop" in result.output
+    assert "early exit, compiled" in result.output and "tune_engines (calibration split) chose" in result.output
     assert (tmp_path / "blenet.eexit" / "manifest.json").is_file()
 
 
