@@ -388,3 +388,30 @@ def revert_calibration(path):  # type: ignore[no-untyped-def]
         last["reverted"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
 
     return update_manifest(path, change)
+
+
+def record_engine_choice(path, inputs, *, device=None, batch_size: int = 64):  # type: ignore[no-untyped-def]
+    """Time both engines on ``inputs`` at the package's thresholds and record the faster per regime.
+
+    Writes ``compiled.engines`` (format version 3) so that ``ExitSession(engine="auto")`` on
+    this device starts from the measured choice instead of the compiled graph everywhere.
+    Returns the ``EngineTiming`` per regime, or ``[]`` when the package has no usable
+    compiled graph (nothing is written then).
+    """
+    from .package import update_manifest
+    from .runtime import ExitSession
+
+    session = ExitSession(path, device=device)
+    timings = session.tune_engines(inputs, batch_size=batch_size)
+    if not timings:
+        return []
+
+    def change(manifest: dict) -> None:  # type: ignore[type-arg]
+        manifest["compiled"]["engines"] = {
+            "batch1": timings[0].faster, "batch": timings[1].faster, "batch_size": timings[1].batch_size,
+            "stages_ms": [t.stages_ms for t in timings], "compiled_ms": [t.compiled_ms for t in timings],
+            "device": getattr(device, "name", device),
+        }
+
+    update_manifest(path, change)
+    return timings

@@ -395,7 +395,7 @@ def calibrate(package: Path, data_file: Path | None, max_drop: float | None, tar
               latency_budget_ms: float | None, z: float, device: str, flops: bool, plot: Path | None,
               dry_run: bool, revert: bool) -> None:
     """Choose one threshold per early exit from labelled data, timed on this device."""
-    from .calibrate import apply_calibration, calibrate_thresholds, revert_calibration
+    from .calibrate import apply_calibration, calibrate_thresholds, record_engine_choice, revert_calibration
     from .runtime import ExitSession
 
     if revert:
@@ -438,6 +438,9 @@ def calibrate(package: Path, data_file: Path | None, max_drop: float | None, tar
         return
     apply_calibration(package, result, device=profile.name)
     click.echo(f"wrote the thresholds into {package} (the previous ones are kept; undo with --revert)")
+    for t in record_engine_choice(package, inputs, device=profile):
+        click.echo(f"batch {t.batch_size}: stage loop {t.stages_ms:.4f} ms, compiled graph {t.compiled_ms:.4f} ms "
+                   f"per call -> ExitSession runs the {'compiled graph' if t.faster == 'compiled' else 'stage loop'}")
 
 
 # --- bench and devices ---------------------------------------------------------------

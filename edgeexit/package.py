@@ -104,6 +104,7 @@ class CompiledSpec:
     policies: tuple[str, ...]
     outputs: Mapping[str, str]
     sources: Mapping[str, str]
+    engines: Mapping[str, Any] | None = None   # the engine measured faster per regime on a device
 
 
 @dataclass(frozen=True)
@@ -378,6 +379,10 @@ def _parse_compiled(raw: Any, version: int, inputs: list[InputSpec], stages: lis
     sources = _field(raw, "sources", "compiled")
     _schema(isinstance(sources, Mapping) and sorted(sources) == sorted(s.file for s in stages),
             "compiled.sources", "the sha256 of every stage file the graph was built from", sources)
+    engines = raw.get("engines")
+    _schema(engines is None or (isinstance(engines, Mapping) and all(
+        engines.get(regime) in ("stages", "compiled") for regime in ("batch1", "batch"))), "compiled.engines",
+        "null or an object whose batch1 and batch are 'stages' or 'compiled'", engines)
     stale = [name for name, digest in sources.items()
              if not isinstance(files.get(name), Mapping) or files[name].get("sha256") != digest]
     if stale:
@@ -385,7 +390,8 @@ def _parse_compiled(raw: Any, version: int, inputs: list[InputSpec], stages: lis
             f"the compiled graph {file!r} was built from other versions of {stale} than the package holds; it "
             "would not agree with the stage graphs. Rebuild it with `edgeexit compile PACKAGE`."
         )
-    return CompiledSpec(file, names, thresholds, policies, dict(outputs), dict(sources))
+    return CompiledSpec(file, names, thresholds, policies, dict(outputs), dict(sources),
+                        None if engines is None else dict(engines))
 
 
 def _check_stage_wiring(stages: list[StageSpec], inputs: list[InputSpec]) -> None:

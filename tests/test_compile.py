@@ -432,3 +432,29 @@ def test_compiled_graph_describes_itself_and_packages_are_readable_by_others(pac
     set_thresholds(copy, [0.5])   # rewrites manifest.json through a temporary file
     assert stat.S_IMODE(copy.stat().st_mode) == 0o777 & ~mask
     assert stat.S_IMODE((copy / "manifest.json").stat().st_mode) == 0o666 & ~mask
+
+
+def test_calibrate_records_the_faster_engine_per_regime(packages, tmp_path):
+    import shutil
+
+    path = tmp_path / "calibrated.eexit"
+    shutil.copytree(packages["blenet"][0], path)
+    x = _images(200)
+    labels = ExitSession(path, engine="stages").run(x, early_exits=False).predictions
+    np.savez(tmp_path / "val.npz", image=x, labels=labels)
+    result = CliRunner().invoke(cli, ["calibrate", str(path), "--data", str(tmp_path / "val.npz"),
+                                      "--max-drop", "1", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "batch 1: stage loop" in result.output and "batch 64: stage loop" in result.output
+    engines = load_package(path).compiled.engines
+    assert engines["batch_size"] == 64 and engines["device"] == "cpu"
+    faster = ["compiled" if c <= s else "stages" for s, c in zip(engines["stages_ms"], engines["compiled_ms"])]
+    assert [engines["batch1"], engines["batch"]] == faster
+    sess = ExitSession(path)
+    assert sess.engine_choice == {"batch1": engines["batch1"], "batch": engines["batch"]}
+    assert sess.run(x[:1]).engine == engines["batch1"]
+    assert ExitSession(path, engine="compiled").run(x[:1]).engine == "compiled"   # an explicit engine wins
+    _, manifest = read_manifest(path)
+    manifest["compiled"]["engines"]["batch1"] = "fastest"
+    with pytest.raises(ManifestSchemaError, match=r"compiled\.engines"):
+        parse_manifest(manifest, path)

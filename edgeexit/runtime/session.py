@@ -159,8 +159,10 @@ class ExitSession:
             )
         if compiled_spec is not None and engine != "stages":
             self._compiled = CompiledGraph(compiled_spec, self._build(compiled_spec.file, "the compiled graph"))
-        # engine per regime: batch 1, batch > 1 ("auto": compiled when usable)
-        self.engine_choice = {"batch1": engine, "batch": engine}
+        # engine per regime: batch 1, batch > 1 ("auto": compiled when usable, or what the last
+        # calibration on a device measured faster, if it recorded that)
+        recorded = compiled_spec.engines if compiled_spec is not None and engine == "auto" else None
+        self.engine_choice = {regime: (recorded or {}).get(regime, engine) for regime in ("batch1", "batch")}
         self._default_plan = self._make_plan(None, None)
         never = tuple(math.inf if p.direction == "higher" else -math.inf for p in self._default_plan.policies[:-1])
         self._no_exit_plan = _Plan(self._default_plan.policies, never)
