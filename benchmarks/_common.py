@@ -94,6 +94,16 @@ def parse_timing_args(ap: argparse.ArgumentParser, argv: list[str] | None,
     return args
 
 
+def timing_config(args: argparse.Namespace) -> dict[str, Any]:
+    """The run settings every zoo-model timing script records in its JSON ``config``."""
+    return {
+        "models": args.models, "epochs": {"blenet": args.epochs_blenet, "bresnet": args.epochs_bresnet},
+        "seed": args.seed, "passes": args.passes, "samples": args.samples, "batch_sizes": args.batch_sizes,
+        "warmup_calls_batch1": args.warmup, "warmup_calls_batched": args.warmup_batches,
+        "interleave_block_samples": args.block, "quick": args.quick, "max_drop": MAX_DROP,
+    }
+
+
 def log(message: str) -> None:
     """Progress and export chatter go to stderr; stdout holds only the result tables."""
     print(message, file=sys.stderr, flush=True)

@@ -51,6 +51,7 @@ from _common import (
     prepare,
     stats_dict,
     table,
+    timing_config,
     timing_parser,
     write_json,
 )
@@ -276,10 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "bench_int8",
         "machine": machine,
         "config": {
-            "models": args.models, "epochs": {"blenet": args.epochs_blenet, "bresnet": args.epochs_bresnet},
-            "seed": args.seed, "passes": args.passes, "samples": args.samples, "batch_sizes": args.batch_sizes,
-            "warmup_calls_batch1": args.warmup, "warmup_calls_batched": args.warmup_batches,
-            "interleave_block_samples": args.block, "quick": args.quick, "max_drop": MAX_DROP,
+            **timing_config(args),
             "activation_type": args.activation_type, "max_calibration_samples": args.max_calibration_samples,
             "onnxruntime_threads": {"intra_op": 1, "inter_op": 1, "spinning": False},
             "gc_disabled_while_timing": True,

@@ -109,6 +109,17 @@ def write_tiny_sources(folder: Path) -> dict[str, Path]:
     return out
 
 
+@pytest.fixture(scope="module")
+def torch_one_thread() -> Any:
+    """torch on one thread for a module: small models on a shared machine run faster and
+    bit-for-bit reproducibly.  Use with ``pytestmark = pytest.mark.usefixtures(...)``."""
+    torch = pytest.importorskip("torch")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def tiny_manifest() -> dict[str, Any]:
     """A fresh copy of the tiny package's manifest (without the ``files`` table)."""

@@ -38,13 +38,7 @@ from edgeexit.zoo.cbnet import (  # noqa: E402
 SIZES = (64, 32, 16)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    # small models on a shared machine: one thread is faster and bit-for-bit reproducible
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 @pytest.fixture(scope="module")

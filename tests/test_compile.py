@@ -35,12 +35,7 @@ from edgeexit.zoo.cbnet import ConvertingAutoencoder, cbnet_model
 BATCHES = (1, 7, 64)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def _images(n: int, seed: int = 0) -> np.ndarray:
