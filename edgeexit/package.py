@@ -323,6 +323,8 @@ def parse_manifest(manifest: Mapping[str, Any], root: Path) -> Package:
     files = _field(manifest, "files", "manifest")
     _schema(isinstance(files, Mapping), "files", "an object", files)
     compiled = _parse_compiled(manifest.get("compiled"), version, inputs, stages, files)
+    _schema(compiled is None or full_spec is None or compiled.file != full_spec.file, "compiled.file",
+            "a file name of its own (not the full model's)", compiled and compiled.file)
     referenced = [s.file for s in stages] + ([full_spec.file] if full_spec else []) + \
         ([compiled.file] if compiled else [])
     for ref in referenced:
@@ -360,13 +362,14 @@ def _parse_compiled(raw: Any, version: int, inputs: list[InputSpec], stages: lis
     _schema(version >= 3, "compiled", f"absent in a version-{version} package (it is a version-3 field)", raw)
     _schema(isinstance(raw, Mapping), "compiled", "an object", raw)
     file = _field(raw, "file", "compiled")
-    _schema(isinstance(file, str), "compiled.file", "a string", file)
+    _schema(isinstance(file, str) and file not in {s.file for s in stages}, "compiled.file",
+            "a file name of its own (not a stage graph's)", file)
     names = _str_list(_field(raw, "inputs", "compiled"), "compiled.inputs")
     _schema(sorted(names) == sorted(i.name for i in inputs), "compiled.inputs",
             f"the model input names {[i.name for i in inputs]}", list(names))
     thresholds = _field(raw, "thresholds", "compiled")
-    _schema(isinstance(thresholds, str) and thresholds not in names, "compiled.thresholds",
-            "the name of the thresholds input (a string, not a model input name)", thresholds)
+    _schema(isinstance(thresholds, str) and thresholds != "" and thresholds not in names, "compiled.thresholds",
+            "the name of the thresholds input (a non-empty string, not a model input name)", thresholds)
     policies = _str_list(_field(raw, "policies", "compiled"), "compiled.policies")
     num_exits = sum(1 for s in stages if s.exit is not None)
     _schema(len(policies) == num_exits, "compiled.policies", f"one policy per exit ({num_exits})", list(policies))
@@ -374,8 +377,10 @@ def _parse_compiled(raw: Any, version: int, inputs: list[InputSpec], stages: lis
         get_policy(p)
     outputs = _field(raw, "outputs", "compiled")
     _schema(isinstance(outputs, Mapping) and sorted(outputs) == sorted(COMPILED_OUTPUTS)
-            and all(isinstance(v, str) for v in outputs.values()), "compiled.outputs",
-            f"an object naming the graph outputs {list(COMPILED_OUTPUTS)}", outputs)
+            and all(isinstance(v, str) and v for v in outputs.values())
+            and len(set(outputs.values())) == 3 and thresholds not in outputs.values(), "compiled.outputs",
+            f"an object naming three distinct graph outputs {list(COMPILED_OUTPUTS)}, none of them the thresholds "
+            "input", outputs)
     sources = _field(raw, "sources", "compiled")
     _schema(isinstance(sources, Mapping) and sorted(sources) == sorted(s.file for s in stages),
             "compiled.sources", "the sha256 of every stage file the graph was built from", sources)

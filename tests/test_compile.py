@@ -453,3 +453,141 @@ def test_calibrate_records_the_faster_engine_per_regime(packages, tmp_path):
     manifest["compiled"]["engines"]["batch1"] = "fastest"
     with pytest.raises(ManifestSchemaError, match=r"compiled\.engines"):
         parse_manifest(manifest, path)
+
+
+# --- review findings: names, dtypes, graphs, engines, writes ---------------------------------
+
+
+@pytest.mark.parametrize("input_name", ["thresholds", "score"])
+def test_model_inputs_named_like_the_graph_io_get_other_names(tmp_path, input_name):
+    x = tiny_inputs(64, seed=5)
+    path = _export(tiny_model(), x[:4], tmp_path / "named.eexit", input_name, [0.5, 0.5])
+    package = load_package(path)
+    assert package.compiled is not None and package.compiled.inputs == (input_name,)
+    assert input_name not in (package.compiled.thresholds, *package.compiled.outputs.values())
+    _assert_same(ExitSession(path, engine="compiled").run({input_name: x}),
+                 ExitSession(path, engine="stages").run({input_name: x}))
+
+
+def test_export_without_a_compiled_graph_when_compiling_fails_by_default(tmp_path, monkeypatch):
+    import edgeexit.export.exporter as exporter
+
+    def broken(*_args, **_kwargs):
+        raise CompileError("simulated: the checker refused the graph")
+
+    monkeypatch.setattr(exporter, "compile_package", broken)
+    lines: list[str] = []
+    export_package(tiny_model(), {"x": torch.from_numpy(tiny_inputs(4))}, tmp_path / "a.eexit",
+                   thresholds=[0.5, 0.5], log=lines.append)
+    assert load_package(tmp_path / "a.eexit").compiled is None
+    assert any(line.startswith("not compiled (simulated") for line in lines)
+    with pytest.raises(CompileError, match="simulated"):
+        export_package(tiny_model(), {"x": torch.from_numpy(tiny_inputs(4))}, tmp_path / "b.eexit",
+                       thresholds=[0.5, 0.5], compile=True, log=None)
+
+
+def test_stage_graphs_listing_their_weights_as_inputs_compile(tiny_package):
+    stage0 = onnx.load(str(tiny_package / "stage0.onnx"))
+    weight = stage0.graph.initializer[0]
+    stage0.graph.input.append(onnx.helper.make_tensor_value_info(weight.name, weight.data_type, list(weight.dims)))
+    onnx.save(stage0, str(tiny_package / "stage0.onnx"))
+    _, manifest = read_manifest(tiny_package)
+    manifest.pop("files")
+    rebuilt = write_package(tiny_package.parent / "weights-as-inputs.eexit", manifest,
+                            {f: tiny_package / f for f in ("stage0.onnx", "stage1.onnx")})
+    compile_package(rebuilt, log=None)
+    x = np.random.default_rng(0).standard_normal((64, 4)).astype(np.float32) * 3
+    _assert_same(ExitSession(rebuilt, engine="compiled").run(x), ExitSession(rebuilt, engine="stages").run(x))
+
+
+class _Half(torch.nn.Module):
+    def __init__(self, head: torch.nn.Module) -> None:
+        super().__init__()
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(x).to(torch.float16)
+
+
+def test_exits_with_different_logits_dtypes_decide_on_their_own_logits(tmp_path):
+    from edgeexit.export import EarlyExitModel
+
+    model = tiny_model()
+    model = EarlyExitModel(stages=list(model.stages), exits=[_Half(model.exit_at(0)), None, model.exit_at(2),
+                                                             model.exit_at(3)]).eval()
+    x = tiny_inputs(64, seed=9)
+    path = _export(model, x[:4], tmp_path / "half.eexit", "x", [0.5, 0.5])
+    stages = ExitSession(path, engine="stages")
+    logits = stages.run_all_exits(x)
+    assert logits[0].dtype == np.float16 and logits[1].dtype == np.float32
+    spread = _gap_thresholds(stages, x, "entropy", [0.4, 0.5])
+    for thresholds in (None, spread):
+        got = ExitSession(path, engine="compiled").run(x, thresholds=thresholds)
+        want = stages.run(x, thresholds=thresholds)
+        assert got.logits.dtype == want.logits.dtype == np.float16
+        np.testing.assert_array_equal(got.exit_index, want.exit_index)
+        np.testing.assert_allclose(got.scores, want.scores, rtol=1e-12)   # exit 2 scored in float32, not float16
+
+
+def test_engine_names_are_checked_and_forced_sessions_keep_their_engine(packages):
+    path, x = packages["blenet"]
+    sess = ExitSession(path)
+    with pytest.raises(InputError, match="engine='stage'"):
+        sess.run(x[:1], engine="stage")
+    sess.engine_choice = {"batch1": "stages", "batch": "compiled"}
+    assert sess.run(x[:1], engine="auto").engine == "stages" and sess.run(x[:7], engine="auto").engine == "compiled"
+    forced = ExitSession(path, engine="compiled")
+    timings = forced.tune_engines(x, batch_size=16, rounds=20)
+    assert len(timings) == 2 and forced.engine_choice == {"batch1": "compiled", "batch": "compiled"}
+    with forced.measure() as m:
+        forced.tune_engines(None, batch_size=8, rounds=10)
+        forced.run(x[:3])
+    assert m.samples == 3    # the tuning calls are not counted as the caller's inferences
+
+
+def test_compiling_in_place_keeps_other_files_follows_links_and_swaps_files(packages, tmp_path):
+    import shutil
+
+    real = tmp_path / "real.eexit"
+    shutil.copytree(packages["tuple"][0], real)
+    (real / "NOTES.txt").write_text("kept")
+    link = tmp_path / "link.eexit"
+    link.symlink_to(real, target_is_directory=True)
+    before = {f: (real / f).read_bytes() for f in ("stage0.onnx", "stage3.onnx")}
+    compile_package(link, log=None)
+    assert link.is_symlink() and (real / "NOTES.txt").read_text() == "kept"
+    package = load_package(real)
+    assert package.compiled.file == "compiled-next.onnx" and not (real / "compiled.onnx").exists()
+    assert all((real / f).read_bytes() == b for f, b in before.items())
+    compile_package(real, log=None)
+    assert load_package(real).compiled.file == "compiled.onnx" and not (real / "compiled-next.onnx").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.eexit", "real.eexit"]   # no temporary siblings
+    x = packages["tuple"][1]
+    _assert_same(ExitSession(real, engine="compiled").run(x), ExitSession(real, engine="stages").run(x))
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda c: c.update(file="stage0.onnx"), "a file name of its own"),
+    (lambda c: c["outputs"].update(score="logits"), "three distinct"),
+    (lambda c: c.update(thresholds=""), "non-empty"),
+    (lambda c: c.update(thresholds="score"), "none of them the thresholds"),
+])
+def test_compiled_entries_that_cannot_work_are_refused(packages, change, message):
+    path, _ = packages["blenet"]
+    _, manifest = read_manifest(path)
+    change(manifest["compiled"])
+    with pytest.raises(ManifestSchemaError, match=message):
+        parse_manifest(manifest, path)
+
+
+def test_a_compiled_graph_whose_names_differ_from_the_manifest_is_refused_at_load(packages, tmp_path):
+    import shutil
+
+    from edgeexit.errors import GraphMismatchError
+
+    path = tmp_path / "renamed.eexit"
+    shutil.copytree(packages["blenet"][0], path)
+    update_manifest(path, lambda m: m["compiled"]["outputs"].update(score="the_score"))
+    with pytest.raises(GraphMismatchError, match="edgeexit compile"):
+        ExitSession(path)
+    assert ExitSession(path, engine="stages").run(packages["blenet"][1][:3]).engine == "stages"

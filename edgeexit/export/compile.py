@@ -26,8 +26,8 @@ This module needs onnx and onnxruntime, never torch.
 from __future__ import annotations
 
 import copy
+import hashlib
 import os
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,18 +39,12 @@ from onnx import TensorProto, helper, numpy_helper
 
 from .._atomic import write_bytes_atomically
 from ..errors import CompileError
-from ..package import (
-    COMPILED_OUTPUTS,
-    FORMAT_VERSION,
-    Package,
-    load_package,
-    read_manifest,
-    sha256_file,
-    write_package,
-)
+from ..package import COMPILED_OUTPUTS, FORMAT_VERSION, Package, load_package, sha256_file, update_manifest
 from ..policies import get_policy
 
 COMPILED_FILE = "compiled.onnx"
+# a recompile writes the other name, so the manifest switches files in one atomic replace
+COMPILED_FILE_NEXT = "compiled-next.onnx"
 THRESHOLDS_INPUT = "thresholds"
 IN_GRAPH_POLICIES = ("confidence", "entropy", "margin")
 MIN_OPSET = 13   # Softmax over one axis, ReduceSum with axes as an input
@@ -61,6 +55,32 @@ _FLOAT_LOGITS = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE)
 # Multiplying p = 0 by this stays 0 where log p is -inf (a -inf logit); numpy's policy
 # skips such terms the same way.
 _LOWEST = float(np.finfo(np.float64).min)
+
+
+@dataclass(frozen=True)
+class GraphNames:
+    """The compiled graph's own input and output names (model inputs keep theirs)."""
+
+    thresholds: str
+    outputs: tuple[str, str, str]   # logits, exit_index, score
+
+
+def graph_names(package: Package) -> GraphNames:
+    """``thresholds``, ``logits``, ``exit_index``, ``score``, or ``edgeexit_…`` where a model
+    input already has the name."""
+    taken = {i.name for i in package.inputs}
+
+    def free(name: str) -> str:
+        candidate, k = name, 1
+        while candidate in taken:
+            candidate = f"edgeexit_{name}" + (f"_{k}" if k > 1 else "")
+            k += 1
+        taken.add(candidate)
+        return candidate
+
+    thresholds = free(THRESHOLDS_INPUT)
+    logits, exit_index, score = (free(n) for n in COMPILED_OUTPUTS)
+    return GraphNames(thresholds, (logits, exit_index, score))
 
 
 def compile_blocker(package: Package) -> str | None:
@@ -170,7 +190,8 @@ def _splice(scope: _Scope, model: onnx.ModelProto, prefix: str, feeds: Mapping[s
     Returns the scope name of each of the stage graph's outputs.
     """
     graph = copy.deepcopy(model.graph)
-    inputs = {vi.name for vi in graph.input}
+    # an initializer may also be listed as a graph input (an overridable default): it is a weight
+    inputs = {vi.name for vi in graph.input} - {i.name for i in graph.initializer}
 
     def rename(name: str) -> str:
         return feeds[name] if name in inputs else prefix + name
@@ -212,12 +233,12 @@ def _score(scope: _Scope, logits: str, policy: str, classes: int | None) -> str:
     raise CompileError(f"policy {policy!r} has no in-graph form; compiled policies: {', '.join(IN_GRAPH_POLICIES)}")
 
 
-def _split_thresholds(scope: _Scope, count: int) -> list[str]:
+def _split_thresholds(scope: _Scope, thresholds: str, count: int) -> list[str]:
     """One shape-[1] tensor per early exit, split off the thresholds input once."""
     if count == 1:
-        return [THRESHOLDS_INPUT]
+        return [thresholds]
     attrs = {"num_outputs": count} if scope.opset >= 18 else {}
-    return scope.op("Split", [THRESHOLDS_INPUT], "threshold", outputs=count, axis=0, **attrs)
+    return scope.op("Split", [thresholds], "threshold", outputs=count, axis=0, **attrs)
 
 
 def _passes(scope: _Scope, score: str, policy: str, threshold: str, exit_number: int) -> str:
@@ -280,9 +301,9 @@ class _Compiler:
             if spec.exit is not None:
                 logits = outs[spec.exit.logits]
         policy = self.package.stages[seg.stages[-1]].exit.policy  # type: ignore[union-attr]
-        if self._elem_type(seg.stages[-1]) != self.logits_type:
+        score = _score(scope, logits, policy, self.classes)   # from the exit's own logits, as the stage loop
+        if self._elem_type(seg.stages[-1]) != self.logits_type:  # returned in exit 0's dtype, as the stage loop
             logits = scope.one("Cast", [logits], f"logits{seg.exit_number}_cast", to=self.logits_type)
-        score = _score(scope, logits, policy, self.classes)
         if not rest and not need_exit:
             return logits, "", score
         if not rest:
@@ -385,18 +406,19 @@ def build_compiled_model(package: Package) -> onnx.ModelProto:
         raise CompileError(f"exit logits {first.exit.logits!r} must be a float tensor (batch, classes) to compile")
     classes = dims[1].dim_value if dims[1].HasField("dim_value") else None
 
+    io = graph_names(package)
     inputs = [helper.make_tensor_value_info(i.name, _DTYPE[i.dtype], list(i.shape)) for i in package.inputs]
     num_early = len(package.exit_stages) - 1
-    inputs.append(helper.make_tensor_value_info(THRESHOLDS_INPUT, TensorProto.DOUBLE, [num_early]))
+    inputs.append(helper.make_tensor_value_info(io.thresholds, TensorProto.DOUBLE, [num_early]))
     names = _Names([i.name for i in inputs])
     main = _Scope(names, opset)
     compiler = _Compiler(package, models, names, opset, int(ttype.elem_type), classes,
-                         _split_thresholds(main, num_early))
-    names.claim(COMPILED_OUTPUTS)
-    compiler.emit(main, _segments(package), {i.name: i.name for i in package.inputs}, public=COMPILED_OUTPUTS)
+                         _split_thresholds(main, io.thresholds, num_early))
+    names.claim(io.outputs)
+    compiler.emit(main, _segments(package), {i.name: i.name for i in package.inputs}, public=io.outputs)
     shapes = (["batch", classes if classes else "classes"], ["batch"], ["batch"])
     types = (int(ttype.elem_type), TensorProto.INT64, TensorProto.DOUBLE)
-    outputs = [helper.make_tensor_value_info(n, t, s) for n, t, s in zip(COMPILED_OUTPUTS, types, shapes)]
+    outputs = [helper.make_tensor_value_info(n, t, s) for n, t, s in zip(io.outputs, types, shapes)]
     graph = helper.make_graph(main.nodes, f"{package.name}_compiled", inputs, outputs,
                               initializer=main.initializers, value_info=main.value_info)
     functions = _functions(models)
@@ -408,7 +430,7 @@ def build_compiled_model(package: Package) -> onnx.ModelProto:
     onnx.helper.set_model_props(model, {
         "edgeexit.kind": "compiled exits", "edgeexit.model": package.name,
         "edgeexit.policies": ",".join(package.policies), "edgeexit.exits": str(len(package.exit_stages)),
-        "edgeexit.thresholds": f"input {THRESHOLDS_INPUT} (float64, {num_early}: one per early exit)",
+        "edgeexit.thresholds": f"input {io.thresholds} (float64, {num_early}: one per early exit)",
     })
     try:
         onnx.checker.check_model(model, full_check=True)
@@ -428,16 +450,17 @@ def _functions(models: Sequence[onnx.ModelProto]) -> list[onnx.FunctionProto]:
     return list(seen.values())
 
 
-def bake_thresholds(model: onnx.ModelProto, thresholds: Sequence[float]) -> onnx.ModelProto:
-    """A copy of a compiled model whose ``thresholds`` are constants, not an input."""
+def bake_thresholds(model: onnx.ModelProto, thresholds: Sequence[float],
+                    name: str = THRESHOLDS_INPUT) -> onnx.ModelProto:
+    """A copy of a compiled model whose thresholds input ``name`` is a constant instead."""
     baked = copy.deepcopy(model)
-    kept = [i for i in baked.graph.input if i.name != THRESHOLDS_INPUT]
+    kept = [i for i in baked.graph.input if i.name != name]
     if len(kept) == len(baked.graph.input):
-        raise CompileError("the model has no 'thresholds' input to bake")
+        raise CompileError(f"the model has no {name!r} input to bake")
     del baked.graph.input[:]
     baked.graph.input.extend(kept)
     baked.graph.initializer.append(
-        numpy_helper.from_array(np.asarray(thresholds, dtype=np.float64), THRESHOLDS_INPUT))
+        numpy_helper.from_array(np.asarray(thresholds, dtype=np.float64), name))
     props = {p.key: p.value for p in baked.metadata_props}
     props["edgeexit.thresholds"] = "baked: " + ",".join(repr(float(t)) for t in thresholds)
     onnx.helper.set_model_props(baked, props)
@@ -447,14 +470,15 @@ def bake_thresholds(model: onnx.ModelProto, thresholds: Sequence[float]) -> onnx
 # --- packages ----------------------------------------------------------------------
 
 
-def compiled_entry(package: Package) -> dict[str, Any]:
+def compiled_entry(package: Package, file: str = COMPILED_FILE) -> dict[str, Any]:
     """The manifest's ``compiled`` object for a graph built from ``package``'s stage files now."""
+    io = graph_names(package)
     return {
-        "file": COMPILED_FILE,
+        "file": file,
         "inputs": [i.name for i in package.inputs],
-        "thresholds": THRESHOLDS_INPUT,
+        "thresholds": io.thresholds,
         "policies": list(package.policies),
-        "outputs": {name: name for name in COMPILED_OUTPUTS},
+        "outputs": dict(zip(COMPILED_OUTPUTS, io.outputs)),
         "sources": {s.file: sha256_file(package.file_path(s.file)) for s in package.stages},
     }
 
@@ -468,6 +492,10 @@ def compile_package(
     log: Callable[[str], None] | None = print,
 ) -> Path:
     """Compile a package's stages into one graph: into the package, or to a standalone file.
+
+    Into the package, the graph is written under a name the manifest does not list yet
+    (``compiled.onnx``, or ``compiled-next.onnx`` when recompiling), then ``manifest.json``
+    is replaced atomically to list it; the stage graphs and any other file stay untouched.
 
     Args:
         path: the exit package.
@@ -487,32 +515,43 @@ def compile_package(
         >>> compile_package("lenet.eexit", output="lenet.onnx", bake=True)  # doctest: +SKIP
     """
     say = log or (lambda _line: None)
-    package = load_package(path)
+    package = load_package(Path(path).resolve())   # through a link: compile the package it points to
     if bake and output is None:
         raise CompileError("bake=True (--bake-thresholds) needs output=FILE.onnx: a package keeps its thresholds "
                            "in the manifest only, so calibration never rewrites the graph")
     model = build_compiled_model(package)
     data = model.SerializeToString()
+    io = graph_names(package)
     if check_samples:
         check_against_stage_loop(package, data, check_samples)
     if output is not None:
         if bake:
-            data = bake_thresholds(model, package.thresholds).SerializeToString()
+            data = bake_thresholds(model, package.thresholds, io.thresholds).SerializeToString()
         write_bytes_atomically(output, data)
         say(f"wrote {output} ({len(data):,} bytes; thresholds "
-            f"{'baked in: ' + str(package.thresholds) if bake else 'as the input ' + repr(THRESHOLDS_INPUT)})")
+            f"{'baked in: ' + str(package.thresholds) if bake else 'as the input ' + repr(io.thresholds)})")
         return Path(output)
-    with tempfile.TemporaryDirectory(prefix="edgeexit-compile-") as tmp:
-        graph_path = Path(tmp) / COMPILED_FILE
-        graph_path.write_bytes(data)
-        _, manifest = read_manifest(package.root)
-        files = {name: package.file_path(name) for name in manifest.pop("files") if name != COMPILED_FILE}
-        files[COMPILED_FILE] = graph_path
+    previous = package.compiled.file if package.compiled is not None else None
+    file = COMPILED_FILE_NEXT if previous == COMPILED_FILE else COMPILED_FILE
+    write_bytes_atomically(package.file_path(file), data)   # not listed yet: no reader opens it
+    entry = compiled_entry(package, file)
+    digest = hashlib.sha256(data).hexdigest()
+
+    def change(manifest: dict[str, Any]) -> None:
         manifest["format_version"] = max(int(manifest["format_version"]), FORMAT_VERSION)
-        manifest["compiled"] = compiled_entry(package)
-        write_package(package.root, manifest, files)
+        manifest["files"].pop(previous, None)
+        manifest["files"][file] = {"sha256": digest, "size": len(data)}
+        manifest["compiled"] = entry
+
+    try:
+        update_manifest(package.root, change)
+    except BaseException:
+        package.file_path(file).unlink(missing_ok=True)
+        raise
+    if previous is not None and previous != file:
+        package.file_path(previous).unlink(missing_ok=True)
     sizes = sum(package.files[s.file]["size"] for s in package.stages)
-    say(f"compiled {len(package.stages)} stage graph(s) ({sizes:,} bytes) into {package.root / COMPILED_FILE} "
+    say(f"compiled {len(package.stages)} stage graph(s) ({sizes:,} bytes) into {package.file_path(file)} "
         f"({len(data):,} bytes), policies {package.policies}")
     return package.root
 
@@ -528,12 +567,13 @@ def check_against_stage_loop(package: Package, compiled: bytes, samples: int, se
     from ..runtime._inputs import synthetic_inputs
 
     feeds = synthetic_inputs(package.inputs, samples, seed)
+    thresholds_input = graph_names(package).thresholds
     stages = ExitSession(package.root, engine="stages")
     graph = ort.InferenceSession(compiled, providers=["CPUExecutionProvider"])
     never = [1e300 if get_policy(p).direction == "higher" else -1e300 for p in package.policies[:-1]]
     for thresholds in (package.thresholds, never, [-t for t in never]):
         want = stages.run(feeds, thresholds=thresholds)
-        logits, exit_index, _ = graph.run(None, {**feeds, THRESHOLDS_INPUT: np.asarray(thresholds, np.float64)})
+        logits, exit_index, _ = graph.run(None, {**feeds, thresholds_input: np.asarray(thresholds, np.float64)})
         if not np.array_equal(exit_index, want.exit_index) or not np.allclose(logits, want.logits, atol=1e-5):
             raise CompileError(
                 f"the compiled graph disagrees with the stage loop at thresholds {thresholds}: exits "

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .. import __version__
-from ..errors import ExportError, ExportValidationError, ModelSpecError
+from ..errors import CompileError, ExportError, ExportValidationError, ModelSpecError
 from ..package import DTYPES, FORMAT_NAME, FORMAT_VERSION, Package, load_package, read_manifest, write_package
 from ..policies import check_thresholds, get_policy
 from ._costs import FlopCounter, count_parameters
@@ -200,14 +200,15 @@ def _compiled_in(folder: Path, manifest: dict[str, Any], files: dict[str, Path],
     """The manifest and files with ``compiled.onnx`` added, built in a staging package."""
     staging = write_package(folder / "staging.eexit", manifest, files)
     blocker = compile_blocker(load_package(staging))
-    if blocker is not None:
-        if required:
-            from ..errors import CompileError
-
+    try:
+        if blocker is not None:
             raise CompileError(f"cannot compile this model: {blocker}")
-        say(f"not compiled: {blocker}")
+        compile_package(staging, log=lambda line: say(line.replace(str(staging.resolve()), str(final))))
+    except CompileError as exc:
+        if required:
+            raise
+        say(f"not compiled ({exc}); the package runs with the stage loop")
         return manifest, files
-    compile_package(staging, log=lambda line: say(line.replace(str(staging), str(final))))
     _, compiled = read_manifest(staging)
     return compiled, {name: staging / name for name in compiled.pop("files")}
 

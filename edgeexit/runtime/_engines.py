@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from ..errors import SessionError
+from ..errors import GraphMismatchError, SessionError
 from ..package import COMPILED_OUTPUTS, CompiledSpec, Package
 
 ENGINES = ("auto", "compiled", "stages")
@@ -38,6 +38,17 @@ class CompiledGraph:
         self.outputs = [spec.outputs[name] for name in COMPILED_OUTPUTS]
         self.inputs = spec.inputs
         self.thresholds = spec.thresholds
+
+    def check_names(self) -> None:
+        """The graph's inputs and outputs are the ones the manifest names (else GraphMismatchError)."""
+        inputs = sorted(i.name for i in self.session.get_inputs())
+        outputs = {o.name for o in self.session.get_outputs()}
+        wanted = sorted([*self.inputs, self.thresholds])
+        if inputs != wanted or not outputs.issuperset(self.outputs):
+            raise GraphMismatchError(
+                f"the compiled graph {self.spec.file} has inputs {inputs} and outputs {sorted(outputs)}; the manifest "
+                f"declares inputs {wanted} and outputs {self.outputs}. Rebuild it with `edgeexit compile PACKAGE`."
+            )
 
     def run(self, feeds: dict[str, np.ndarray], thresholds: np.ndarray) -> list[np.ndarray]:
         """(logits, exit_index, score) for the batch in ``feeds``."""

@@ -159,6 +159,8 @@ class ExitSession:
             )
         if compiled_spec is not None and engine != "stages":
             self._compiled = CompiledGraph(compiled_spec, self._build(compiled_spec.file, "the compiled graph"))
+            self._compiled.check_names()
+        self._engine = engine
         # engine per regime: batch 1, batch > 1 ("auto": compiled when usable, or what the last
         # calibration on a device measured faster, if it recorded that)
         recorded = compiled_spec.engines if compiled_spec is not None and engine == "auto" else None
@@ -233,7 +235,12 @@ class ExitSession:
             plan = self._default_plan
         else:
             plan = self._make_plan(thresholds, policy)
-        use = engine or self.engine_choice["batch1" if n == 1 else "batch"]
+        if engine is None or engine == "auto":
+            use = self.engine_choice["batch1" if n == 1 else "batch"]
+        elif engine in ENGINES:
+            use = engine
+        else:
+            raise InputError(f"engine={engine!r} is not one of {', '.join(ENGINES)}")
         if use != "stages" and early_exits and plan.compiled:
             result = self._run_compiled(feeds, n, plan, start)
         elif use == "compiled":
@@ -275,6 +282,7 @@ class ExitSession:
         choice = self.engine_choice["batch1" if batch_size == 1 else "batch"]
         return "compiled" if choice != "stages" and self._default_plan.compiled else "stages"
 
+
     def tune_engines(self, inputs: np.ndarray | dict[str, np.ndarray] | None = None, *, batch_size: int = 64,
                      rounds: int = 300) -> list[EngineTiming]:
         """Time both engines and use the faster one per batch-size regime from now on.
@@ -298,7 +306,6 @@ class ExitSession:
             ['stages', 'compiled']
         """
         if self._compiled is None or not self._default_plan.compiled:
-            self.engine_choice = {"batch1": "stages", "batch": "stages"}
             return []
         if inputs is None:
             feeds, n = synthetic_inputs(self.package.inputs, batch_size), batch_size
@@ -306,7 +313,7 @@ class ExitSession:
             feeds, n = self._checker.feeds(inputs)
         engines = ("stages", "compiled")
         timings = []
-        for regime, size in (("batch1", 1), ("batch", min(batch_size, n))):
+        for size in (1, min(batch_size, n)):
             chunks = [{k: v[i:i + size] for k, v in feeds.items()} for i in range(0, n - size + 1, size)]
             calls_per_engine = rounds if size == 1 else max(rounds // 20, 5)
             if inputs is not None:
@@ -322,13 +329,17 @@ class ExitSession:
                         chunks, max(calls_per_engine // len(paths), 5))
                     for e in engines:
                         per_call[e] += share * path[e]
-            timing = EngineTiming(size, per_call["stages"], per_call["compiled"])
-            self.engine_choice[regime] = timing.faster
-            timings.append(timing)
+            timings.append(EngineTiming(size, per_call["stages"], per_call["compiled"]))
+        if self._engine == "auto":   # a session opened with one engine keeps it
+            self.engine_choice = {"batch1": timings[0].faster, "batch": timings[1].faster}
         return timings
 
     def _timed_run(self, feeds: dict[str, np.ndarray], engine: str, thresholds: list[float] | None = None) -> None:
-        self.run(feeds, engine=engine, thresholds=thresholds)
+        measuring, self._measuring = self._measuring, None   # tuning calls are not the caller's inferences
+        try:
+            self.run(feeds, engine=engine, thresholds=thresholds)
+        finally:
+            self._measuring = measuring
 
     def _run_batch(self, tensors: dict[str, np.ndarray], n: int, plan: _Plan, start: int) -> ExitResult:
         stage_ms = [0.0] * len(self._stages)
