@@ -204,3 +204,24 @@ def test_errors_are_one_line(trained: dict[str, Any], tmp_path: Path, make: Any,
     assert proc.returncode == code, proc.stderr
     assert proc.stdout == ""
     assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_the_readme_commands_run_as_written(tmp_path):
+    """examples/node/README.md, every command but the npm install (run by CI before the tests):
+    in a copy of the example folder that shares node_modules."""
+    import re
+
+    for name in ("run_compiled.js", "package.json"):
+        shutil.copy(EXAMPLE / name, tmp_path / name)
+    (tmp_path / "node_modules").symlink_to(EXAMPLE / "node_modules", target_is_directory=True)
+    blocks = re.findall(r"```bash\n(.*?)```", (EXAMPLE / "README.md").read_text(), flags=re.S)
+    commands = [line for block in blocks for line in block.splitlines() if line.strip()]
+    install = [c for c in commands if "npm ci" in c]
+    assert len(install) == 1 and len(commands) >= 6
+    for command in commands:
+        if command in install:
+            continue
+        done = subprocess.run(["bash", "-c", command], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, f"{command}\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}"
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert len(results["predictions"]) == len(results["exit_index"]) == 1000
