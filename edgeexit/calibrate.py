@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from time import perf_counter_ns
 
 import numpy as np
 
@@ -136,9 +137,12 @@ class FrontierPoint:
 class CalibrationResult:
     """What ``calibrate_thresholds`` chose, and the accuracy/cost frontier it saw.
 
-    ``expected_cost`` and ``full_cost`` are per sample, in ``cost_unit`` (``ms`` when the
-    stages were timed on this device, ``MFLOPs`` from the manifest otherwise);
-    ``full_cost`` is the cost when every sample runs to the last exit.
+    ``expected_cost`` and ``full_cost`` are per sample, in ``cost_unit`` (``ms`` when timed
+    on this device, ``MFLOPs`` from the manifest otherwise).  Timed, ``exit_costs[e]`` is
+    the median batch-1 time of ``ExitSession.run`` for a sample leaving at exit ``e`` (on
+    ``engine``), and ``full_cost`` the full model's (``full_model``: ``full.onnx``, or every
+    stage with exits disabled), measured in the same interleaved run; so the speedup
+    ``full_cost / expected_cost`` is against the plain model, runtime costs included.
     """
 
     policy: str
@@ -156,6 +160,14 @@ class CalibrationResult:
     evaluated: int
     samples: int
     frontier: list[FrontierPoint]
+    exit_costs: list[float] | None = None
+    engine: str | None = None
+    full_model: str = "last exit"
+
+    @property
+    def speedup(self) -> float:
+        """Expected speedup against the full model (< 1: slower than not exiting at all)."""
+        return self.full_cost / self.expected_cost if self.expected_cost > 0 else math.inf
 
     def entry(self) -> dict[str, object]:
         """The manifest's calibration-history entry for this result."""
@@ -173,6 +185,9 @@ class CalibrationResult:
             "cost_unit": self.cost_unit,
             "cost_source": self.cost_source,
             "stage_costs": self.stage_costs,
+            "exit_costs": self.exit_costs,
+            "engine": self.engine,
+            "full_model": self.full_model,
         }
 
 
@@ -186,6 +201,53 @@ def measure_stage_ms(session, inputs, samples: int = 64, repeats: int = 3) -> li
         session.run(x, early_exits=False)
     times = [session.run(x, early_exits=False).stage_ms for _ in range(repeats) for x in one]
     return np.median(np.array(times), axis=0).tolist()
+
+
+@dataclass(frozen=True)
+class ExitPathTimes:
+    """Median batch-1 ms of every exit path and of the full model, from one interleaved run."""
+
+    path_ms: list[float]   # a sample leaving at exit e, through ExitSession.run on ``engine``
+    full_ms: float
+    engine: str
+    full_model: str        # "full.onnx" or "every stage, exits disabled"
+
+
+def measure_exit_paths(session, inputs, *, policy: str | None = None, samples: int = 64,  # type: ignore[no-untyped-def]
+                       repeats: int = 3) -> ExitPathTimes:
+    """Time what the device pays per exit path, end to end, against the full model.
+
+    For each of ``samples`` inputs (evenly spread, batch 1) and each repeat, calls in turn
+    ``session.run`` with thresholds that send the sample to exit 0, 1, ... (so every stage
+    call, exit head, policy score and the runtime's own work is counted, on the engine
+    ``session`` uses at batch 1) and ``session.run_full`` (the package's ``full.onnx``, or
+    every stage with exits disabled); the order rotates per sample.  Medians per path.
+    """
+    from .runtime._engines import forced_paths
+
+    feeds = inputs if isinstance(inputs, dict) else {session.input_names[0]: inputs}
+    n = next(iter(feeds.values())).shape[0]
+    picks = np.linspace(0, n - 1, min(samples, n)).astype(int)
+    one = [{k: np.ascontiguousarray(v[i:i + 1]) for k, v in feeds.items()} for i in picks]
+    pol = get_policy(policy or session.package.policies[0])
+    never = 1e300 if pol.direction == "higher" else -1e300
+    paths = forced_paths([pol.name] * session.num_exits, lambda _p: never)
+    calls = [lambda x, t=t: session.run(x, thresholds=t, policy=pol.name) for t in paths]
+    calls.append(session.run_full)
+    for x in one[:8]:  # warm-up
+        for call in calls:
+            call(x)
+    times: list[list[int]] = [[] for _ in calls]
+    for r in range(repeats):
+        for i, x in enumerate(one):
+            for j in (np.arange(len(calls)) + i + r) % len(calls):
+                t0 = perf_counter_ns()
+                calls[j](x)
+                times[j].append(perf_counter_ns() - t0)
+    medians = [float(np.median(t)) / 1e6 for t in times]
+    engine = session.run(one[0], thresholds=paths[0], policy=pol.name).engine
+    full = "full.onnx" if session.package.full_model is not None else "every stage, exits disabled"
+    return ExitPathTimes(medians[:-1], medians[-1], engine, full)
 
 
 def _objective(max_drop: float | None, target_accuracy: float | None, latency_budget: float | None,
@@ -248,17 +310,25 @@ def calibrate_thresholds(
     records = record_exits(session, feeds, labels, policy=policy, batch_size=batch_size)
 
     stages = session.package.stages
+    paths: ExitPathTimes | None = None
     if stage_costs is not None:
         costs, unit, source = [float(c) for c in stage_costs], "ms", "given"
         if len(costs) != len(stages):
             raise CalibrationError(f"stage_costs needs {len(stages)} values, one per stage; got {len(costs)}")
     elif measure:
         costs, unit = measure_stage_ms(session, feeds), "ms"
-        source = "measured: median batch-1 onnxruntime ms per stage on this device"
+        paths = measure_exit_paths(session, feeds, policy=records.policy)
+        source = (f"measured: median batch-1 ms of ExitSession.run per exit path ({paths.engine}) and of the "
+                  f"full model ({paths.full_model}), interleaved on this device")
     else:
         costs, unit, source = [float(s.cost.get("flops", 0)) / 1e6 for s in stages], "MFLOPs", "manifest FLOPs"
     cumulative = np.cumsum(costs)
-    exit_costs = [float(cumulative[k]) for k in session.exit_stages]
+    exit_costs = paths.path_ms if paths is not None else [float(cumulative[k]) for k in session.exit_stages]
+    full_cost, full_model = exit_costs[-1], "last exit"
+    if paths is not None:
+        full_cost, full_model = paths.full_ms, paths.full_model
+    elif unit == "MFLOPs" and session.package.full_model is not None:
+        full_cost, full_model = float(session.package.full_model.cost.get("flops", 0)) / 1e6 or full_cost, "full.onnx"
 
     outcome = search_thresholds(records, exit_costs, objective, unit=unit)
     search, best, n = outcome.search, outcome.best, records.labels.size
@@ -271,13 +341,72 @@ def calibrate_thresholds(
     chosen = point(best)
     return CalibrationResult(
         policy=records.policy, thresholds=list(chosen.thresholds), accuracy=chosen.accuracy,
-        full_accuracy=records.full_accuracy, expected_cost=chosen.expected_cost, full_cost=exit_costs[-1],
+        full_accuracy=records.full_accuracy, expected_cost=chosen.expected_cost, full_cost=full_cost,
         shares=list(chosen.shares), stage_costs=costs, cost_unit=unit, cost_source=source,
         objective={"kind": objective.kind, "value": objective.value, "z": objective.z},
         method=outcome.method, evaluated=search.evaluated, samples=n,
         # the chosen point can sit off the frontier (the drop bound also weighs lost vs won samples)
         frontier=[point(p) for p in sorted({*pareto(outcome.seen), best}, key=lambda p: (p.cost, -p.correct))],
+        exit_costs=list(exit_costs), engine=None if paths is None else paths.engine, full_model=full_model,
     )
+
+
+@dataclass(frozen=True)
+class Replay:
+    """The chosen thresholds run for real on the calibration data, before anything is written."""
+
+    accuracy: float
+    shares: list[float]
+    mean_ms: float          # ExitSession.run at batch 1, mean over the timed samples
+    full_mean_ms: float     # the full model (run_full) on the same samples, interleaved
+    samples_timed: int
+
+    @property
+    def speedup(self) -> float:
+        return self.full_mean_ms / self.mean_ms
+
+
+def replay_calibration(session, inputs, labels, result: CalibrationResult, *,  # type: ignore[no-untyped-def]
+                       samples: int = 300, repeats: int = 3, batch_size: int = 256) -> Replay:
+    """Run ``result``'s thresholds through ``session`` on the calibration data.
+
+    Accuracy and exit shares come from the real runtime over every sample (they must equal
+    what the search computed from the records, else ``CalibrationError``); the speed from
+    ``samples`` inputs at batch 1, each timed ``repeats`` times through ``session.run`` and
+    ``run_full`` in turn: the mean over samples of each sample's median, comparable with the
+    expected cost (exit shares x median path times), so the expected speedup is checked
+    against a measured one.
+    """
+    feeds = inputs if isinstance(inputs, dict) else {session.input_names[0]: inputs}
+    labels = np.asarray(labels)
+    n = labels.size
+    runs = [session.run({k: v[s:s + batch_size] for k, v in feeds.items()}, thresholds=result.thresholds,
+                        policy=result.policy) for s in range(0, n, batch_size)]
+    predictions = np.concatenate([r.predictions for r in runs])
+    exits = np.concatenate([r.exit_index for r in runs])
+    accuracy = float((predictions == labels).mean())
+    shares = (np.bincount(exits, minlength=session.num_exits) / n).tolist()
+    if abs(accuracy - result.accuracy) > 0.5 / n or np.abs(np.subtract(shares, result.shares)).max() > 0.5 / n:
+        raise CalibrationError(
+            f"replaying thresholds {result.thresholds} through the runtime gave accuracy {accuracy:.4%} and exit "
+            f"shares {np.round(shares, 4).tolist()}, but the search computed {result.accuracy:.4%} and "
+            f"{np.round(result.shares, 4).tolist()}; nothing was written. Please report this."
+        )
+    picks = np.linspace(0, n - 1, min(samples, n)).astype(int)
+    one = [{k: np.ascontiguousarray(v[i:i + 1]) for k, v in feeds.items()} for i in picks]
+    calls = [lambda x: session.run(x, thresholds=result.thresholds, policy=result.policy), session.run_full]
+    for x in one[:8]:
+        for call in calls:
+            call(x)
+    times = np.zeros((2, repeats, len(one)))
+    for r in range(repeats):
+        for i, x in enumerate(one):
+            for j in ((0, 1) if (i + r) % 2 == 0 else (1, 0)):
+                t0 = perf_counter_ns()
+                calls[j](x)
+                times[j, r, i] = perf_counter_ns() - t0
+    per_sample = np.median(times, axis=1) / 1e6
+    return Replay(accuracy, shares, float(per_sample[0].mean()), float(per_sample[1].mean()), len(one))
 
 
 @dataclass(frozen=True)

@@ -341,7 +341,7 @@ def inspect(package: Path, as_json: bool) -> None:
 
 def _format_frontier(result: Any) -> str:
     unit = result.cost_unit
-    lines = [f"{'':2}{'accuracy':>9}{'expected ' + unit:>16}{'speedup':>9}  {'exit shares':<24}thresholds"]
+    lines = [f"{'':2}{'accuracy':>9}{'expected ' + unit:>16}{'vs full':>9}  {'exit shares':<24}thresholds"]
     for p in result.frontier:
         mark = "*" if list(p.thresholds) == result.thresholds else " "
         shares = " ".join(f"{s:.3f}" for s in p.shares)
@@ -395,7 +395,13 @@ def calibrate(package: Path, data_file: Path | None, max_drop: float | None, tar
               latency_budget_ms: float | None, z: float, device: str, flops: bool, plot: Path | None,
               dry_run: bool, revert: bool) -> None:
     """Choose one threshold per early exit from labelled data, timed on this device."""
-    from .calibrate import apply_calibration, calibrate_thresholds, record_engine_choice, revert_calibration
+    from .calibrate import (
+        apply_calibration,
+        calibrate_thresholds,
+        record_engine_choice,
+        replay_calibration,
+        revert_calibration,
+    )
     from .runtime import ExitSession
 
     if revert:
@@ -417,19 +423,33 @@ def calibrate(package: Path, data_file: Path | None, max_drop: float | None, tar
     profile = get_profile(device)
     session = ExitSession(package, device=profile)
     inputs, labels = load_input_file(data_file, session.input_names)
+    if not flops:
+        session.tune_engines(inputs)   # time the exit paths on the engine the runtime will take here
     result = calibrate_thresholds(
         session, inputs, labels, max_drop=None if max_drop is None else max_drop / 100,
         target_accuracy=None if target_accuracy is None else target_accuracy / 100,
         latency_budget=latency_budget_ms, z=z, measure=not flops,
     )
+    costs = (f"exit paths {', '.join(f'{c:.4g}' for c in result.exit_costs or [])} {result.cost_unit} and the full "
+             f"model {result.full_cost:.4g} {result.cost_unit}" if result.engine else
+             "stages " + ", ".join(f"{c:.4g}" for c in result.stage_costs) + f" {result.cost_unit}")
     click.echo(f"{result.samples} samples, policy {result.policy}, {result.method} search over "
-               f"{result.evaluated} choices; stage costs ({result.cost_source}): "
-               + ", ".join(f"{c:.4g}" for c in result.stage_costs) + f" {result.cost_unit}")
+               f"{result.evaluated} choices; costs ({result.cost_source}): {costs}")
     click.echo(_format_frontier(result))
     click.echo(f"chosen thresholds {[round(t, 6) for t in result.thresholds]}: accuracy {result.accuracy:.2%} "
                f"(last exit {result.full_accuracy:.2%}), expected {result.expected_cost:.4g} {result.cost_unit} vs "
-               f"{result.full_cost:.4g} for the last exit ({result.full_cost / result.expected_cost:.2f}x), "
+               f"{result.full_cost:.4g} for the full model ({result.full_model}): {result.speedup:.2f}x, "
                f"exit shares {[round(s, 3) for s in result.shares]}")
+    if result.cost_unit == "ms":
+        replay = replay_calibration(session, inputs, labels, result)
+        click.echo(f"replayed on the calibration data: accuracy and exit shares as computed; {replay.mean_ms:.4f} ms "
+                   f"vs the full model {replay.full_mean_ms:.4f} ms per sample (mean of {replay.samples_timed} "
+                   f"samples' medians at batch 1, interleaved): {replay.speedup:.2f}x measured, "
+                   f"{result.speedup:.2f}x expected")
+        if min(replay.speedup, result.speedup) < 1:
+            click.echo(f"warning: with this objective the exits do not beat the full model on this device "
+                       f"({min(replay.speedup, result.speedup):.2f}x); a looser objective, or no early exits, "
+                       "is faster here", err=True)
     if plot is not None:
         _save_frontier_plot(result, plot)
         click.echo(f"wrote {plot}")

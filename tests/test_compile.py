@@ -536,6 +536,11 @@ def test_engine_names_are_checked_and_forced_sessions_keep_their_engine(packages
         sess.run(x[:1], engine="stage")
     sess.engine_choice = {"batch1": "stages", "batch": "compiled"}
     assert sess.run(x[:1], engine="auto").engine == "stages" and sess.run(x[:7], engine="auto").engine == "compiled"
+    # a tuned or recorded choice of the compiled graph still lets the stage loop serve what it cannot
+    sess.engine_choice = {"batch1": "compiled", "batch": "compiled"}
+    assert sess.run(x[:7], early_exits=False).engine == "stages"
+    assert sess.run(x[:1], policy="confidence", thresholds=[0.5]).engine == "stages"
+    np.testing.assert_allclose(sess.run_full(x[:3]), ExitSession(path, engine="stages").run_full(x[:3]))
     forced = ExitSession(path, engine="compiled")
     timings = forced.tune_engines(x, batch_size=16, rounds=20)
     assert len(timings) == 2 and forced.engine_choice == {"batch1": "compiled", "batch": "compiled"}
@@ -591,3 +596,60 @@ def test_a_compiled_graph_whose_names_differ_from_the_manifest_is_refused_at_loa
     with pytest.raises(GraphMismatchError, match="edgeexit compile"):
         ExitSession(path)
     assert ExitSession(path, engine="stages").run(packages["blenet"][1][:3]).engine == "stages"
+
+
+# --- calibration against the full model, on the engine the runtime uses ------------------------
+
+
+def test_exit_paths_are_timed_end_to_end_against_the_full_model(packages):
+    from edgeexit.calibrate import measure_exit_paths
+
+    path, x = packages["blenet"]
+    sess = ExitSession(path)
+    times = measure_exit_paths(sess, x, samples=16, repeats=3)
+    assert len(times.path_ms) == 2 and all(ms > 0 for ms in times.path_ms) and times.full_ms > 0
+    assert times.engine == sess.engine_for(1) == "compiled" and times.full_model == "full.onnx"
+    assert times.path_ms[1] > times.path_ms[0]   # the deep path runs both stages
+    stages = ExitSession(path, engine="stages")
+    assert measure_exit_paths(stages, x, samples=4, repeats=1).engine == "stages"
+
+
+def test_calibration_costs_exit_paths_against_the_full_model_and_replays_the_choice(packages):
+    from edgeexit.calibrate import CalibrationError, calibrate_thresholds, replay_calibration
+
+    path, x = packages["blenet"]
+    sess = ExitSession(path)
+    labels = ExitSession(path, engine="stages").run(x, early_exits=False).predictions
+    result = calibrate_thresholds(sess, x, labels, max_drop=0.05)
+    assert result.engine == "compiled" and result.full_model == "full.onnx" and result.cost_unit == "ms"
+    assert len(result.exit_costs) == 2 and result.cost_source.startswith("measured: median batch-1 ms of ExitSession")
+    assert result.expected_cost == pytest.approx(float(np.dot(result.shares, result.exit_costs)))
+    assert result.speedup == pytest.approx(result.full_cost / result.expected_cost)
+    entry = result.entry()
+    assert entry["exit_costs"] == result.exit_costs and entry["engine"] == "compiled"
+    replay = replay_calibration(sess, x, labels, result, samples=16)
+    assert replay.accuracy == pytest.approx(result.accuracy) and replay.shares == pytest.approx(result.shares)
+    assert replay.mean_ms > 0 and replay.full_mean_ms > 0 and replay.samples_timed == 16
+    from dataclasses import replace
+
+    wrong = replace(result, shares=[result.shares[1], result.shares[0]]) if result.shares[0] != result.shares[1] \
+        else replace(result, accuracy=result.accuracy + 0.5)
+    with pytest.raises(CalibrationError, match="nothing was written"):
+        replay_calibration(sess, x, labels, wrong, samples=4)
+
+
+def test_calibrate_says_when_the_exits_lose_to_the_full_model(packages, tmp_path):
+    import shutil
+
+    path = tmp_path / "slow.eexit"
+    shutil.copytree(packages["blenet"][0], path)
+    x = _images(200)
+    # untrained: the first exit rarely agrees with the last, so a zero drop keeps most samples
+    # on the deep path, which costs more than the single full graph
+    labels = ExitSession(path, engine="stages").run(x, early_exits=False).predictions
+    np.savez(tmp_path / "val.npz", image=x, labels=labels)
+    result = CliRunner().invoke(cli, ["calibrate", str(path), "--data", str(tmp_path / "val.npz"),
+                                      "--max-drop", "0", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "for the full model (full.onnx)" in result.output and "replayed on the calibration data" in result.output
+    assert "do not beat the full model on this device" in result.output

@@ -235,7 +235,7 @@ class ExitSession:
             plan = self._default_plan
         else:
             plan = self._make_plan(thresholds, policy)
-        if engine is None or engine == "auto":
+        if engine is None or engine == "auto":   # the session's choice; the stage loop where it cannot serve
             use = self.engine_choice["batch1" if n == 1 else "batch"]
         elif engine in ENGINES:
             use = engine
@@ -243,7 +243,7 @@ class ExitSession:
             raise InputError(f"engine={engine!r} is not one of {', '.join(ENGINES)}")
         if use != "stages" and early_exits and plan.compiled:
             result = self._run_compiled(feeds, n, plan, start)
-        elif use == "compiled":
+        elif engine == "compiled" or (use == "compiled" and self._engine == "compiled"):
             raise InputError(self._why_not_compiled(early_exits, plan))
         elif n == 1:
             result = self._run_one(feeds, plan, start)
