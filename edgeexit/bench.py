@@ -210,14 +210,16 @@ def run_benchmark(
             contenders.append(("full model (one graph)", lambda b: full_session.run(None, {n: b[n] for n in names})))
         else:
             contenders.append(("full model (no early exit)", lambda b: session.run(b, early_exits=False)))
-    if session.engine_for(config.batch) == "compiled":
+    if session.engine_for(config.batch) == "full":
+        contenders[0] = ("package, exits disabled", session.run)
+    elif session.engine_for(config.batch) == "compiled":
         contenders[0] = ("early exit, compiled", session.run)
         contenders.append((STAGE_LOOP, lambda b: session.run(b, engine="stages")))
 
     accuracy: dict[str, float | None] = {}
     shares: dict[str, tuple[float, ...] | None] = {}
     for name, _ in contenders:
-        if name.startswith("early exit"):
+        if name.startswith(("early exit", "package")):
             preds, exits = _untimed_pass(session, batches, True)
             shares[name] = tuple((np.bincount(exits, minlength=session.num_exits) / exits.size).tolist())
         elif full_session is not None:

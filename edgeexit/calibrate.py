@@ -465,9 +465,32 @@ def _reachable(objective: Objective, seen: Sequence[Point], n: int, unit: str) -
     return f"no thresholds keep the drop within {objective.value:.2%}"
 
 
-def apply_calibration(path, result: CalibrationResult, device: str | None = None):  # type: ignore[no-untyped-def]
+def slower_than_full_model(result: CalibrationResult, replay: Replay | None = None) -> str | None:
+    """Why the chosen exits would make the package slower than its full model, or None.
+
+    Only timed calibrations can say: FLOPs and caller-given costs ignore what the runtime
+    and the device pay.
+    """
+    if result.cost_unit != "ms" or result.engine is None:
+        return None
+    if result.speedup < 1:
+        return (f"expected {result.expected_cost:.4g} ms per sample against {result.full_cost:.4g} ms for the full "
+                f"model ({result.speedup:.2f}x)")
+    if replay is not None and replay.speedup < 1:
+        return (f"replayed {replay.mean_ms:.4g} ms per sample against {replay.full_mean_ms:.4g} ms for the full "
+                f"model ({replay.speedup:.2f}x)")
+    return None
+
+
+def apply_calibration(path, result: CalibrationResult, device: str | None = None,  # type: ignore[no-untyped-def]
+                      disable_exits: str | None = None):
     """Write ``result`` into the package manifest atomically, keeping the previous thresholds in
-    the ``calibration`` history so ``revert_calibration`` can restore them."""
+    the ``calibration`` history so ``revert_calibration`` can restore them.
+
+    ``disable_exits`` (a reason, e.g. from ``slower_than_full_model``) writes every early
+    exit's threshold as null instead: the package then runs as its full model (format
+    version 4), and the history entry keeps the thresholds it would have used and why not.
+    """
     from datetime import datetime, timezone
 
     from .package import update_manifest
@@ -481,7 +504,7 @@ def apply_calibration(path, result: CalibrationResult, device: str | None = None
         previous = [s["exit"]["threshold"] for s in early]
         previous_policies = [s["exit"]["policy"] for s in [*early, manifest["stages"][-1]]]
         for stage, t in zip(early, result.thresholds):
-            stage["exit"]["threshold"] = t
+            stage["exit"]["threshold"] = None if disable_exits else t
             stage["exit"]["policy"] = result.policy
         manifest["stages"][-1]["exit"]["policy"] = result.policy
         if result.cost_unit == "ms" and result.cost_source.startswith("measured"):
@@ -489,6 +512,10 @@ def apply_calibration(path, result: CalibrationResult, device: str | None = None
                 stage.setdefault("cost", {})["measured_ms"] = ms
         entry = {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": device,
                  "previous_thresholds": previous, "previous_policies": previous_policies, **result.entry()}
+        if disable_exits:
+            entry["exits_disabled"] = disable_exits
+        if disable_exits or any(t is None for t in previous):
+            manifest["format_version"] = max(manifest["format_version"], 4)   # null early thresholds
         calibration = manifest.get("calibration") or {"history": []}
         calibration["history"].append(entry)
         manifest["calibration"] = calibration
@@ -531,6 +558,8 @@ def record_engine_choice(path, inputs, *, device=None, batch_size: int = 64):  #
     from .runtime import ExitSession
 
     session = ExitSession(path, device=device)
+    if session.package.exits_disabled:   # it runs as the full model: no engine to choose
+        return []
     timings = session.tune_engines(inputs, batch_size=batch_size)
     if not timings:
         return []

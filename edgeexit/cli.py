@@ -64,9 +64,12 @@ def _load_user_model(spec: str) -> tuple[Any, dict[str, Any], list[str] | None]:
 @cli.command()
 @click.argument("model")
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Package directory to write.")
-@click.option("--policy", default="entropy", show_default=True, help="Exit policy for every exit.")
+@click.option("--policy", default="entropy", show_default=True,
+              help="Exit policy for every exit: entropy (exits when < threshold), confidence or margin (>=).")
 @click.option("--threshold", "thresholds", type=float, multiple=True,
-              help="Threshold of one early exit; repeat once per early exit.")
+              help="Threshold of one early exit; repeat once per early exit, or leave out to keep the exits "
+                   "disabled until calibrated. Scales: entropy 0 (sure) … ln C (uniform over C classes), exits "
+                   "below; confidence 1/C … 1 and margin 0 … 1, exit at or above.")
 @click.option("--weights", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="state_dict (.pt) for a zoo model.")
 @click.option("--train", is_flag=True, help="Train the zoo model on MNIST-5k first (train split).")
@@ -131,13 +134,18 @@ def export(model: str, output: Path, policy: str, thresholds: tuple[float, ...],
         preprocessing = MNIST_PREPROCESSING
     if not isinstance(net, EarlyExitModel):
         raise ModelSpecError(f"{model} did not produce an EarlyExitModel (got {type(net).__name__})")
-    if not thresholds:
+    if thresholds and len(thresholds) != net.num_exits - 1:
         raise click.UsageError(
-            f"pass --threshold once per early exit ({net.num_exits - 1} for this model); "
-            "`edgeexit calibrate` can choose them from data"
+            f"pass --threshold once per early exit ({net.num_exits - 1} for this model), or none: the exits then "
+            "stay disabled until `edgeexit calibrate` chooses thresholds from data"
         )
+    if not thresholds:
+        click.echo(f"no --threshold: the {net.num_exits - 1} early exit(s) stay disabled (the package runs as the "
+                   "full model) until `edgeexit calibrate PACKAGE --data VAL.npz --max-drop POINTS` chooses them",
+                   err=True)
+
     def write(path: Path) -> None:
-        export_package(net, example, path, policy=policy, thresholds=list(thresholds), labels=labels,
+        export_package(net, example, path, policy=policy, thresholds=list(thresholds) or None, labels=labels,
                        name=model.split(":")[-1], include_full_model=full_model, dynamo=dynamo,
                        preprocessing=preprocessing, seed=seed, compile=None if compile_graph else False,
                        log=click.echo)
@@ -302,7 +310,9 @@ def inspect(package: Path, as_json: bool) -> None:
     for spec in pkg.stages:
         ex = spec.exit
         exit_col = "-" if ex is None else f"exit {exit_no}"
-        thr = "-" if ex is None else ("always" if ex.threshold is None else f"{ex.threshold:.4g}")
+        last = spec is pkg.stages[-1]
+        thr = "-" if ex is None else (("always" if last else "disabled") if ex.threshold is None
+                                      else f"{ex.threshold:.4g}")
         if ex is not None:
             exit_no += 1
         meta = pkg.files[spec.file]
@@ -322,6 +332,10 @@ def inspect(package: Path, as_json: bool) -> None:
                    f"{last.get('created')} on {last.get('device')}: {last['objective']['kind']} "
                    f"{last['objective']['value']}, accuracy {last['validation_accuracy']:.2%} on "
                    f"{last['samples']} samples, expected {last['expected_cost']:.4g} {last['cost_unit']}")
+    if pkg.exits_disabled:
+        runs = "ExitSession runs full.onnx" if pkg.full_model else "ExitSession runs every stage (no full.onnx)"
+        click.echo(f"early exits: DISABLED (no thresholds: not calibrated, or slower than the full model where it "
+                   f"was calibrated); {runs}. Enable them with edgeexit calibrate.")
     if pkg.compiled:
         meta = pkg.files[pkg.compiled.file]
         click.echo(f"compiled graph: {pkg.compiled.file}, policies {', '.join(pkg.compiled.policies)}, "
@@ -401,6 +415,7 @@ def calibrate(package: Path, data_file: Path | None, max_drop: float | None, tar
         record_engine_choice,
         replay_calibration,
         revert_calibration,
+        slower_than_full_model,
     )
     from .runtime import ExitSession
 
@@ -440,24 +455,29 @@ def calibrate(package: Path, data_file: Path | None, max_drop: float | None, tar
                f"(last exit {result.full_accuracy:.2%}), expected {result.expected_cost:.4g} {result.cost_unit} vs "
                f"{result.full_cost:.4g} for the full model ({result.full_model}): {result.speedup:.2f}x, "
                f"exit shares {[round(s, 3) for s in result.shares]}")
+    replay = None
     if result.cost_unit == "ms":
         replay = replay_calibration(session, inputs, labels, result)
         click.echo(f"replayed on the calibration data: accuracy and exit shares as computed; {replay.mean_ms:.4f} ms "
                    f"vs the full model {replay.full_mean_ms:.4f} ms per sample (mean of {replay.samples_timed} "
                    f"samples' medians at batch 1, interleaved): {replay.speedup:.2f}x measured, "
                    f"{result.speedup:.2f}x expected")
-        if min(replay.speedup, result.speedup) < 1:
-            click.echo(f"warning: with this objective the exits do not beat the full model on this device "
-                       f"({min(replay.speedup, result.speedup):.2f}x); a looser objective, or no early exits, "
-                       "is faster here", err=True)
+    slower = slower_than_full_model(result, replay)
+    if slower:
+        runs = ("it runs full.onnx" if session.package.full_model is not None else
+                "it runs every stage; export with the full model (the default) to run the single full graph")
+        click.echo(f"no threshold setting under this objective beats the full model on this device: {slower}. "
+                   f"{'Writing the package with its early exits disabled: ' + runs if not dry_run else ''}"
+                   " (a looser objective may still win; --revert undoes it)", err=True)
     if plot is not None:
         _save_frontier_plot(result, plot)
         click.echo(f"wrote {plot}")
     if dry_run:
         click.echo("dry run: the package was not changed")
         return
-    apply_calibration(package, result, device=profile.name)
-    click.echo(f"wrote the thresholds into {package} (the previous ones are kept; undo with --revert)")
+    apply_calibration(package, result, device=profile.name, disable_exits=slower)
+    click.echo(f"wrote {'disabled early exits' if slower else 'the thresholds'} into {package} (the previous "
+               "thresholds are kept; undo with --revert)")
     for t in record_engine_choice(package, inputs, device=profile):
         click.echo(f"batch {t.batch_size}: stage loop {t.stages_ms:.4f} ms, compiled graph {t.compiled_ms:.4f} ms "
                    f"per call -> ExitSession runs the {'compiled graph' if t.faster == 'compiled' else 'stage loop'}")

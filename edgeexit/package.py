@@ -36,9 +36,12 @@ from .policies import get_policy
 FORMAT_NAME = "edgeexit"
 # Version 2 added the optional `calibration` history, `quantization` record and
 # `stages[].cost.measured_ms`; version 3 added the optional `compiled` graph (the whole
-# model as one ONNX graph deciding its exits in-graph).  Versions 1 and 2 load unchanged.
-FORMAT_VERSION = 3
-SUPPORTED_FORMAT_VERSIONS = frozenset({1, 2, 3})
+# model as one ONNX graph deciding its exits in-graph); version 4 lets an early exit's
+# threshold be null: that exit is disabled (not calibrated yet, or slower than the full
+# model on the device it was calibrated on).  Versions 1-3 load unchanged.
+FORMAT_VERSION = 4
+SUPPORTED_FORMAT_VERSIONS = frozenset({1, 2, 3, 4})
+DISABLED_EXITS_VERSION = 4
 MANIFEST_NAME = "manifest.json"
 KINDS = ("classifier", "seq2seq", "pipeline")
 DTYPES = ("float32", "float16", "float64", "int64", "int32", "int8", "uint8", "bool")
@@ -57,7 +60,8 @@ class InputSpec:
 class ExitSpec:
     """The exit attached to a stage: its logits output, policy and threshold.
 
-    ``threshold`` is ``None`` for the final exit, which always accepts.
+    ``threshold`` is ``None`` for the final exit, which always accepts, and (from format
+    version 4) for an early exit that is disabled: no sample leaves there.
     """
 
     logits: str
@@ -135,9 +139,14 @@ class Package:
         return [i for i, s in enumerate(self.stages) if s.exit is not None]
 
     @property
-    def thresholds(self) -> list[float]:
-        """The stored threshold of every early exit (all exits but the last)."""
-        return [self.stages[i].exit.threshold for i in self.exit_stages[:-1]]  # type: ignore[union-attr,misc]
+    def thresholds(self) -> list[float | None]:
+        """The stored threshold of every early exit (all exits but the last); None: disabled."""
+        return [self.stages[i].exit.threshold for i in self.exit_stages[:-1]]  # type: ignore[union-attr]
+
+    @property
+    def exits_disabled(self) -> bool:
+        """True when the package has early exits and every one is disabled (it runs as the full model)."""
+        return len(self.exit_stages) > 1 and all(t is None for t in self.thresholds)
 
     @property
     def policies(self) -> list[str]:
@@ -305,7 +314,7 @@ def parse_manifest(manifest: Mapping[str, Any], root: Path) -> Package:
                 cost=dict(cost),
             )
         )
-    _check_stage_wiring(stages, inputs)
+    _check_stage_wiring(stages, inputs, version)
 
     full = manifest.get("full_model")
     full_spec = None
@@ -399,7 +408,7 @@ def _parse_compiled(raw: Any, version: int, inputs: list[InputSpec], stages: lis
                         None if engines is None else dict(engines))
 
 
-def _check_stage_wiring(stages: list[StageSpec], inputs: list[InputSpec]) -> None:
+def _check_stage_wiring(stages: list[StageSpec], inputs: list[InputSpec], version: int) -> None:
     available = {i.name for i in inputs}
     for i, stage in enumerate(stages):
         missing = [n for n in stage.inputs if n not in available]
@@ -420,10 +429,11 @@ def _check_stage_wiring(stages: list[StageSpec], inputs: list[InputSpec]) -> Non
             "always accepts; its threshold must be null"
         )
     for i, stage in enumerate(stages[:-1]):
-        if stage.exit is not None and stage.exit.threshold is None:
+        if stage.exit is not None and stage.exit.threshold is None and version < DISABLED_EXITS_VERSION:
             raise ManifestSchemaError(
-                f"stage {i} ({stage.name}) has an early exit without a threshold; only the last "
-                "exit may omit it"
+                f"stage {i} ({stage.name}) has an early exit without a threshold; in a version-{version} "
+                f"package only the last exit may omit it (a null threshold disables an exit from version "
+                f"{DISABLED_EXITS_VERSION})"
             )
 
 
@@ -546,9 +556,9 @@ def _swap_into_place(tmp: Path, dest: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def set_thresholds(path: str | os.PathLike[str], thresholds: Sequence[float]) -> Package:
-    """Write one threshold per early exit into a package's manifest (atomically)."""
-    values = [float(t) for t in thresholds]
+def set_thresholds(path: str | os.PathLike[str], thresholds: Sequence[float | None]) -> Package:
+    """Write one threshold per early exit into a package's manifest (atomically); None disables that exit."""
+    values = [None if t is None else float(t) for t in thresholds]
 
     def change(manifest: dict[str, Any]) -> None:
         early = [s for s in manifest["stages"][:-1] if s.get("exit") is not None]
@@ -558,6 +568,8 @@ def set_thresholds(path: str | os.PathLike[str], thresholds: Sequence[float]) ->
             )
         for stage, t in zip(early, values):
             stage["exit"]["threshold"] = t
+        if any(t is None for t in values):
+            manifest["format_version"] = max(manifest["format_version"], DISABLED_EXITS_VERSION)
 
     return update_manifest(path, change)
 

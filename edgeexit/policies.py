@@ -185,18 +185,30 @@ def get_policy(name: str) -> ExitPolicy:
         ) from None
 
 
-def check_thresholds(policy: ExitPolicy, thresholds: Sequence[float], expected: int) -> list[float]:
-    """Validate one threshold per early exit; returns them as floats."""
+def never_threshold(policy: ExitPolicy) -> float:
+    """The threshold of a disabled exit: no score passes it (a NaN never passes anyway)."""
+    return math.inf if policy.direction == "higher" else -math.inf
+
+
+def check_thresholds(policy: ExitPolicy, thresholds: Sequence[float | None], expected: int,
+                     allow_disabled: bool = False) -> list[float | None]:
+    """Validate one threshold per early exit; returns them as floats.
+
+    With ``allow_disabled``, None (that exit is disabled) is kept as None.
+    """
     values = list(thresholds)
     if len(values) != expected:
         raise ThresholdError(
             f"expected {expected} threshold(s), one per early exit (the last exit always "
             f"accepts and takes none); got {len(values)}: {values}"
         )
-    out = []
+    out: list[float | None] = []
     for i, t in enumerate(values):
+        if t is None and allow_disabled:
+            out.append(None)
+            continue
         try:
-            f = float(t)
+            f = float(t)  # type: ignore[arg-type]  # None (not allowed here) raises TypeError
         except (TypeError, ValueError):
             raise ThresholdError(f"threshold {i} must be a number, got {t!r}") from None
         if not math.isfinite(f):

@@ -13,6 +13,7 @@ torch = pytest.importorskip("torch")
 from _models import reference_decisions, tiny_inputs, tiny_model  # noqa: E402
 
 from edgeexit.cli import cli  # noqa: E402
+from edgeexit.package import load_package  # noqa: E402
 
 THRESHOLDS = ["--threshold", "0.9", "--threshold", "0.7"]
 
@@ -95,7 +96,7 @@ def test_inspect_lists_stages_exits_costs_and_hashes(package):
     result = CliRunner().invoke(cli, ["inspect", str(package)])
     assert result.exit_code == 0, result.output
     out = result.output
-    assert "format version 3" in out and "input x: float32 (batch, 1, 8, 8)" in out
+    assert "format version 4" in out and "input x: float32 (batch, 1, 8, 8)" in out
     for stage in ("stage0", "stage1", "stage2", "stage3"):
         assert stage in out
     assert "confidence" in out and "0.9" in out and "0.7" in out and "always" in out
@@ -105,9 +106,14 @@ def test_inspect_lists_stages_exits_costs_and_hashes(package):
     assert json.loads(as_json.output) == manifest
 
 
-def test_export_needs_thresholds_and_refuses_to_overwrite(package, tmp_path):
+def test_export_without_thresholds_disables_the_exits_and_refuses_to_overwrite(package, tmp_path):
+    result = CliRunner().invoke(cli, ["export", "_models:factory", "-o", str(tmp_path / "a.eexit"), "--threshold", "1"])
+    assert result.exit_code == 2 and "pass --threshold once per early exit (2 for this model), or none" in result.output
     result = CliRunner().invoke(cli, ["export", "_models:factory", "-o", str(tmp_path / "a.eexit")])
-    assert result.exit_code == 2 and "pass --threshold once per early exit (2 for this model)" in result.output
+    assert result.exit_code == 0 and "stay disabled" in result.output
+    assert load_package(tmp_path / "a.eexit").thresholds == [None, None]
+    shown = CliRunner().invoke(cli, ["inspect", str(tmp_path / "a.eexit")]).output
+    assert "early exits: DISABLED" in shown and "ExitSession runs full.onnx" in shown
     result = CliRunner().invoke(cli, ["export", "_models:factory", "-o", str(package), *THRESHOLDS])
     assert result.exit_code == 2 and "--force" in result.output
 

@@ -107,7 +107,7 @@ def packages(tmp_path_factory) -> dict[str, tuple[Path, np.ndarray]]:
 def test_compiled_graph_agrees_with_the_stage_loop(packages, name):
     path, x = packages[name]
     package = load_package(path)
-    assert package.compiled is not None and package.format_version == 3
+    assert package.compiled is not None and package.format_version == 4
     compiled = ExitSession(path, engine="compiled")
     stages = ExitSession(path, engine="stages")
     policies = package.policies
@@ -359,7 +359,7 @@ def test_cli_compile_adds_the_graph_to_the_package_atomically(tmp_path):
     result = CliRunner().invoke(cli, ["compile", str(path)])
     assert result.exit_code == 0, result.output
     package = load_package(path)
-    assert package.format_version == 3 and package.files["compiled.onnx"]["sha256"] == hashlib.sha256(
+    assert package.format_version == 4 and package.files["compiled.onnx"]["sha256"] == hashlib.sha256(
         (path / "compiled.onnx").read_bytes()).hexdigest()
     assert package.compiled.sources == {s.file: package.files[s.file]["sha256"] for s in package.stages}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t.eexit"]   # no temporary siblings left
@@ -432,15 +432,13 @@ def test_compiled_graph_describes_itself_and_packages_are_readable_by_others(pac
 def test_calibrate_records_the_faster_engine_per_regime(packages, tmp_path):
     import shutil
 
+    from edgeexit.calibrate import record_engine_choice
+
     path = tmp_path / "calibrated.eexit"
     shutil.copytree(packages["blenet"][0], path)
     x = _images(200)
-    labels = ExitSession(path, engine="stages").run(x, early_exits=False).predictions
-    np.savez(tmp_path / "val.npz", image=x, labels=labels)
-    result = CliRunner().invoke(cli, ["calibrate", str(path), "--data", str(tmp_path / "val.npz"),
-                                      "--max-drop", "1", "--device", "cpu"])
-    assert result.exit_code == 0, result.output
-    assert "batch 1: stage loop" in result.output and "batch 64: stage loop" in result.output
+    timings = record_engine_choice(path, x, device="cpu")
+    assert [t.batch_size for t in timings] == [1, 64]
     engines = load_package(path).compiled.engines
     assert engines["batch_size"] == 64 and engines["device"] == "cpu"
     faster = ["compiled" if c <= s else "stages" for s, c in zip(engines["stages_ms"], engines["compiled_ms"])]
@@ -652,4 +650,57 @@ def test_calibrate_says_when_the_exits_lose_to_the_full_model(packages, tmp_path
                                       "--max-drop", "0", "--device", "cpu"])
     assert result.exit_code == 0, result.output
     assert "for the full model (full.onnx)" in result.output and "replayed on the calibration data" in result.output
-    assert "do not beat the full model on this device" in result.output
+    assert "no threshold setting under this objective beats the full model" in result.output
+    assert "Writing the package with its early exits disabled: it runs full.onnx" in result.output
+    package = load_package(path)
+    assert package.exits_disabled and package.format_version == 4
+    assert package.calibration["history"][-1]["exits_disabled"].startswith(("expected", "replayed"))
+    sess = ExitSession(path)
+    out = sess.run(x[:5])
+    assert out.engine == "full" and (out.exit_index == 1).all() and sess.engine_for(1) == "full"
+    np.testing.assert_allclose(out.logits, sess.run_full(x[:5]))
+    shown = CliRunner().invoke(cli, ["inspect", str(path)]).output
+    assert "early exits: DISABLED" in shown and "disabled" in shown.split("stage0", 1)[1].splitlines()[0]
+    result = CliRunner().invoke(cli, ["calibrate", str(path), "--revert"])
+    assert result.exit_code == 0 and load_package(path).thresholds == load_package(packages["blenet"][0]).thresholds
+
+
+def test_a_package_with_its_exits_disabled_runs_as_the_full_model(tmp_path):
+    from edgeexit.export import EarlyExitModel  # noqa: F401  (the export extra is what this needs)
+    from edgeexit.package import set_thresholds
+    from edgeexit.policies import get_policy as policy_of
+
+    x = _images(64)
+    torch.manual_seed(3)
+    path = _export(get_model("bresnet", seed=3), x[:4], tmp_path / "off.eexit", "image", None)
+    package = load_package(path)
+    assert package.thresholds == [None, None] and package.exits_disabled and package.full_model is not None
+    assert package.compiled is not None           # compiled all the same: thresholds are an input
+    sess = ExitSession(path)
+    for n in (1, 7):
+        out = sess.run(x[:n])
+        assert out.engine == "full" and (out.exit_index == 2).all() and out.stage_ms == ()
+        np.testing.assert_allclose(out.logits, sess.run_full(x[:n]))
+        np.testing.assert_allclose(out.scores, policy_of("entropy").scores(out.logits))
+    # explicit engines and per-call thresholds still run the exits
+    stages, compiled = ExitSession(path, engine="stages"), ExitSession(path, engine="compiled")
+    assert (stages.run(x[:7]).exit_index == 2).all() and (compiled.run(x[:7]).exit_index == 2).all()
+    spread = _gap_thresholds(stages, x, "entropy", [0.5, 0.5])
+    _assert_same(sess.run(x, thresholds=spread, engine="compiled"), stages.run(x, thresholds=spread))
+    # one exit disabled, one enabled: both engines agree, and nobody leaves at the disabled one
+    half = [None, spread[1]]
+    got, want = compiled.run(x, thresholds=half), stages.run(x, thresholds=half)
+    _assert_same(got, want)
+    assert (got.exit_index != 0).all()
+    set_thresholds(path, spread)
+    assert not load_package(path).exits_disabled and ExitSession(path).run(x[:1]).engine != "full"
+
+
+def test_set_thresholds_with_a_disabled_exit_raises_the_format_version(tiny_package):
+    from edgeexit.package import set_thresholds
+
+    assert load_package(tiny_package).format_version == 1
+    package = set_thresholds(tiny_package, [None])
+    assert package.format_version == 4 and package.exits_disabled
+    out = ExitSession(tiny_package).run(np.ones((3, 4), np.float32))
+    assert out.engine == "stages" and (out.exit_index == 1).all()   # no full.onnx here: every stage runs

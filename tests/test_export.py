@@ -84,7 +84,8 @@ def test_validation_failure_names_every_failing_output_and_keeps_the_old_package
     before = {f.name: f.read_bytes() for f in path.iterdir()}
     lines: list[str] = []
     with pytest.raises(ExportValidationError) as info:
-        export_package(_drifting_model(), {"x": torch.rand(4, 1, 8, 8)}, path, thresholds=[0.5], log=lines.append)
+        export_package(_drifting_model(), {"x": torch.rand(4, 1, 8, 8)}, path, thresholds=[0.5], log=lines.append,
+                       include_full_model=False)
     message = str(info.value)
     assert "stage1/carry1_0" in message and "stage2/logits2" in message and "2 output(s)" in message
     assert "stage0/logits0" not in message
@@ -126,8 +127,9 @@ def test_manifest_is_canonical_json(tmp_path):
     text = (pkg.root / "manifest.json").read_text()
     manifest = json.loads(text)
     assert text == json.dumps(manifest, indent=2, ensure_ascii=False) + "\n"
-    assert manifest["format"] == "edgeexit" and manifest["format_version"] == 3
-    assert set(manifest["files"]) == {"stage0.onnx", "stage1.onnx", "stage2.onnx", "stage3.onnx", "compiled.onnx"}
+    assert manifest["format"] == "edgeexit" and manifest["format_version"] == 4
+    assert set(manifest["files"]) == {"stage0.onnx", "stage1.onnx", "stage2.onnx", "stage3.onnx", "full.onnx",
+                                      "compiled.onnx"}   # full.onnx by default: the baseline of every speedup
 
 
 @pytest.mark.parametrize("training", [False, True])

@@ -225,3 +225,17 @@ def test_the_readme_commands_run_as_written(tmp_path):
         assert done.returncode == 0, f"{command}\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}"
     results = json.loads((tmp_path / "results.json").read_text())
     assert len(results["predictions"]) == len(results["exit_index"]) == 1000
+
+
+def test_a_package_with_its_exits_disabled(trained: dict[str, Any], tmp_path: Path) -> None:
+    """A null threshold (format 4) becomes one no score passes: every sample reaches the last exit."""
+    pkg = tmp_path / "off.eexit"
+    shutil.copytree(trained["pkg"], pkg)
+    set_thresholds(pkg, [None])
+    out = tmp_path / "off.json"
+    _node(pkg, trained["npz"], "--json", out)
+    got = json.loads(out.read_text())
+    want = ExitSession(pkg).run(np.load(trained["npz"])["image"])
+    assert want.engine == "full" and (want.exit_index == 1).all()
+    assert got["exit_index"] == [1] * len(want.exit_index)
+    np.testing.assert_array_equal(got["predictions"], want.predictions)

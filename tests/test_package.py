@@ -43,7 +43,8 @@ from edgeexit.package import (
 from edgeexit.policies import list_policies
 from edgeexit.runtime import ExitSession
 
-GOLDEN = Path(__file__).parent / "golden" / "manifest_v3.json"
+GOLDEN = Path(__file__).parent / "golden" / "manifest_v4.json"
+GOLDEN_V3 = Path(__file__).parent / "golden" / "manifest_v3.json"
 GOLDEN_V2 = Path(__file__).parent / "golden" / "manifest_v2.json"
 GOLDEN_V1 = Path(__file__).parent / "golden" / "manifest_v1.json"
 REGENERATE_ENV = "EDGEEXIT_REGENERATE_GOLDEN"
@@ -316,7 +317,7 @@ REFUSALS: list[tuple[str, Callable[[Path], Path], type[Exception], list[str]]] =
     ("not-a-regular-file", _damage_not_regular, UnsafePathError,
      ["package entry 'stage1.onnx'", "is not a regular file"]),
     ("format-version-99", _damage_format_version, UnsupportedFormatError,
-     ["package format_version 99 is not supported", "reads version(s) [1, 2, 3]", "Upgrade edgeexit"]),
+     ["package format_version 99 is not supported", "reads version(s) [1, 2, 3, 4]", "Upgrade edgeexit"]),
     ("format-version-missing", _damage_format_version_missing, UnsupportedFormatError,
      ["format_version None is not supported"]),
     ("format-name", _damage_format_name, UnsupportedFormatError,
@@ -616,7 +617,7 @@ def golden_manifest() -> dict[str, Any]:
     # change of the format or of write_package can move the golden bytes.
     return {
         "format": "edgeexit",
-        "format_version": 3,
+        "format_version": 4,
         "kind": "classifier",
         "name": "GoldenNet",
         "inputs": [{"name": "x", "dtype": "float32", "shape": ["batch", 4]}],
@@ -659,8 +660,25 @@ def golden_manifest() -> dict[str, Any]:
     }
 
 
-def test_format_version_is_three() -> None:
-    assert FORMAT_VERSION == 3
+def test_format_version_is_four() -> None:
+    assert FORMAT_VERSION == 4
+
+
+def test_version_3_golden_still_loads(tmp_path: Path) -> None:
+    manifest = json.loads(GOLDEN_V3.read_text(encoding="utf-8"))
+    package = parse_manifest(manifest, tmp_path)
+    assert package.format_version == 3 and package.compiled is not None and package.thresholds == [0.5]
+
+
+def test_a_null_early_threshold_disables_the_exit_from_version_4(tmp_path: Path) -> None:
+    manifest = golden_manifest()
+    manifest["files"] = {name: {"sha256": _sha(name), "size": len(data)} for name, data in GOLDEN_FILES.items()}
+    manifest["stages"][0]["exit"]["threshold"] = None
+    package = parse_manifest(manifest, tmp_path)
+    assert package.thresholds == [None] and package.exits_disabled
+    manifest["format_version"] = 3
+    with pytest.raises(ManifestSchemaError, match="disables an exit from version 4"):
+        parse_manifest(manifest, tmp_path)
 
 
 def test_version_2_golden_still_loads(tmp_path: Path) -> None:

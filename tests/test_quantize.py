@@ -195,7 +195,7 @@ def test_what_described_the_fp32_graphs_is_dropped(tiny_package, tmp_path):
     update_manifest(tiny_package, timed)
     lines: list[str] = []
     pkg = q.quantize_package(tiny_package, tmp_path / "int8.eexit", X4 + 1, log=lines.append)
-    assert pkg.format_version == 3 and "calibration" not in pkg.manifest
+    assert pkg.format_version == 4 and "calibration" not in pkg.manifest
     assert "measured_ms" not in pkg.stages[0].cost and pkg.stages[0].cost["flops"] == 24
     assert any("measured_ms of ['stage0']" in line for line in lines)
     assert any("dropped the fp32 calibration history" in line for line in lines)

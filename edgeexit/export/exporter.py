@@ -219,10 +219,10 @@ def export_package(
     path: str | os.PathLike[str],
     *,
     policy: str = "entropy",
-    thresholds: Sequence[float],
+    thresholds: Sequence[float | None] | None = None,
     labels: Sequence[str] | None = None,
     name: str | None = None,
-    include_full_model: bool = False,
+    include_full_model: bool = True,
     opset: int = DEFAULT_OPSET,
     dynamo: bool = False,
     atol: float = 1e-4,
@@ -240,7 +240,9 @@ def export_package(
             package's input names.
         path: the package directory to write (replaced atomically if it exists).
         policy: a registered exit policy used at every exit.
-        thresholds: one per early exit (every exit but the last).
+        thresholds: one per early exit (every exit but the last); None for an exit, or no
+            thresholds at all, leaves it disabled until ``edgeexit calibrate`` chooses one
+            (format version 4: the package then runs as the full model).
         labels: class names, optional.
         include_full_model: also write ``full.onnx``, the model without early exits, as a
             baseline for benchmarks.
@@ -261,7 +263,9 @@ def export_package(
         raise ModelSpecError(f"model must be an EarlyExitModel, got {type(model).__name__}")
     examples = _check_inputs(example_inputs)
     pol = get_policy(policy)
-    values = check_thresholds(pol, thresholds, model.num_exits - 1)
+    if thresholds is None:
+        thresholds = [None] * (model.num_exits - 1)
+    values = check_thresholds(pol, thresholds, model.num_exits - 1, allow_disabled=True)
     say = log or (lambda _line: None)
     was_training = model.training
     model.eval()
@@ -274,7 +278,7 @@ def export_package(
 
 def _export(
     model: EarlyExitModel, examples: dict[str, torch.Tensor], path: str | os.PathLike[str], policy: str,
-    values: list[float], labels: Sequence[str] | None, name: str | None, include_full_model: bool, opset: int,
+    values: list[float | None], labels: Sequence[str] | None, name: str | None, include_full_model: bool, opset: int,
     dynamo: bool, atol: float, rtol: float, preprocessing: Mapping[str, Any] | None, seed: int,
     compile: bool | None, say: Callable[[str], None],
 ) -> Package:

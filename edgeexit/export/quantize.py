@@ -432,7 +432,7 @@ class ThresholdUpdate:
     """What ``recalibrate_shared_threshold`` chose and what it replaced."""
 
     package: Package
-    previous: tuple[float, ...]
+    previous: tuple[float | None, ...]
     threshold: float | None          # None: the package has no early exit
     accuracy: float                  # early-exit accuracy on the calibration data
     full_accuracy: float             # last exit's accuracy on the same data

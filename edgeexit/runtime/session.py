@@ -20,7 +20,7 @@ from ..devices.profiles import DeviceProfile, get_profile
 from ..devices.providers import ProviderSpec, check_session_providers, resolve_providers
 from ..errors import GraphMismatchError, InputError, SessionError
 from ..package import Package, StageSpec, load_package
-from ..policies import ExitPolicy, check_thresholds, get_policy
+from ..policies import ExitPolicy, check_thresholds, get_policy, never_threshold
 from ._engines import ENGINES, CompiledGraph, EngineTiming, calibrated_shares, forced_paths, time_interleaved
 from ._inputs import InputChecker, synthetic_inputs
 from ._measure import Measurement
@@ -42,8 +42,9 @@ class ExitResult:
             did not run).
         nonfinite_scores: how many scores were NaN/Inf (they never trigger an exit).
         total_ms: wall time of the whole call in ms.
-        engine: ``"stages"`` (the stage loop) or ``"compiled"`` (the package's compiled
-            graph, one onnxruntime call: ``stage_ms`` is then empty).
+        engine: ``"stages"`` (the stage loop), ``"compiled"`` (the package's compiled
+            graph, one onnxruntime call: ``stage_ms`` is then empty) or ``"full"`` (every
+            early exit disabled: the package's ``full.onnx``, one call).
     """
 
     predictions: np.ndarray
@@ -66,6 +67,11 @@ class _Plan:
     thresholds: tuple[float, ...]      # one per early exit
     compiled: bool = False             # the compiled graph has these policies
     threshold_array: np.ndarray | None = None   # float64, the compiled graph's input
+
+    @property
+    def disabled(self) -> bool:
+        """Every early exit is disabled: the call is the full model."""
+        return bool(self.thresholds) and all(math.isinf(t) for t in self.thresholds)
 
 
 class ExitSession:
@@ -170,6 +176,8 @@ class ExitSession:
         self._no_exit_plan = _Plan(self._default_plan.policies, never)
         self._full_session: ort.InferenceSession | None = None
         self._measuring: Measurement | None = None
+        if self._default_plan.disabled and self.package.full_model is not None:
+            self._full()   # a package with its exits disabled runs as the full model: build it now
 
     # --- building ---------------------------------------------------------------
 
@@ -185,7 +193,7 @@ class ExitSession:
         check_session_providers(session, self.providers, what, allow_fallback=self._allow_fallback)
         return session
 
-    def _make_plan(self, thresholds: Sequence[float] | None, policy: str | None) -> _Plan:
+    def _make_plan(self, thresholds: Sequence[float | None] | None, policy: str | None) -> _Plan:
         specs = [self.package.stages[k].exit for k in self.exit_stages]
         policies = tuple(get_policy(policy or s.policy) for s in specs)  # type: ignore[union-attr]
         if thresholds is None:
@@ -196,7 +204,8 @@ class ExitSession:
                     "thresholds mean something else, so pass thresholds= with it"
                 )
             thresholds = [s.threshold for s in specs[:-1]]  # type: ignore[union-attr,misc]
-        values = check_thresholds(policies[0], thresholds, self.num_exits - 1)  # type: ignore[arg-type]
+        checked = check_thresholds(policies[0], thresholds, self.num_exits - 1, allow_disabled=True)
+        values = [never_threshold(p) if t is None else t for p, t in zip(policies, checked)]   # None: disabled
         compiled = self._compiled is not None and tuple(p.name for p in policies) == self._compiled.policies
         return _Plan(policies, tuple(values), compiled, np.array(values, dtype=np.float64))
 
@@ -210,7 +219,7 @@ class ExitSession:
         self,
         inputs: np.ndarray | dict[str, np.ndarray],
         *,
-        thresholds: Sequence[float] | None = None,
+        thresholds: Sequence[float | None] | None = None,
         policy: str | None = None,
         early_exits: bool = True,
         engine: str | None = None,
@@ -220,7 +229,8 @@ class ExitSession:
         Args:
             inputs: ``{name: array}`` with a leading batch axis, or a bare array when the
                 package has one input.
-            thresholds: one per early exit, overriding the package's for this call.
+            thresholds: one per early exit, overriding the package's for this call (None
+                disables that exit).
             policy: a registered policy name overriding the package's (needs thresholds).
             early_exits: False runs every stage and answers from the last exit (the
                 package as a full model, for baselines; always the stage loop).
@@ -241,7 +251,9 @@ class ExitSession:
             use = engine
         else:
             raise InputError(f"engine={engine!r} is not one of {', '.join(ENGINES)}")
-        if use != "stages" and early_exits and plan.compiled:
+        if plan.disabled and early_exits and engine in (None, "auto") and self.package.full_model is not None:
+            result = self._run_full_model(feeds, n, plan, start)
+        elif use != "stages" and early_exits and plan.compiled:
             result = self._run_compiled(feeds, n, plan, start)
         elif engine == "compiled" or (use == "compiled" and self._engine == "compiled"):
             raise InputError(self._why_not_compiled(early_exits, plan))
@@ -268,6 +280,35 @@ class ExitSession:
             nonfinite_scores=nonfinite, total_ms=(perf_counter_ns() - start) / 1e6, engine="compiled",
         )
 
+    def _run_full_model(self, feeds: dict[str, np.ndarray], n: int, plan: _Plan, start: int) -> ExitResult:
+        # Every early exit disabled: the package's single full graph answers, as fast as the plain model.
+        full = self.package.full_model
+        assert full is not None
+        session = self._full()
+        try:
+            logits = session.run([full.logits], {name: feeds[name] for name in full.inputs})[0]
+        except Exception as exc:  # onnxruntime raises bare RuntimeError/Fail subclasses
+            raise SessionError(f"the full model {full.file} failed to run: {str(exc).strip()[:200]}") from None
+        policy = plan.policies[-1]
+        if n == 1:
+            score = policy.score_one(logits[0])
+            scores, nonfinite = np.array([score]), 0 if math.isfinite(score) else 1
+        else:
+            scores = policy.scores(logits)
+            nonfinite = int(np.count_nonzero(~np.isfinite(scores)))
+        return ExitResult(
+            predictions=logits.argmax(axis=1), logits=logits, exit_index=np.full(n, self.num_exits - 1),
+            scores=scores, stage_ms=(), nonfinite_scores=nonfinite, total_ms=(perf_counter_ns() - start) / 1e6,
+            engine="full",
+        )
+
+    def _full(self) -> ort.InferenceSession:
+        full = self.package.full_model
+        assert full is not None
+        if self._full_session is None:
+            self._full_session = self._build(full.file, "full model")
+        return self._full_session
+
     def _why_not_compiled(self, early_exits: bool, plan: _Plan) -> str:
         if self._compiled is None:
             return (f"engine='compiled' but {self.package.root} has no compiled graph (or the session was opened "
@@ -279,6 +320,8 @@ class ExitSession:
 
     def engine_for(self, batch_size: int) -> str:
         """The engine ``run`` takes by default for a batch of this size at the package's thresholds."""
+        if self._default_plan.disabled and self.package.full_model is not None:
+            return "full"
         choice = self.engine_choice["batch1" if batch_size == 1 else "batch"]
         return "compiled" if choice != "stages" and self._default_plan.compiled else "stages"
 
@@ -334,7 +377,8 @@ class ExitSession:
             self.engine_choice = {"batch1": timings[0].faster, "batch": timings[1].faster}
         return timings
 
-    def _timed_run(self, feeds: dict[str, np.ndarray], engine: str, thresholds: list[float] | None = None) -> None:
+    def _timed_run(self, feeds: dict[str, np.ndarray], engine: str,
+                   thresholds: Sequence[float | None] | None = None) -> None:
         measuring, self._measuring = self._measuring, None   # tuning calls are not the caller's inferences
         try:
             self.run(feeds, engine=engine, thresholds=thresholds)
@@ -453,9 +497,7 @@ class ExitSession:
         if full is None:
             return self.run(inputs, early_exits=False).logits
         feeds, _ = self._checker.feeds(inputs)
-        if self._full_session is None:
-            self._full_session = self._build(full.file, "full model")
-        return self._full_session.run([full.logits], {n: feeds[n] for n in full.inputs})[0]
+        return self._full().run([full.logits], {n: feeds[n] for n in full.inputs})[0]  # type: ignore[no-any-return]
 
 
 def _never_threshold(policy: str) -> float:

@@ -109,8 +109,12 @@ function describePackage(dir, thresholdsOverride) {
       'shape after the batch axis');
   }
   const exits = manifest.stages.filter((s) => s.exit);
-  const stored = exits.filter((s) => s.exit.threshold !== null && s.exit.threshold !== undefined)
-    .map((s) => s.exit.threshold);
+  // One threshold per early exit, in order. A null threshold (format version 4) disables that
+  // exit: feed one that no score passes (entropy exits below it, confidence and margin at or above).
+  const stored = exits.slice(0, -1).map((s) => {
+    if (s.exit.threshold !== null && s.exit.threshold !== undefined) return s.exit.threshold;
+    return s.exit.policy === 'entropy' ? -Infinity : Infinity;
+  });
   const file = path.join(dir, compiled.file);
   if (!fs.existsSync(file)) throw badModel(`${file} is missing (manifest.json names it as the compiled graph)`);
   return {
