@@ -148,7 +148,7 @@ def test_quickstart_end_to_end(tmp_path):
     result = CliRunner().invoke(cli, ["quickstart", "--epochs", "2", "--output", str(tmp_path)])
     assert result.exit_code == 0, result.output
     assert "full model (onnxruntime)" in result.output and "early exit, stage loop" in result.output
-    assert "early exit, compiled" in result.output and "tune_engines (calibration split) chose" in result.output
+    assert "early exit, compiled" in result.output and "was faster at batch 1 (recorded in the package" in result.output
     assert (tmp_path / "blenet.eexit" / "manifest.json").is_file()
 
 

@@ -318,6 +318,11 @@ class ExitSession:
         return (f"the compiled graph decides with policies {list(self._compiled.policies)}, this call asks for "
                 f"{[p.name for p in plan.policies]}; drop engine='compiled' (the stage loop runs it) or recompile")
 
+    @property
+    def has_compiled(self) -> bool:
+        """The package's compiled graph is loaded and computes the package's own policies."""
+        return self._compiled is not None and self._default_plan.compiled
+
     def engine_for(self, batch_size: int) -> str:
         """The engine ``run`` takes by default for a batch of this size at the package's thresholds."""
         if self._default_plan.disabled and self.package.full_model is not None:

@@ -18,7 +18,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from ..calibrate import record_exits, shared_threshold
+from ..calibrate import record_engine_choice, record_exits, shared_threshold
 from ..datasets import MNIST_PREPROCESSING, mnist5k_splits
 from ..export import export_package
 from ..measure import LatencyStats
@@ -128,7 +128,9 @@ def run_quickstart(
     full_logits = full.run(None, {"image": splits.test.x})[0]
     full_acc = float((full_logits.argmax(1) == splits.test.y).mean())
     stages, compiled = ExitSession(path, engine="stages"), ExitSession(path, engine="compiled")
-    engine = session.tune_engines(splits.calibration.x)[0].faster   # batch 1, on the device, on real data
+    # time both engines on the calibration split and record the faster per regime in the package
+    timings = record_engine_choice(path, splits.calibration.x)
+    engine = timings[0].faster if timings else "stages"
     overhead_ns: list[float] = []
 
     def stage_loop(s: np.ndarray) -> None:
