@@ -131,6 +131,7 @@ class FrontierPoint:
     accuracy: float
     expected_cost: float
     shares: tuple[float, ...]
+    feasible: bool = True     # meets the objective (a cheaper row may not: see ``drop_bound``)
 
 
 @dataclass(frozen=True)
@@ -336,7 +337,8 @@ def calibrate_thresholds(
     def point(p: Point) -> FrontierPoint:
         taken = search.taken(p.index)
         return FrontierPoint(tuple(search.thresholds(p.index)), p.correct / n, p.cost / n,
-                             tuple((np.bincount(taken, minlength=search.early + 1) / n).tolist()))
+                             tuple((np.bincount(taken, minlength=search.early + 1) / n).tolist()),
+                             objective.feasible(p, n))
 
     chosen = point(best)
     return CalibrationResult(

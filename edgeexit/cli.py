@@ -355,13 +355,18 @@ def inspect(package: Path, as_json: bool) -> None:
 
 def _format_frontier(result: Any) -> str:
     unit = result.cost_unit
-    lines = [f"{'':2}{'accuracy':>9}{'expected ' + unit:>16}{'vs full':>9}  {'exit shares':<24}thresholds"]
+    lines = [f"{'':2}{'accuracy':>9}{'expected ' + unit:>16}{'vs full':>9}  {'meets':<7}{'exit shares':<24}thresholds"]
     for p in result.frontier:
         mark = "*" if list(p.thresholds) == result.thresholds else " "
         shares = " ".join(f"{s:.3f}" for s in p.shares)
         thr = ", ".join(f"{t:.6g}" for t in p.thresholds)
         lines.append(f"{mark:2}{p.accuracy:>9.2%}{p.expected_cost:>16.4f}{result.full_cost / p.expected_cost:>8.2f}x"
-                     f"  {shares:<24}{thr}")
+                     f"  {'yes' if p.feasible else 'no':<7}{shares:<24}{thr}")
+    cheaper = [p for p in result.frontier if p.expected_cost < result.expected_cost and p.accuracy >= result.accuracy]
+    if cheaper:
+        lines.append(f"{len(cheaper)} row(s) above the choice are cheaper and as accurate on these samples but do not "
+                     f"meet the objective: the drop bound also counts the samples they lose and win "
+                     f"({result.objective['kind']} {result.objective['value']}, z {result.objective['z']})")
     return "\n".join(lines)
 
 
@@ -373,17 +378,30 @@ def _save_frontier_plot(result: Any, path: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         raise click.UsageError("--plot needs matplotlib: pip install matplotlib") from None
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
     xs = [p.expected_cost for p in result.frontier]
     ys = [100 * p.accuracy for p in result.frontier]
     ax.step(xs, ys, where="post", marker="o", label="Pareto frontier")
+    for p, x, y in zip(result.frontier, xs, ys):
+        ax.annotate(", ".join(f"{t:.3g}" for t in p.thresholds), (x, y), textcoords="offset points", xytext=(4, -10),
+                    fontsize=6, color="dimgrey")
     ax.scatter([result.expected_cost], [100 * result.accuracy], s=120, facecolors="none", edgecolors="red",
                label="chosen", zorder=3)
     ax.axhline(100 * result.full_accuracy, color="grey", linestyle=":", label="last exit only")
-    ax.set_xlabel(f"expected cost per sample ({result.cost_unit})")
+    ax.axvline(result.full_cost, color="black", linestyle="--", label=f"full model ({result.full_model})")
+    kind, value = result.objective["kind"], float(result.objective["value"])
+    if kind == "latency_budget":
+        ax.axvline(value, color="tab:orange", linestyle="-.", label="latency budget")
+    elif kind == "target_accuracy":
+        ax.axhline(100 * value, color="tab:orange", linestyle="-.", label="target accuracy")
+    else:
+        ax.axhline(100 * (result.full_accuracy - value), color="tab:orange", linestyle="-.",
+                   label=f"last exit - {100 * value:g} pt")
+    ax.set_xlim(0, max(result.full_cost, *xs) * 1.05)
+    ax.set_xlabel(f"expected cost per sample ({result.cost_unit}); labels: thresholds")
     ax.set_ylabel("validation accuracy (%)")
     ax.set_title(f"calibration frontier ({result.policy}, {result.samples} samples)")
-    ax.legend(loc="lower right")
+    ax.legend(loc="upper left", fontsize=7)
     fig.tight_layout()
     from ._atomic import replace_atomically
 
@@ -405,9 +423,11 @@ def _save_frontier_plot(result: Any, path: Path) -> None:
 @click.option("--plot", type=click.Path(path_type=Path), help="Save the frontier as a PNG.")
 @click.option("--dry-run", is_flag=True, help="Print the choice without writing it into the package.")
 @click.option("--revert", is_flag=True, help="Restore the thresholds the last calibration replaced.")
+@click.option("-v", "--verbose", is_flag=True, help="Also print the whole accuracy/cost frontier.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object on stdout.")
 def calibrate(package: Path, data_file: Path | None, max_drop: float | None, target_accuracy: float | None,
               latency_budget_ms: float | None, z: float, device: str, flops: bool, plot: Path | None,
-              dry_run: bool, revert: bool) -> None:
+              dry_run: bool, revert: bool, verbose: bool, as_json: bool) -> None:
     """Choose one threshold per early exit from labelled data, timed on this device."""
     from .calibrate import (
         apply_calibration,
@@ -445,20 +465,24 @@ def calibrate(package: Path, data_file: Path | None, max_drop: float | None, tar
         target_accuracy=None if target_accuracy is None else target_accuracy / 100,
         latency_budget=latency_budget_ms, z=z, measure=not flops,
     )
+    say = (lambda _line: None) if as_json else click.echo
     costs = (f"exit paths {', '.join(f'{c:.4g}' for c in result.exit_costs or [])} {result.cost_unit} and the full "
              f"model {result.full_cost:.4g} {result.cost_unit}" if result.engine else
              "stages " + ", ".join(f"{c:.4g}" for c in result.stage_costs) + f" {result.cost_unit}")
-    click.echo(f"{result.samples} samples, policy {result.policy}, {result.method} search over "
-               f"{result.evaluated} choices; costs ({result.cost_source}): {costs}")
-    click.echo(_format_frontier(result))
-    click.echo(f"chosen thresholds {[round(t, 6) for t in result.thresholds]}: accuracy {result.accuracy:.2%} "
+    say(f"{result.samples} samples, policy {result.policy}, {result.method} search over "
+        f"{result.evaluated} choices; costs ({result.cost_source}): {costs}")
+    if verbose:
+        say(_format_frontier(result))
+    else:
+        say(f"frontier: {len(result.frontier)} non-dominated choice(s) (--verbose lists them)")
+    say(f"chosen thresholds {[round(t, 6) for t in result.thresholds]}: accuracy {result.accuracy:.2%} "
                f"(last exit {result.full_accuracy:.2%}), expected {result.expected_cost:.4g} {result.cost_unit} vs "
                f"{result.full_cost:.4g} for the full model ({result.full_model}): {result.speedup:.2f}x, "
                f"exit shares {[round(s, 3) for s in result.shares]}")
     replay = None
     if result.cost_unit == "ms":
         replay = replay_calibration(session, inputs, labels, result)
-        click.echo(f"replayed on the calibration data: accuracy and exit shares as computed; {replay.mean_ms:.4f} ms "
+        say(f"replayed on the calibration data: accuracy and exit shares as computed; {replay.mean_ms:.4f} ms "
                    f"vs the full model {replay.full_mean_ms:.4f} ms per sample (mean of {replay.samples_timed} "
                    f"samples' medians at batch 1, interleaved): {replay.speedup:.2f}x measured, "
                    f"{result.speedup:.2f}x expected")
@@ -471,16 +495,29 @@ def calibrate(package: Path, data_file: Path | None, max_drop: float | None, tar
                    " (a looser objective may still win; --revert undoes it)", err=True)
     if plot is not None:
         _save_frontier_plot(result, plot)
-        click.echo(f"wrote {plot}")
+        say(f"wrote {plot}")
+    engines = []
     if dry_run:
-        click.echo("dry run: the package was not changed")
-        return
-    apply_calibration(package, result, device=profile.name, disable_exits=slower)
-    click.echo(f"wrote {'disabled early exits' if slower else 'the thresholds'} into {package} (the previous "
-               "thresholds are kept; undo with --revert)")
-    for t in record_engine_choice(package, inputs, device=profile):
-        click.echo(f"batch {t.batch_size}: stage loop {t.stages_ms:.4f} ms, compiled graph {t.compiled_ms:.4f} ms "
-                   f"per call -> ExitSession runs the {'compiled graph' if t.faster == 'compiled' else 'stage loop'}")
+        say("dry run: the package was not changed")
+    else:
+        apply_calibration(package, result, device=profile.name, disable_exits=slower)
+        say(f"wrote {'disabled early exits' if slower else 'the thresholds'} into {package} (the previous "
+            "thresholds are kept; undo with --revert)")
+        engines = record_engine_choice(package, inputs, device=profile)
+        for t in engines:
+            say(f"batch {t.batch_size}: stage loop {t.stages_ms:.4f} ms, compiled graph {t.compiled_ms:.4f} ms "
+                f"per call -> ExitSession runs the {'compiled graph' if t.faster == 'compiled' else 'stage loop'}")
+    if as_json:
+        import dataclasses
+
+        click.echo(json.dumps({
+            "schema": "edgeexit.calibrate/1", "package": str(package), "device": profile.name,
+            **result.entry(), "speedup_vs_full": result.speedup,
+            "replay": None if replay is None else {**dataclasses.asdict(replay), "speedup_vs_full": replay.speedup},
+            "exits_disabled": slower, "written": not dry_run,
+            "engines": [dataclasses.asdict(t) | {"faster": t.faster} for t in engines],
+            "frontier": [dataclasses.asdict(p) for p in result.frontier],
+        }, indent=2))
 
 
 # --- bench and devices ---------------------------------------------------------------

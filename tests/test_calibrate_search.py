@@ -231,9 +231,20 @@ def test_calibrate_cli(tiny_package, tmp_path):
     x, y = _labelled()
     np.savez(tmp_path / "val.npz", x=x, labels=y)
     result = CliRunner().invoke(cli, ["calibrate", str(tiny_package), "--data", str(tmp_path / "val.npz"),
-                                      "--max-drop", "1", "--plot", str(tmp_path / "f.png")])
+                                      "--max-drop", "1", "--dry-run"])
     assert result.exit_code == 0, result.output
-    assert "chosen thresholds" in result.output and "*" in result.output
+    assert "chosen thresholds" in result.output and "(--verbose lists them)" in result.output
+    assert "meets" not in result.output and load_package(tiny_package).calibration is None
+    result = CliRunner().invoke(cli, ["calibrate", str(tiny_package), "--data", str(tmp_path / "val.npz"),
+                                      "--max-drop", "1", "--dry-run", "--json"])
+    shown = json.loads(result.stdout)
+    assert shown["schema"] == "edgeexit.calibrate/1" and shown["written"] is False
+    assert shown["speedup_vs_full"] == pytest.approx(shown["full_cost"] / shown["expected_cost"])
+    assert any(p["thresholds"] == shown["thresholds"] for p in shown["frontier"])
+    result = CliRunner().invoke(cli, ["calibrate", str(tiny_package), "--data", str(tmp_path / "val.npz"),
+                                      "--max-drop", "1", "--plot", str(tmp_path / "f.png"), "--verbose"])
+    assert result.exit_code == 0, result.output
+    assert "chosen thresholds" in result.output and "*" in result.output and "meets" in result.output
     assert (tmp_path / "f.png").read_bytes()[:4] == b"\x89PNG"
     assert load_package(tiny_package).calibration is not None
     result = CliRunner().invoke(cli, ["calibrate", str(tiny_package), "--revert"])
