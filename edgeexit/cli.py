@@ -83,10 +83,16 @@ def _load_user_model(spec: str) -> tuple[Any, dict[str, Any], list[str] | None]:
 @click.option("--quantize", type=click.Choice(["int8"]), help="Quantize the stage graphs (needs --data).")
 @click.option("--data", "cal_data", type=click.Path(path_type=Path),
               help="Calibration data for --quantize (.npz of the inputs; with 'labels' thresholds are recalibrated).")
+@click.option("--calibrate-data", type=click.Path(path_type=Path),
+              help="Labelled validation data (.npz with the inputs and 'labels'): choose the thresholds on it right "
+                   "after exporting, timed here (as `edgeexit calibrate`).")
+@click.option("--max-drop", type=float, default=0.3, show_default=True,
+              help="With --calibrate-data: accuracy points the exits may lose against the last exit.")
 @click.option("--force", is_flag=True, help="Replace an existing package at --output.")
 def export(model: str, output: Path, policy: str, thresholds: tuple[float, ...], weights: Path | None,
            train: bool, epochs: int, seed: int, full_model: bool, dynamo: bool, compile_graph: bool,
-           quantize: str | None, cal_data: Path | None, force: bool) -> None:
+           quantize: str | None, cal_data: Path | None, calibrate_data: Path | None, max_drop: float,
+           force: bool) -> None:
     """Export MODEL (a zoo name: blenet, bresnet, cbnet; or module.path:factory) as an exit package.
 
     For cbnet, --no-full-model exports the paper's CBNet (converter + light classifier only)
@@ -99,12 +105,18 @@ def export(model: str, output: Path, policy: str, thresholds: tuple[float, ...],
         raise click.UsageError(f"{output} exists; pass --force to replace it")
     if (quantize is None) != (cal_data is None):
         raise click.UsageError("--quantize int8 and --data CAL.npz go together")
+    if calibrate_data is not None and thresholds:
+        raise click.UsageError("--calibrate-data chooses the thresholds; drop --threshold")
+    if calibrate_data is not None and not calibrate_data.is_file():
+        raise click.UsageError(f"--calibrate-data {calibrate_data}: no such file")
     labels = None
     preprocessing = None
     if model == "cbnet":
         if quantize is not None:
             raise click.UsageError("--quantize is not supported for cbnet yet; run `edgeexit quantize` afterwards")
         _export_cbnet(output, weights, train, epochs, seed, full_model, thresholds, dynamo, compile_graph)
+        if calibrate_data is not None:
+            _calibrate(output, calibrate_data, max_drop=max_drop)
         return
     if ":" in model:
         net, example, labels = _load_user_model(model)
@@ -139,7 +151,7 @@ def export(model: str, output: Path, policy: str, thresholds: tuple[float, ...],
             f"pass --threshold once per early exit ({net.num_exits - 1} for this model), or none: the exits then "
             "stay disabled until `edgeexit calibrate` chooses thresholds from data"
         )
-    if not thresholds:
+    if not thresholds and calibrate_data is None:
         click.echo(f"no --threshold: the {net.num_exits - 1} early exit(s) stay disabled (the package runs as the "
                    "full model) until `edgeexit calibrate PACKAGE --data VAL.npz --max-drop POINTS` chooses them",
                    err=True)
@@ -152,13 +164,15 @@ def export(model: str, output: Path, policy: str, thresholds: tuple[float, ...],
 
     if quantize is None or cal_data is None:
         write(output)
-        return
-    import tempfile
+    else:
+        import tempfile
 
-    with tempfile.TemporaryDirectory(prefix="edgeexit-fp32-") as tmp:
-        fp32 = Path(tmp) / "fp32.eexit"
-        write(fp32)
-        _quantize(fp32, output, cal_data, force)
+        with tempfile.TemporaryDirectory(prefix="edgeexit-fp32-") as tmp:
+            fp32 = Path(tmp) / "fp32.eexit"
+            write(fp32)
+            _quantize(fp32, output, cal_data, force)
+    if calibrate_data is not None:
+        _calibrate(output, calibrate_data, max_drop=max_drop)
 
 
 def _export_cbnet(output: Path, weights: Path | None, train: bool, epochs: int, seed: int, fallback: bool,
@@ -429,15 +443,7 @@ def calibrate(package: Path, data_file: Path | None, max_drop: float | None, tar
               latency_budget_ms: float | None, z: float, device: str, flops: bool, plot: Path | None,
               dry_run: bool, revert: bool, verbose: bool, as_json: bool) -> None:
     """Choose one threshold per early exit from labelled data, timed on this device."""
-    from .calibrate import (
-        apply_calibration,
-        calibrate_thresholds,
-        record_engine_choice,
-        replay_calibration,
-        revert_calibration,
-        slower_than_full_model,
-    )
-    from .runtime import ExitSession
+    from .calibrate import revert_calibration
 
     if revert:
         pkg = revert_calibration(package)
@@ -452,8 +458,25 @@ def calibrate(package: Path, data_file: Path | None, max_drop: float | None, tar
         )
     if latency_budget_ms is not None and flops:
         raise click.UsageError("--latency-budget-ms needs timed stages; drop --flops")
+    _calibrate(package, data_file, max_drop=max_drop, target_accuracy=target_accuracy,
+               latency_budget_ms=latency_budget_ms, z=z, device=device, flops=flops, plot=plot, dry_run=dry_run,
+               verbose=verbose, as_json=as_json)
+
+
+def _calibrate(package: Path, data_file: Path, *, max_drop: float | None, target_accuracy: float | None = None,
+               latency_budget_ms: float | None = None, z: float = 1.645, device: str = "auto", flops: bool = False,
+               plot: Path | None = None, dry_run: bool = False, verbose: bool = False, as_json: bool = False) -> None:
+    """The calibration flow of `edgeexit calibrate` (also run by `export --calibrate-data`)."""
+    from .calibrate import (
+        apply_calibration,
+        calibrate_thresholds,
+        record_engine_choice,
+        replay_calibration,
+        slower_than_full_model,
+    )
     from .datafiles import load_input_file
     from .devices import get_profile
+    from .runtime import ExitSession
 
     profile = get_profile(device)
     session = ExitSession(package, device=profile)
@@ -518,6 +541,8 @@ def calibrate(package: Path, data_file: Path | None, max_drop: float | None, tar
             "engines": [dataclasses.asdict(t) | {"faster": t.faster} for t in engines],
             "frontier": [dataclasses.asdict(p) for p in result.frontier],
         }, indent=2))
+
+
 
 
 # --- bench and devices ---------------------------------------------------------------

@@ -172,3 +172,19 @@ def test_quantize_command_and_export_with_quantize(package, tmp_path):
     result = CliRunner().invoke(cli, ["export", "_models:factory", "-o", str(tmp_path / "x.eexit"), *THRESHOLDS,
                                       "--quantize", "int8"])
     assert result.exit_code == 2 and "go together" in result.output
+
+
+def test_export_with_calibrate_data_chooses_the_thresholds_after_exporting(tmp_path):
+    x = tiny_inputs(200, seed=4)
+    _, preds, _, _ = reference_decisions(tiny_model(), x, "entropy", [1e9, 1e9])
+    np.savez(tmp_path / "val.npz", x=x, labels=preds)
+    out = tmp_path / "cal.eexit"
+    result = CliRunner().invoke(cli, ["export", "_models:factory", "-o", str(out), "--calibrate-data",
+                                      str(tmp_path / "val.npz"), "--max-drop", "1"])
+    assert result.exit_code == 0, result.output
+    assert "stay disabled" not in result.output and "chosen thresholds" in result.output
+    history = load_package(out).calibration["history"]
+    assert len(history) == 1 and history[0]["objective"] == {"kind": "max_drop", "value": 0.01, "z": 1.645}
+    result = CliRunner().invoke(cli, ["export", "_models:factory", "-o", str(tmp_path / "b.eexit"),
+                                      "--calibrate-data", str(tmp_path / "missing.npz")])
+    assert result.exit_code == 2 and "no such file" in result.output and not (tmp_path / "b.eexit").exists()
