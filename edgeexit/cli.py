@@ -214,13 +214,16 @@ def _quantize(src: Path, dst: Path, data_file: Path, force: bool, **options: Any
 @click.option("--activation-type", type=click.Choice(["uint8", "int8"]), default="uint8", show_default=True)
 @click.option("--per-channel/--no-per-channel", default=True, show_default=True)
 @click.option("--max-calibration-samples", default=512, show_default=True, type=click.IntRange(min=1))
-@click.option("--max-drop", default=0.3, show_default=True, help="Accuracy points for the recalibrated threshold.")
+@click.option("--max-drop", type=float, default=None,
+              help="Recalibrate one shared threshold within this many accuracy points. Default: the objective of "
+                   "the package's calibration (thresholds searched again per exit), else 0.3.")
 @click.option("--force", is_flag=True, help="Replace an existing package at --output.")
 def quantize(package: Path, output: Path, data_file: Path, mode: str, activation_type: str, per_channel: bool,
-             max_calibration_samples: int, max_drop: float, force: bool) -> None:
+             max_calibration_samples: int, max_drop: float | None, force: bool) -> None:
     """Quantize PACKAGE's stage graphs to int8 with onnxruntime.quantization."""
     _quantize(package, output, data_file, force, mode=mode, activation_type=activation_type,
-              per_channel=per_channel, max_calibration_samples=max_calibration_samples, max_drop=max_drop / 100)
+              per_channel=per_channel, max_calibration_samples=max_calibration_samples,
+              max_drop=None if max_drop is None else max_drop / 100)
 
 
 @cli.command("compile")

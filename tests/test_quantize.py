@@ -187,7 +187,7 @@ def test_helper_built_matmul_package_quantizes(tiny_package, tmp_path):
         np.testing.assert_allclose(a, b, atol=0.1 * np.abs(b).max())
 
 
-def test_what_described_the_fp32_graphs_is_dropped(tiny_package, tmp_path):
+def test_timings_of_the_fp32_graphs_are_dropped_and_the_history_kept(tiny_package, tmp_path):
     def timed(manifest):
         manifest["stages"][0]["cost"]["measured_ms"] = 0.5
         manifest["calibration"] = {"history": [{"thresholds": [0.5]}]}
@@ -195,10 +195,36 @@ def test_what_described_the_fp32_graphs_is_dropped(tiny_package, tmp_path):
     update_manifest(tiny_package, timed)
     lines: list[str] = []
     pkg = q.quantize_package(tiny_package, tmp_path / "int8.eexit", X4 + 1, log=lines.append)
-    assert pkg.format_version == 4 and "calibration" not in pkg.manifest
+    assert pkg.format_version == 4 and pkg.calibration == {"history": [{"thresholds": [0.5]}]}
     assert "measured_ms" not in pkg.stages[0].cost and pkg.stages[0].cost["flops"] == 24
     assert any("measured_ms of ['stage0']" in line for line in lines)
-    assert any("dropped the fp32 calibration history" in line for line in lines)
+    assert any("kept the calibration history (1 entry" in line for line in lines)
+    assert any(line.startswith("  stage0: ") and " bytes; " in line for line in lines)   # what changed, per stage
+
+
+def test_quantize_recalibrates_with_the_objective_the_user_chose(packages, tmp_path):
+    import shutil
+
+    from edgeexit.calibrate import apply_calibration, calibrate_thresholds
+
+    src = tmp_path / "fp32.eexit"
+    shutil.copytree(packages["conv"][0], src)
+    x = tiny_inputs(300, seed=2)
+    labels = ExitSession(src, engine="stages").run(x, early_exits=False).predictions
+    chosen = calibrate_thresholds(ExitSession(src), x, labels, target_accuracy=0.9, stage_costs=[1, 1, 1, 1])
+    apply_calibration(src, chosen, device="cpu")
+    lines: list[str] = []
+    pkg = q.quantize_package(src, tmp_path / "int8.eexit", x, calibration_labels=labels, log=lines.append)
+    history = pkg.calibration["history"]
+    assert len(history) == 2 and history[0]["thresholds"] == chosen.thresholds       # the fp32 entry, kept
+    assert history[1]["objective"] == history[0]["objective"] == {"kind": "target_accuracy", "value": 0.9, "z": 0.0}
+    record = pkg.quantization["thresholds"]
+    assert record["method"] == "calibrate_thresholds" and record["fp32_values"] == chosen.thresholds
+    assert record["objective"]["kind"] == "target_accuracy" and history[1]["cost_unit"] == "ms"
+    assert any("recalibrating with the fp32 calibration's objective (target_accuracy 0.9" in line for line in lines)
+    # an explicit max_drop asks for the shared-threshold rule instead
+    other = q.quantize_package(src, tmp_path / "shared.eexit", x, calibration_labels=labels, max_drop=0.01, log=None)
+    assert other.quantization["thresholds"]["method"] == "shared_threshold"
 
 
 # --- calibration data per stage -------------------------------------------------------

@@ -295,8 +295,10 @@ def _int8_manifest(package: Package, say: Callable[[str], None]) -> dict[str, An
             stale.append(where)
     if stale:
         say(f"dropped the fp32 measured_ms of {stale}: int8 graphs run at other speeds; re-measure them")
-    if manifest.pop("calibration", None) is not None:
-        say("dropped the fp32 calibration history: it describes the fp32 graphs")
+    history = (manifest.get("calibration") or {}).get("history") or []
+    if history:
+        say(f"kept the calibration history ({len(history)} entr{'y' if len(history) == 1 else 'ies'}, measured on the "
+            "fp32 graphs); recalibrating on the int8 graphs appends to it")
     return manifest
 
 
@@ -310,7 +312,7 @@ def quantize_package(
     activation_type: str = "uint8",
     max_calibration_samples: int = DEFAULT_MAX_CALIBRATION_SAMPLES,
     calibration_labels: np.ndarray | None = None,
-    max_drop: float = 0.003,
+    max_drop: float | None = None,
     overwrite: bool = True,
     log: Callable[[str], None] | None = print,
 ) -> Package:
@@ -334,7 +336,10 @@ def quantize_package(
             are recalibrated on the int8 graphs (``recalibrate_shared_threshold``, every
             calibration sample) before the package is written.  Without them the fp32
             thresholds are copied, the manifest says so and a line is logged.
-        max_drop: the accuracy drop allowed when recalibrating.
+        max_drop: recalibrate one shared threshold within this accuracy drop (a fraction).
+            Default (None): the objective of the fp32 package's live calibration when it has
+            one (its thresholds are searched again per exit, timed on this device, and the
+            entry is added to the kept history); else a shared threshold within 0.003.
         overwrite: replace an existing package at ``dst`` (False: refuse, before any work).
         log: where progress lines go (None: silent).
 
@@ -408,16 +413,22 @@ def quantize_package(
             "thresholds": {"status": "copied_from_fp32", "values": package.thresholds},
         }
         staging = write_package(folder / "staging.eexit", manifest, files)
-        if labelled is None:
-            say(f"thresholds {package.thresholds} were copied from the fp32 package; quantization shifts exit "
-                f"scores, so recalibrate them: recalibrate_shared_threshold({str(dst_path)!r}, x_cal, y_cal)")
-        else:
-            recalibrate_shared_threshold(staging, *labelled, max_drop=max_drop, log=say)
-        if package.compiled is not None:
+        if package.compiled is not None:   # first, so a timed recalibration times the engine that will run
             from .compile import compile_package
 
             say("recompiling compiled.onnx from the int8 stage graphs")
             compile_package(staging, log=say)
+        kept = live_calibration(package) if max_drop is None else None
+        if labelled is None:
+            say(f"thresholds {package.thresholds} were copied from the fp32 package; quantization shifts exit "
+                f"scores, so recalibrate them: recalibrate_shared_threshold({str(dst_path)!r}, x_cal, y_cal)")
+        elif kept is not None:
+            _recalibrate_as_before(staging, labelled, kept, package.thresholds, say)
+        else:
+            recalibrate_shared_threshold(staging, *labelled, max_drop=0.003 if max_drop is None else max_drop,
+                                         log=say)
+        for line in what_changed(package, load_package(staging)):
+            say(line)
         _, final = read_manifest(staging)
         write_package(dst_path, final, {name: staging / name for name in final.pop("files")}, overwrite=overwrite)
     say(f"wrote {dst_path}")
@@ -425,6 +436,72 @@ def quantize_package(
 
 
 # --- thresholds ---------------------------------------------------------------------
+
+
+def live_calibration(package: Package) -> Mapping[str, Any] | None:
+    """The newest calibration-history entry that was not reverted, if any."""
+    history = (package.calibration or {}).get("history") or []
+    live = [e for e in history if isinstance(e, Mapping) and not e.get("reverted") and e.get("objective")]
+    return live[-1] if live else None
+
+
+def _recalibrate_as_before(staging: Path, labelled: tuple[Any, np.ndarray], entry: Mapping[str, Any],
+                           fp32_thresholds: Sequence[float | None], say: Callable[[str], None]) -> None:
+    """Search the int8 package's thresholds again with the objective the user chose for the fp32 one."""
+    from ..calibrate import apply_calibration, calibrate_thresholds, replay_calibration, slower_than_full_model
+    from ..runtime import ExitSession
+
+    objective = entry["objective"]
+    kind, value, z = objective["kind"], float(objective["value"]), float(objective.get("z") or 1.645)
+    say(f"recalibrating with the fp32 calibration's objective ({kind} {value:g}, policy {entry.get('policy')}), "
+        "timed on the int8 graphs here")
+    x, y = labelled
+    session = ExitSession(staging)
+    session.tune_engines(x)
+    result = calibrate_thresholds(
+        session, x, y, z=z, policy=entry.get("policy"), max_drop=value if kind == "max_drop" else None,
+        target_accuracy=value if kind == "target_accuracy" else None,
+        latency_budget=value if kind == "latency_budget" else None)
+    replay = replay_calibration(session, x, y, result)
+    slower = slower_than_full_model(result, replay)
+    apply_calibration(staging, result, disable_exits=slower)
+
+    def record(manifest: dict[str, Any]) -> None:
+        manifest["quantization"]["thresholds"] = {
+            "status": "recalibrated", "method": "calibrate_thresholds", "objective": dict(objective),
+            "policy": result.policy, "samples": result.samples,
+            "values": [None] * len(result.thresholds) if slower else result.thresholds,
+            "accuracy": result.accuracy, "last_exit_accuracy": result.full_accuracy,
+            "exit_shares": result.shares, "speedup_vs_full": result.speedup, "fp32_values": list(fp32_thresholds),
+        }
+
+    update_manifest(staging, record)
+    say(f"int8 thresholds {[round(t, 6) for t in result.thresholds]} (fp32: {list(fp32_thresholds)}): accuracy "
+        f"{result.accuracy:.2%} (last exit {result.full_accuracy:.2%}), {result.speedup:.2f}x the int8 full model "
+        f"expected, {replay.speedup:.2f}x replayed" + (f"; exits disabled: {slower}" if slower else ""))
+
+
+def what_changed(fp32: Package, int8: Package) -> list[str]:
+    """One line per stage: bytes, nodes (the quantize/dequantize ones named) and measured ms, fp32 -> int8."""
+    lines = ["what quantization changed, per stage (fp32 -> int8):"]
+    for before, after in zip(fp32.stages, int8.stages):
+        old, new = (onnx.load(str(p.file_path(s.file)), load_external_data=False).graph
+                    for p, s in ((fp32, before), (int8, after)))
+        qdq = sum(n.op_type in ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear") for n in new.node)
+        size = (fp32.files[before.file]["size"], int8.files[after.file]["size"])
+        ms = (before.cost.get("measured_ms"), after.cost.get("measured_ms"))
+        timed = f"; {ms[0]:.4f} -> {ms[1]:.4f} ms" if None not in ms else ""
+        grew = []
+        if size[1] > size[0]:
+            grew.append("bigger")
+        if None not in ms and ms[1] > ms[0]:   # type: ignore[operator]
+            grew.append("slower")
+        why = (f" ({' and '.join(grew)}: {qdq} quantize/dequantize node(s) added around "
+               f"{sum(n.op_type in CONV_OPS | {'MatMul', 'Gemm'} for n in old.node)} Conv/MatMul/Gemm; on small "
+               "layers the conversions cost more than int8 arithmetic saves)" if grew else "")
+        lines.append(f"  {before.name}: {size[0]:,} -> {size[1]:,} bytes; {len(old.node)} -> {len(new.node)} nodes"
+                     f"{timed}{why}")
+    return lines
 
 
 @dataclass(frozen=True)
