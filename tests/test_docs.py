@@ -58,6 +58,14 @@ def test_compile_md_python_blocks_run_as_written(workdir):
         assert done.stdout.strip(), "each block prints what it shows"
 
 
+def test_devices_md_run_benchmark_example_runs_as_written(workdir):
+    blocks = [b for b in _blocks((DOCS / "DEVICES.md").read_text(), "python") if "run_benchmark" in b]
+    assert len(blocks) == 1
+    done = subprocess.run([sys.executable, "-c", blocks[0]], cwd=workdir, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, f"{blocks[0]}\n{done.stdout}\n{done.stderr}"
+    assert "vs full: speedup" in done.stdout and "speedup_mean" in done.stdout
+
+
 def test_format_md_example_is_what_the_exporter_writes(tmp_path):
     text = (DOCS / "FORMAT.md").read_text()
     section = text[text.index("## 9. Example"):]

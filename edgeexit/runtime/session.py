@@ -24,6 +24,7 @@ from ..policies import ExitPolicy, check_thresholds, get_policy, never_threshold
 from ._engines import ENGINES, CompiledGraph, EngineTiming, calibrated_shares, forced_paths, time_interleaved
 from ._inputs import InputChecker, synthetic_inputs
 from ._measure import Measurement
+from ._metadata import PackageArg, PackageMetadata, package_inputs, package_metadata, result_outputs
 from ._stage import Stage, binding_device, take
 from ._threads import ThreadSettings, explain_session_failure
 
@@ -96,6 +97,16 @@ class ExitSession:
             policies are compiled in, else the stage loop; ``tune_engines`` refines the
             choice per batch-size regime), ``"compiled"`` or ``"stages"``.  Results are
             identical either way; see ``edgeexit.runtime._engines`` for the rule.
+        sess_options: an ``onnxruntime.SessionOptions`` used for every session of the
+            package (stages, compiled graph, full model): onnxruntime's own way to set
+            threads, spinning and graph optimisation.  It replaces ``threads``,
+            ``spinning`` and ``global_thread_pool``, which must then be left out.
+
+    Thread safety: ``run``, ``run_full`` and ``run_all_exits`` may be called from several
+    threads at once on one session: onnxruntime sessions are thread-safe, and each call
+    keeps its tensors, plan and result to itself.  ``measure``, ``tune_engines`` and
+    ``close`` change the session: call them when no other thread is using it.
+    Sessions are closed by ``close()`` or by leaving a ``with ExitSession(...)`` block.
 
     Example:
         >>> sess = ExitSession("lenet.eexit")                    # doctest: +SKIP
@@ -117,9 +128,15 @@ class ExitSession:
         verify_hashes: bool = True,
         io_binding: bool | None = None,
         engine: str = "auto",
+        sess_options: ort.SessionOptions | None = None,
     ) -> None:
         if engine not in ENGINES:
             raise InputError(f"engine={engine!r} is not one of {', '.join(ENGINES)}")
+        if sess_options is not None and (threads, spinning, global_thread_pool) != (None, None, None):
+            raise InputError("sess_options= sets the threads itself: leave threads=, spinning= and "
+                             "global_thread_pool= out, or set them on the SessionOptions")
+        self._sess_options = sess_options
+        self._closed = False
         self.package: Package = load_package(path, verify_hashes=verify_hashes)
         profile = get_profile(device) if isinstance(device, str) else device
         self.profile: DeviceProfile | None = profile
@@ -132,7 +149,8 @@ class ExitSession:
             threads if threads is not None else base.threads,
             spinning if spinning is not None else base.spinning,
             global_thread_pool if global_thread_pool is not None else base.global_pool,
-        )
+        ) if sess_options is None else ThreadSettings(sess_options.intra_op_num_threads, False,
+                                                        not sess_options.use_per_session_threads)
         self._allow_fallback = allow_fallback
         self._checker = InputChecker(self.package.inputs, check_finite=check_finite)
         self.exit_stages = self.package.exit_stages
@@ -185,7 +203,7 @@ class ExitSession:
         settings = self.thread_settings
         try:
             session = ort.InferenceSession(
-                str(self.package.file_path(file)), settings.options(), providers=self.providers,
+                str(self.package.file_path(file)), self._sess_options or settings.options(), providers=self.providers,
             )
         except Exception as exc:  # onnxruntime raises bare RuntimeError/Fail subclasses
             reason = explain_session_failure(exc) or str(exc).strip().splitlines()[0]
@@ -238,6 +256,8 @@ class ExitSession:
                 choice for this batch size (see ``tune_engines``).
         """
         start = perf_counter_ns()
+        if self._closed:
+            raise SessionError(f"this ExitSession of {self.package.root} was closed; open a new one")
         feeds, n = self._checker.feeds(inputs)
         if not early_exits:
             plan = self._no_exit_plan
@@ -317,6 +337,42 @@ class ExitSession:
             return "early_exits=False runs the stage loop (the full-model baseline); drop engine='compiled'"
         return (f"the compiled graph decides with policies {list(self._compiled.policies)}, this call asks for "
                 f"{[p.name for p in plan.policies]}; drop engine='compiled' (the stage loop runs it) or recompile")
+
+    # --- onnxruntime's conventions ----------------------------------------------------
+
+    def get_inputs(self) -> list[PackageArg]:
+        """The package's inputs, shaped like ``InferenceSession.get_inputs()`` (name, shape, type)."""
+        return package_inputs(self.package)
+
+    def get_outputs(self) -> list[PackageArg]:
+        """What ``run`` returns per sample: ``logits``, ``exit_index``, ``score`` (NodeArg-like)."""
+        first = self.exit_stages[0]
+        name = self.package.stages[first].exit.logits  # type: ignore[union-attr]
+        logits = next(o for o in self._stages[first].session.get_outputs() if o.name == name)
+        dtype = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64"}.get(
+            logits.type, logits.type)
+        return result_outputs(self.package, dtype)
+
+    def get_providers(self) -> list[str]:
+        """The execution providers the sessions run on (as onnxruntime reports them)."""
+        return list(self._stages[0].session.get_providers())
+
+    def get_modelmeta(self) -> PackageMetadata:
+        """The package's metadata, shaped like ``InferenceSession.get_modelmeta()``."""
+        return package_metadata(self.package)
+
+    def close(self) -> None:
+        """Release every onnxruntime session of the package; later calls raise ``SessionError``."""
+        self._closed = True
+        self._stages.clear()
+        self._compiled = None
+        self._full_session = None
+
+    def __enter__(self) -> ExitSession:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
 
     @property
     def has_compiled(self) -> bool:

@@ -1,0 +1,75 @@
+"""ExitSession with onnxruntime's conventions: sess_options, NodeArg-like inputs and outputs,
+providers, model metadata, close() and ``with``.  Compared against onnxruntime's own answers
+for the package's stage graphs."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from edgeexit.errors import InputError, SessionError
+from edgeexit.runtime import ExitSession
+
+X = np.random.default_rng(0).standard_normal((16, 4)).astype(np.float32) * 3
+
+
+def test_inputs_outputs_and_providers_look_like_onnxruntime_s(tiny_package):
+    sess = ExitSession(tiny_package)
+    stage0 = ort.InferenceSession(str(tiny_package / "stage0.onnx"), providers=["CPUExecutionProvider"])
+    (arg,) = sess.get_inputs()
+    (ref,) = stage0.get_inputs()
+    assert (arg.name, arg.shape, arg.type) == (ref.name, ref.shape, ref.type) == ("x", ["batch", 4], "tensor(float)")
+    outputs = sess.get_outputs()
+    assert [(o.name, o.shape, o.type) for o in outputs] == [
+        ("logits", ["batch", 3], "tensor(float)"), ("exit_index", ["batch"], "tensor(int64)"),
+        ("score", ["batch"], "tensor(double)")]
+    result = sess.run(X)
+    assert result.logits.dtype == np.float32 and result.exit_index.dtype == np.int64 and result.scores.dtype == np.float64
+    assert sess.get_providers() == stage0.get_providers() == ["CPUExecutionProvider"]
+
+
+def test_model_metadata(tiny_package):
+    meta = ExitSession(tiny_package).get_modelmeta()
+    assert meta.producer_name == "edgeexit" and meta.graph_name == "Tiny" and meta.version == 1
+    custom = meta.custom_metadata_map
+    assert custom["policies"] == "entropy,entropy" and custom["thresholds"] == "[0.5]" and custom["exits"] == "2"
+    assert custom["labels"] == '["a", "b", "c"]' and custom["exits_disabled"] == "false"
+    assert all(isinstance(v, str) for v in custom.values())   # as in onnxruntime's map
+
+
+def test_sess_options_apply_to_every_session(tiny_package):
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ExitSession(tiny_package, sess_options=options)
+    assert sess.thread_settings.threads == 1
+    assert all(s.session.get_session_options().graph_optimization_level == ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+               for s in sess._stages)
+    want = ExitSession(tiny_package).run(X)
+    got = sess.run(X)
+    np.testing.assert_array_equal(got.exit_index, want.exit_index)
+    np.testing.assert_allclose(got.logits, want.logits, rtol=1e-6)
+    with pytest.raises(InputError, match="sess_options= sets the threads itself"):
+        ExitSession(tiny_package, sess_options=options, threads=2)
+
+
+def test_close_and_with(tiny_package):
+    with ExitSession(tiny_package) as sess:
+        assert sess.run(X[:1]).exit_index.shape == (1,)
+    with pytest.raises(SessionError, match="was closed"):
+        sess.run(X[:1])
+    sess.close()   # twice is fine
+
+
+def test_one_session_shared_by_threads_gives_the_serial_results(tiny_package):
+    sess = ExitSession(tiny_package)
+    chunks = [X[i:i + k] for i in range(0, 16, 4) for k in (1, 3)]
+    serial = [sess.run(c) for c in chunks]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        threaded = list(pool.map(sess.run, chunks * 8))
+    for want, got in zip(serial * 8, threaded):
+        np.testing.assert_array_equal(got.exit_index, want.exit_index)
+        np.testing.assert_array_equal(got.logits, want.logits)
