@@ -198,10 +198,12 @@ def run_benchmark(
     contenders: list[tuple[str, Callable[[dict[str, np.ndarray]], object]]] = [("early exit", session.run)]
     full_session = None
     if compare_full:
+        source: str | bytes | None = None if full_model is None else str(full_model)
         if full_model is None and session.package.full_model is not None:
-            full_model = session.package.file_path(session.package.full_model.file)  # the package's own graph
-        if full_model is not None:
-            full_session = ort.InferenceSession(str(full_model), session.thread_settings.options(),
+            full_model = session.package.full_model.file
+            source = session.package.read(full_model)   # the package's own graph, as verified
+        if full_model is not None and source is not None:
+            full_session = ort.InferenceSession(source, session.thread_settings.options(),
                                                 providers=session.providers)
             names = [i.name for i in full_session.get_inputs()]
             missing = [n for n in names if n not in inputs]

@@ -245,6 +245,18 @@ def compile_command(package: Path, output: Path | None, bake_thresholds: bool) -
     compile_package(package, output=output, bake=bake_thresholds, log=click.echo)
 
 
+@cli.command()
+@click.argument("package", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="The packed file to write (NAME.eexit.zip); ExitSession and every command take it as a package.")
+def pack(package: Path, output: Path) -> None:
+    """Pack PACKAGE into one file, for apps that ship the model inside their bundle and load it from memory."""
+    from .package import load_package, pack_package
+
+    pack_package(package, output)
+    click.echo(f"wrote {output} ({output.stat().st_size:,} bytes, {len(load_package(output).files)} files verified)")
+
+
 # --- run ----------------------------------------------------------------------------
 
 

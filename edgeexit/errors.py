@@ -51,6 +51,10 @@ class FileIntegrityError(PackageError, ValueError):
     """A file's size or sha256 differs from the manifest."""
 
 
+class ArchiveError(PackageError, ValueError):
+    """A packed package (``.eexit.zip`` bytes) is not a zip archive edgeexit can read safely."""
+
+
 class GraphMismatchError(PackageError, ValueError):
     """A stage graph's input or output names differ from what the manifest declares."""
 

@@ -16,10 +16,11 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from ._archive import archive_bytes, is_archive, read_archive
 from ._atomic import default_mode, fsync_dir, write_bytes_atomically
 from .errors import (
     FileIntegrityError,
@@ -129,9 +130,18 @@ class Package:
     calibration: Mapping[str, Any] | None = None
     quantization: Mapping[str, Any] | None = None
     compiled: CompiledSpec | None = None
+    # The verified bytes of each file, when loaded with keep_bytes=True or from an archive:
+    # sessions are built from these, so the bytes that were hashed are the bytes that run.
+    blobs: dict[str, bytes] | None = field(default=None, repr=False, compare=False)
 
     def file_path(self, name: str) -> Path:
         return self.root / name
+
+    def read(self, name: str) -> bytes:
+        """A file's verified bytes if they were kept, else its bytes on disk."""
+        if self.blobs is not None and name in self.blobs:
+            return self.blobs[name]
+        return self.file_path(name).read_bytes()
 
     @property
     def exit_stages(self) -> list[int]:
@@ -178,7 +188,7 @@ def _str_list(value: Any, where: str) -> tuple[str, ...]:
     return tuple(value)
 
 
-def check_file_name(name: Any, root: Path) -> None:
+def check_file_name(name: Any, root: Path, on_disk: bool = True) -> None:
     """Refuse names that could point outside the package directory."""
     if not isinstance(name, str) or not name:
         raise UnsafePathError(f"package file name {name!r} is not a non-empty string")
@@ -195,7 +205,7 @@ def check_file_name(name: Any, root: Path) -> None:
             "subfolders and '..' are refused so a package cannot read files outside itself. "
             "Re-export the package so every file lies directly in its directory."
         )
-    if (root / name).is_symlink():
+    if on_disk and (root / name).is_symlink():
         raise UnsafePathError(
             f"package file {name!r} in {root} is a symbolic link; links are refused because they "
             "can point outside the package. Replace it with the real file (cp -L) and re-verify."
@@ -208,6 +218,43 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def _verify_bytes(root: Path, name: str, meta: Mapping[str, Any], data: bytes, verify_hashes: bool) -> None:
+    if len(data) != meta["size"]:
+        raise FileIntegrityError(
+            f"{name!r} in {root} is {len(data)} bytes but the manifest says {meta['size']}; the file "
+            "was truncated or replaced. Copy the package again or re-export it."
+        )
+    if verify_hashes:
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != meta["sha256"]:
+            raise FileIntegrityError(
+                f"{name!r} in {root} has sha256 {digest[:16]}… but the manifest says {meta['sha256'][:16]}…; the "
+                "file was modified or corrupted. Copy the package again or re-export it."
+            )
+
+
+def _read_verified(root: Path, files: Mapping[str, Any], blobs: Mapping[str, bytes] | None,
+                   verify_hashes: bool) -> dict[str, bytes]:
+    """Every listed file's bytes, read once and checked (from ``blobs`` for an archive, else from disk)."""
+    out = {}
+    for name, meta in files.items():
+        check_file_name(name, root, on_disk=blobs is None)
+        _schema(isinstance(meta, Mapping) and isinstance(meta.get("sha256"), str)
+                and type(meta.get("size")) is int, f"files[{name!r}]",
+                "an object with sha256 (string) and size (integer)", meta)
+        if blobs is not None:
+            if name not in blobs:
+                raise MissingFileError(f"packed package {root} lists {name!r} but does not hold it; pack it again")
+            data = blobs[name]
+        else:
+            _verify_files(root, {name: meta}, verify_hashes=False)   # present, regular, not a link
+            with open(root / name, "rb") as f:
+                data = f.read(meta["size"] + 1)
+        _verify_bytes(root, name, meta, data, verify_hashes)
+        out[name] = data
+    return out
 
 
 def _verify_files(root: Path, files: Mapping[str, Any], verify_hashes: bool) -> None:
@@ -464,18 +511,61 @@ def read_manifest(path: str | os.PathLike[str]) -> tuple[Path, dict[str, Any]]:
     return root, manifest
 
 
-def load_package(path: str | os.PathLike[str], *, verify_hashes: bool = True) -> Package:
+def load_package(path: str | os.PathLike[str] | bytes, *, verify_hashes: bool = True,
+                 keep_bytes: bool = False) -> Package:
     """Read and verify an exit package; raises a ``PackageError`` subclass on any defect.
+
+    Args:
+        path: the package directory, a packed package file (``NAME.eexit.zip``, see
+            ``pack_package``) or the bytes of one.
+        verify_hashes: check every file's sha256 (sizes are always checked).
+        keep_bytes: read every file once, verify those bytes and keep them in
+            ``Package.blobs`` (always so for a packed package), so that whoever builds
+            sessions from them runs exactly what was verified.
 
     Example:
         >>> pkg = load_package("lenet.eexit")          # doctest: +SKIP
         >>> [s.name for s in pkg.stages]               # doctest: +SKIP
         ['stage0', 'stage1']
     """
+    if isinstance(path, (bytes, bytearray, memoryview)):
+        return _load_packed(bytes(path), Path("<package in memory>"), verify_hashes)
+    if Path(path).is_file():
+        with open(path, "rb") as f:
+            head = f.read(4)
+        if is_archive(head):
+            return _load_packed(Path(path).read_bytes(), Path(path), verify_hashes)
     root, manifest = read_manifest(path)
     package = parse_manifest(manifest, root)
-    _verify_files(root, package.files, verify_hashes)
-    return package
+    if not keep_bytes:
+        _verify_files(root, package.files, verify_hashes)
+        return package
+    return replace(package, blobs=_read_verified(root, package.files, None, verify_hashes))
+
+
+def _load_packed(data: bytes, where: Path, verify_hashes: bool) -> Package:
+    manifest, members = read_archive(data, str(where))
+    package = parse_manifest(manifest, where)
+    return replace(package, blobs=_read_verified(where, package.files, members, verify_hashes))
+
+
+def pack_package(path: str | os.PathLike[str], output: str | os.PathLike[str]) -> Path:
+    """Pack a verified package directory into one file (``NAME.eexit.zip``), written atomically.
+
+    ``ExitSession`` and ``load_package`` take the file or its bytes, for apps that ship the
+    model inside their bundle.
+
+    Example:
+        >>> pack_package("lenet.eexit", "lenet.eexit.zip")            # doctest: +SKIP
+        >>> ExitSession(open("lenet.eexit.zip", "rb").read())          # doctest: +SKIP
+    """
+    package = load_package(path, keep_bytes=True)
+    assert package.blobs is not None
+    manifest = (package.root / MANIFEST_NAME).read_bytes()
+    data = archive_bytes(manifest, {name: package.blobs[name] for name in package.files})
+    load_package(data)   # never write an archive this module would refuse to read
+    write_bytes_atomically(output, data)
+    return Path(output)
 
 
 # --- writing ------------------------------------------------------------------------

@@ -705,3 +705,17 @@ def test_set_thresholds_with_a_disabled_exit_raises_the_format_version(tiny_pack
     assert package.format_version == 4 and package.exits_disabled
     out = ExitSession(tiny_package).run(np.ones((3, 4), np.float32))
     assert out.engine == "stages" and (out.exit_index == 1).all()   # no full.onnx here: every stage runs
+
+
+def test_the_bytes_that_were_hashed_are_the_bytes_that_run(packages, tmp_path):
+    import shutil
+
+    path = tmp_path / "swapped.eexit"
+    shutil.copytree(packages["blenet"][0], path)
+    x = packages["blenet"][1][:5]
+    want = ExitSession(path, engine="stages").run_full(x)
+    sess = ExitSession(path)                       # verifies and keeps every file's bytes
+    (path / "full.onnx").write_bytes((path / "stage1.onnx").read_bytes())   # swapped after verification
+    (path / "compiled.onnx").write_bytes(b"not a graph")
+    np.testing.assert_allclose(sess.run_full(x), want, rtol=1e-5)   # built later, from the verified bytes
+    assert sess.run(x, engine="compiled").engine == "compiled"

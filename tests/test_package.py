@@ -21,6 +21,7 @@ import pytest
 
 import edgeexit.errors as errors_module
 from edgeexit.errors import (
+    ArchiveError,
     EdgeExitError,
     FileIntegrityError,
     GraphMismatchError,
@@ -228,6 +229,16 @@ def _damage_unknown_policy(pkg: Path) -> Path:
     return pkg
 
 
+def _damage_archive_folder(pkg: Path) -> Path:
+    import zipfile
+
+    packed = pkg.parent / "folder.eexit.zip"
+    with zipfile.ZipFile(packed, "w") as archive:
+        archive.writestr("manifest.json", (pkg / "manifest.json").read_bytes())
+        archive.writestr("sub/stage0.onnx", (pkg / "stage0.onnx").read_bytes())
+    return packed
+
+
 def _damage_no_threshold(pkg: Path) -> Path:
     edit_manifest(pkg, lambda m: _stage(0)(m)["exit"].update(threshold=None))
     return pkg
@@ -336,6 +347,8 @@ REFUSALS: list[tuple[str, Callable[[Path], Path], type[Exception], list[str]]] =
     ("unknown-policy", _damage_unknown_policy, UnknownPolicyError,
      ["unknown exit policy 'entrop'", f"registered policies: {', '.join(list_policies())}.",
       "Did you mean 'entropy'?"]),
+    ("archive-with-a-folder", _damage_archive_folder, ArchiveError, ["holds 'sub/stage0.onnx'",
+                                                                     "plain file names only"]),
     ("early-exit-without-threshold", _damage_no_threshold, ManifestSchemaError,
      ["stage 0 (stage0) has an early exit without a threshold", "only the last exit may omit it"]),
     ("threshold-not-a-number", _damage_threshold_type, ManifestSchemaError,

@@ -74,3 +74,60 @@ def test_one_session_shared_by_threads_gives_the_serial_results(tiny_package):
     for want, got in zip(serial * 8, threaded):
         np.testing.assert_array_equal(got.exit_index, want.exit_index)
         np.testing.assert_array_equal(got.logits, want.logits)
+
+
+# --- packed packages: one file, or bytes in memory ----------------------------------------------
+
+
+def test_a_packed_package_runs_from_its_file_or_its_bytes(tiny_package, tmp_path):
+    from click.testing import CliRunner
+
+    from edgeexit.cli import cli
+    from edgeexit.package import load_package, pack_package
+
+    packed = tmp_path / "tiny.eexit.zip"
+    result = CliRunner().invoke(cli, ["pack", str(tiny_package), "-o", str(packed)])
+    assert result.exit_code == 0 and "2 files verified" in result.output
+    again = pack_package(tiny_package, tmp_path / "again.eexit.zip")
+    assert again.read_bytes() == packed.read_bytes()            # the same package packs to the same bytes
+    want = ExitSession(tiny_package).run(X)
+    for source in (packed, packed.read_bytes()):
+        got = ExitSession(source).run(X)
+        np.testing.assert_array_equal(got.exit_index, want.exit_index)
+        np.testing.assert_array_equal(got.logits, want.logits)
+    package = load_package(packed.read_bytes())
+    assert package.name == "Tiny" and sorted(package.blobs) == ["stage0.onnx", "stage1.onnx"]
+    shown = CliRunner().invoke(cli, ["inspect", str(packed)])
+    assert shown.exit_code == 0 and "stage0" in shown.output
+
+
+def test_damaged_or_forged_archives_are_refused(tiny_package, tmp_path):
+    import zipfile
+
+    from edgeexit.errors import ArchiveError, FileIntegrityError
+    from edgeexit.package import pack_package
+
+    data = pack_package(tiny_package, tmp_path / "t.eexit.zip").read_bytes()
+    with pytest.raises(ArchiveError, match="not a zip archive"):
+        ExitSession(b"PK\x03\x04" + b"\x00" * 64)
+    flipped = bytearray(data)
+    at = data.index(b"MatMul")                        # inside stage0.onnx (stored uncompressed)
+    flipped[at] ^= 0x01
+    with pytest.raises(ArchiveError, match="damaged"):   # the zip's own CRC notices
+        ExitSession(bytes(flipped))
+    forged = tmp_path / "forged.eexit.zip"           # a consistent zip whose stage differs from the manifest
+    stage0 = bytearray((tiny_package / "stage0.onnx").read_bytes())
+    stage0[stage0.index(b"MatMul")] ^= 0x01
+    with zipfile.ZipFile(forged, "w") as archive:
+        archive.writestr("manifest.json", (tiny_package / "manifest.json").read_bytes())
+        archive.writestr("stage0.onnx", bytes(stage0))
+        archive.writestr("stage1.onnx", (tiny_package / "stage1.onnx").read_bytes())
+    with pytest.raises(FileIntegrityError, match="sha256"):
+        ExitSession(forged)
+    twice = tmp_path / "twice.eexit.zip"
+    with zipfile.ZipFile(twice, "w") as archive, pytest.warns(UserWarning):
+        archive.writestr("manifest.json", (tiny_package / "manifest.json").read_bytes())
+        archive.writestr("stage0.onnx", b"x")
+        archive.writestr("stage0.onnx", b"y")
+    with pytest.raises(ArchiveError, match="twice"):
+        ExitSession(twice)

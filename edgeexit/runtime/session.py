@@ -79,7 +79,10 @@ class ExitSession:
     """Runs an exit package with onnxruntime, stopping each sample at its first confident exit.
 
     Args:
-        path: the package directory.
+        path: the package directory, a packed package (``NAME.eexit.zip``, see
+            ``edgeexit.package.pack_package``) or its bytes, for apps that ship the model in
+            their bundle.  Every file is read once and verified, and the sessions are built
+            from those bytes: what was hashed is what runs.
         device: a device profile name (``cpu``, ``rpi4``, ``auto``...) or a ``DeviceProfile``;
             it supplies the defaults of the next four arguments.
         providers: execution providers in order (default: the profile's, else CPU).
@@ -116,7 +119,7 @@ class ExitSession:
 
     def __init__(
         self,
-        path: str | os.PathLike[str],
+        path: str | os.PathLike[str] | bytes,
         *,
         device: str | DeviceProfile | None = None,
         providers: Sequence[ProviderSpec] | None = None,
@@ -137,7 +140,8 @@ class ExitSession:
                              "global_thread_pool= out, or set them on the SessionOptions")
         self._sess_options = sess_options
         self._closed = False
-        self.package: Package = load_package(path, verify_hashes=verify_hashes)
+        # every file read once and verified; sessions are built from those bytes, never reopened
+        self.package: Package = load_package(path, verify_hashes=verify_hashes, keep_bytes=True)
         profile = get_profile(device) if isinstance(device, str) else device
         self.profile: DeviceProfile | None = profile
         if providers is None and profile is not None:
@@ -203,12 +207,16 @@ class ExitSession:
         settings = self.thread_settings
         try:
             session = ort.InferenceSession(
-                str(self.package.file_path(file)), self._sess_options or settings.options(), providers=self.providers,
+                self.package.read(file), self._sess_options or settings.options(), providers=self.providers,
             )
         except Exception as exc:  # onnxruntime raises bare RuntimeError/Fail subclasses
             reason = explain_session_failure(exc) or str(exc).strip().splitlines()[0]
             raise SessionError(f"cannot build the onnxruntime session for {what}: {reason}") from None
         check_session_providers(session, self.providers, what, allow_fallback=self._allow_fallback)
+        full = self.package.full_model
+        if self.package.blobs is not None and (full is None or file != full.file):
+            self.package.blobs.pop(file, None)   # onnxruntime holds the graph now; free the copy (full.onnx's
+            #                                       bytes stay: baselines such as `bench` build their own session)
         return session
 
     def _make_plan(self, thresholds: Sequence[float | None] | None, policy: str | None) -> _Plan:
