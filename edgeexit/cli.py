@@ -29,7 +29,7 @@ class _Group(click.Group):
             ctx.exit(exc.exit_code)
 
 
-@click.group(cls=_Group)
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120})
 @click.version_option(__version__, prog_name="edgeexit")
 def cli() -> None:
     """Early-exit networks as one ONNX graph per exit, run with onnxruntime."""
@@ -44,6 +44,8 @@ def _bar(label: str, length: int) -> Any:
 
 def _load_user_model(spec: str) -> tuple[Any, dict[str, Any], list[str] | None]:
     module_name, _, attr = spec.partition(":")
+    if "" not in sys.path and str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))   # as `python -m` would: a module in the current directory
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
@@ -73,8 +75,9 @@ def _load_user_model(spec: str) -> tuple[Any, dict[str, Any], list[str] | None]:
 @click.option("--weights", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="state_dict (.pt) for a zoo model.")
 @click.option("--train", is_flag=True, help="Train the zoo model on MNIST-5k first (train split).")
-@click.option("--epochs", default=20, show_default=True, help="Epochs for --train.")
-@click.option("--seed", default=0, show_default=True)
+@click.option("--epochs", default=20, show_default=True, type=click.IntRange(min=1), help="Epochs for --train.")
+@click.option("--seed", default=0, show_default=True,
+              help="Seed of the data split, the initial weights and the example inputs.")
 @click.option("--full-model/--no-full-model", default=True, show_default=True,
               help="Also write full.onnx (the model without early exits) as a baseline.")
 @click.option("--dynamo/--no-dynamo", default=False, show_default=True, help="torch.onnx.export's exporter.")
@@ -211,9 +214,12 @@ def _quantize(src: Path, dst: Path, data_file: Path, force: bool, **options: Any
               help="Calibration data (.npz named after the inputs; with 'labels', thresholds are recalibrated).")
 @click.option("--mode", type=click.Choice(["auto", "dynamic", "static"]), default="auto", show_default=True,
               help="auto: static QDQ for graphs with Conv, dynamic for MatMul/Gemm-only graphs.")
-@click.option("--activation-type", type=click.Choice(["uint8", "int8"]), default="uint8", show_default=True)
-@click.option("--per-channel/--no-per-channel", default=True, show_default=True)
-@click.option("--max-calibration-samples", default=512, show_default=True, type=click.IntRange(min=1))
+@click.option("--activation-type", type=click.Choice(["uint8", "int8"]), default="uint8", show_default=True,
+              help="Activation type of static graphs: uint8 (U8S8, fast on x86 AVX2/VNNI) or int8 (S8S8).")
+@click.option("--per-channel/--no-per-channel", default=True, show_default=True,
+              help="One weight scale per output channel (more accurate, same speed) or one per tensor.")
+@click.option("--max-calibration-samples", default=512, show_default=True, type=click.IntRange(min=1),
+              help="Samples fed through the stages to fix the activation ranges of static graphs.")
 @click.option("--max-drop", type=float, default=None,
               help="Recalibrate one shared threshold within this many accuracy points. Default: the objective of "
                    "the package's calibration (thresholds searched again per exit), else 0.3.")
@@ -266,19 +272,25 @@ def pack(package: Path, output: Path) -> None:
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Write results to .npz or .csv.")
 @click.option("--threshold", "thresholds", type=float, multiple=True, help="Override one early exit's threshold.")
 @click.option("--policy", default=None, help="Override the package's exit policy (with --threshold).")
-@click.option("--batch-size", default=256, show_default=True, type=click.IntRange(min=1))
+@click.option("--batch-size", default=256, show_default=True, type=click.IntRange(min=1),
+              help="Samples per ExitSession.run call.")
 @click.option("--show", default=10, show_default=True, help="Print this many per-sample lines.")
 @click.option("--engine", type=click.Choice(["auto", "compiled", "stages"]), default="auto", show_default=True,
               help="auto: the compiled graph when the package has one and the policy is compiled in.")
+@click.option("--device", default=None, help="Device profile (cpu, rpi4, rpi5, jetson, cuda, tensorrt, auto); "
+              "default: onnxruntime's CPU provider, 1 thread.")
+@click.option("--threads", type=click.IntRange(min=1), help="Intra-op threads per session (default: the profile's).")
+@click.option("--allow-fallback", is_flag=True, help="Warn instead of failing when a provider is missing.")
 def run(package: Path, input_file: Path, output: Path | None, thresholds: tuple[float, ...], policy: str | None,
-        batch_size: int, show: int, engine: str) -> None:
+        batch_size: int, show: int, engine: str, device: str | None, threads: int | None,
+        allow_fallback: bool) -> None:
     """Run PACKAGE on INPUT (.npy, or .npz with arrays named after the inputs and optional labels)."""
     import numpy as np
 
     from .datafiles import load_input_file, save_results_atomic
     from .runtime import ExitSession
 
-    session = ExitSession(package, engine=engine)
+    session = ExitSession(package, engine=engine, device=device, threads=threads, allow_fallback=allow_fallback)
     inputs, labels = load_input_file(input_file, session.input_names)
     n = next(iter(inputs.values())).shape[0]
     parts = []
@@ -445,8 +457,9 @@ def _save_frontier_plot(result: Any, path: Path) -> None:
 @click.option("--max-drop", type=float, help="Accuracy points you may lose vs the last exit (0.5 = half a point).")
 @click.option("--target-accuracy", type=float, help="Accuracy to keep, in percent (e.g. 97.5).")
 @click.option("--latency-budget-ms", type=float, help="Expected ms per sample; maximise accuracy within it.")
-@click.option("--confidence", "z", default=1.645, show_default=True, type=click.FloatRange(min=0),
-              help="One-sided z for --max-drop (0: the point estimate).")
+@click.option("--confidence-z", "--confidence", "z", default=1.645, show_default=True, type=click.FloatRange(min=0),
+              help="One-sided z of the --max-drop bound: 1.645 is 95 %, 0 the point estimate (--confidence: the old "
+                   "name).")
 @click.option("--device", default="auto", show_default=True, help="Device profile whose sessions are timed.")
 @click.option("--flops", is_flag=True, help="Use the manifest's FLOPs instead of timing the stages here.")
 @click.option("--plot", type=click.Path(path_type=Path), help="Save the frontier as a PNG.")
@@ -594,7 +607,8 @@ def _pick_meter(profile: Any, meter: str | None, meter_log: Path | None, meter_c
 @click.option("--dataset", type=click.Choice(["mnist5k"]), help="A built-in dataset (its seeded test split).")
 @click.option("--device", default="auto", show_default=True, help="Device profile (cpu, rpi4, rpi5, jetson, cuda, "
               "tensorrt, auto).")
-@click.option("--batch", default=1, show_default=True, type=click.IntRange(min=1))
+@click.option("--batch-size", "--batch", "batch", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Samples per call; whole batches only (--batch: the old name).")
 @click.option("--duration", default=10.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
               help="Seconds per measurement window.")
 @click.option("--windows", default=3, show_default=True, type=click.IntRange(min=1), help="Windows per contender.")
@@ -707,10 +721,12 @@ def devices(device: str) -> None:
 
 
 @cli.command()
-@click.option("--model", type=click.Choice(["blenet", "bresnet", "cbnet"]), default="blenet", show_default=True)
-@click.option("--epochs", default=20, show_default=True, type=click.IntRange(min=1))
-@click.option("--seed", default=0, show_default=True)
-@click.option("--output", type=click.Path(path_type=Path), default=Path("edgeexit-quickstart"), show_default=True)
+@click.option("--model", type=click.Choice(["blenet", "bresnet", "cbnet"]), default="blenet", show_default=True,
+              help="Zoo model to train, export and compare with its full model.")
+@click.option("--epochs", default=20, show_default=True, type=click.IntRange(min=1), help="Training epochs.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the data split and the training.")
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("edgeexit-quickstart"),
+              show_default=True, help="Folder for the package and the trained weights.")
 @click.option("--max-drop", default=0.3, show_default=True,
               help="Accuracy drop (points) allowed when choosing the threshold on the calibration split.")
 def quickstart(model: str, epochs: int, seed: int, output: Path, max_drop: float) -> None:

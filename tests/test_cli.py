@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import click
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -188,3 +189,29 @@ def test_export_with_calibrate_data_chooses_the_thresholds_after_exporting(tmp_p
     result = CliRunner().invoke(cli, ["export", "_models:factory", "-o", str(tmp_path / "b.eexit"),
                                       "--calibrate-data", str(tmp_path / "missing.npz")])
     assert result.exit_code == 2 and "no such file" in result.output and not (tmp_path / "b.eexit").exists()
+
+
+def test_every_command_takes_h_and_every_option_has_help():
+    for name, command in cli.commands.items():
+        result = CliRunner().invoke(cli, [name, "-h"])
+        assert result.exit_code == 0 and "Usage:" in result.output, name
+        for param in command.params:
+            if isinstance(param, click.Option):
+                assert param.help, f"{name} {param.opts} has no help"
+
+
+def test_user_models_resolve_from_the_current_directory(tmp_path, monkeypatch):
+    (tmp_path / "my_models.py").write_text(
+        "from _models import factory as make\n")   # a module of the user's, next to where they run
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(cli, ["export", "my_models:make", "-o", str(tmp_path / "m.eexit"),
+                                      "--threshold", "0.5", "--threshold", "0.5", "--no-compile"])
+    assert result.exit_code == 0, result.output
+    assert load_package(tmp_path / "m.eexit").thresholds == [0.5, 0.5]
+
+
+def test_run_takes_device_threads_and_allow_fallback(package, tmp_path):
+    np.savez(tmp_path / "x.npz", x=tiny_inputs(5))
+    result = CliRunner().invoke(cli, ["run", str(package), str(tmp_path / "x.npz"), "--device", "cpu",
+                                      "--threads", "1"])
+    assert result.exit_code == 0 and "5 samples" in result.output
