@@ -11,10 +11,12 @@ measured on this device (see ``_search``), writing the result into the package w
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from time import perf_counter_ns
+from typing import Any
 
 import numpy as np
 
@@ -164,6 +166,7 @@ class CalibrationResult:
     exit_costs: list[float] | None = None
     engine: str | None = None
     full_model: str = "last exit"
+    disabled_cost: float | None = None   # the package with its exits disabled, through the runtime
 
     @property
     def speedup(self) -> float:
@@ -189,6 +192,7 @@ class CalibrationResult:
             "exit_costs": self.exit_costs,
             "engine": self.engine,
             "full_model": self.full_model,
+            "disabled_cost": self.disabled_cost,
         }
 
 
@@ -206,23 +210,27 @@ def measure_stage_ms(session, inputs, samples: int = 64, repeats: int = 3) -> li
 
 @dataclass(frozen=True)
 class ExitPathTimes:
-    """Median batch-1 ms of every exit path and of the full model, from one interleaved run."""
+    """Median batch-1 ms of every exit path, of the package with its exits disabled and of the
+    plain full model, from one interleaved run."""
 
     path_ms: list[float]   # a sample leaving at exit e, through ExitSession.run on ``engine``
-    full_ms: float
+    full_ms: float         # the plain model: full.onnx in a bare onnxruntime session
+    disabled_ms: float     # ExitSession.run with every early exit disabled
     engine: str
     full_model: str        # "full.onnx" or "every stage, exits disabled"
 
 
 def measure_exit_paths(session, inputs, *, policy: str | None = None, samples: int = 64,  # type: ignore[no-untyped-def]
                        repeats: int = 3) -> ExitPathTimes:
-    """Time what the device pays per exit path, end to end, against the full model.
+    """Time what the device pays per exit path, end to end, against the plain full model.
 
     For each of ``samples`` inputs (evenly spread, batch 1) and each repeat, calls in turn
     ``session.run`` with thresholds that send the sample to exit 0, 1, ... (so every stage
     call, exit head, policy score and the runtime's own work is counted, on the engine
-    ``session`` uses at batch 1) and ``session.run_full`` (the package's ``full.onnx``, or
-    every stage with exits disabled); the order rotates per sample.  Medians per path.
+    ``session`` uses at batch 1), ``session.run`` with every exit disabled (what a package
+    written with its exits disabled pays) and the plain model (``session.plain_full_model``:
+    ``full.onnx`` in a bare onnxruntime session, as ``bench`` times it); the order rotates per
+    sample.  Medians per contender.
     """
     from .runtime._engines import forced_paths
 
@@ -233,8 +241,10 @@ def measure_exit_paths(session, inputs, *, policy: str | None = None, samples: i
     pol = get_policy(policy or session.package.policies[0])
     never = 1e300 if pol.direction == "higher" else -1e300
     paths = forced_paths([pol.name] * session.num_exits, lambda _p: never)
-    calls = [lambda x, t=t: session.run(x, thresholds=t, policy=pol.name) for t in paths]
-    calls.append(session.run_full)
+    plain, label = session.plain_full_model()
+    off = [None] * (session.num_exits - 1)
+    calls: list[Any] = [functools.partial(session.run, thresholds=t, policy=pol.name) for t in [*paths, off]]
+    calls.append(plain)
     for x in one[:8]:  # warm-up
         for call in calls:
             call(x)
@@ -247,8 +257,7 @@ def measure_exit_paths(session, inputs, *, policy: str | None = None, samples: i
                 times[j].append(perf_counter_ns() - t0)
     medians = [float(np.median(t)) / 1e6 for t in times]
     engine = session.run(one[0], thresholds=paths[0], policy=pol.name).engine
-    full = "full.onnx" if session.package.full_model is not None else "every stage, exits disabled"
-    return ExitPathTimes(medians[:-1], medians[-1], engine, full)
+    return ExitPathTimes(medians[:-2], medians[-1], medians[-2], engine, label)
 
 
 def _objective(max_drop: float | None, target_accuracy: float | None, latency_budget: float | None,
@@ -350,6 +359,7 @@ def calibrate_thresholds(
         # the chosen point can sit off the frontier (the drop bound also weighs lost vs won samples)
         frontier=[point(p) for p in sorted({*pareto(outcome.seen), best}, key=lambda p: (p.cost, -p.correct))],
         exit_costs=list(exit_costs), engine=None if paths is None else paths.engine, full_model=full_model,
+        disabled_cost=None if paths is None else paths.disabled_ms,
     )
 
 
@@ -360,8 +370,9 @@ class Replay:
     accuracy: float
     shares: list[float]
     mean_ms: float          # ExitSession.run at batch 1, mean over the timed samples
-    full_mean_ms: float     # the full model (run_full) on the same samples, interleaved
+    full_mean_ms: float     # the plain model (full.onnx, bare onnxruntime) on the same samples, interleaved
     samples_timed: int
+    disabled_mean_ms: float | None = None   # ExitSession.run with every exit disabled, same samples
 
     @property
     def speedup(self) -> float:
@@ -396,19 +407,23 @@ def replay_calibration(session, inputs, labels, result: CalibrationResult, *,  #
         )
     picks = np.linspace(0, n - 1, min(samples, n)).astype(int)
     one = [{k: np.ascontiguousarray(v[i:i + 1]) for k, v in feeds.items()} for i in picks]
-    calls = [lambda x: session.run(x, thresholds=result.thresholds, policy=result.policy), session.run_full]
+    plain, _label = session.plain_full_model()
+    off = [None] * len(result.thresholds)
+    calls = [lambda x: session.run(x, thresholds=result.thresholds, policy=result.policy), plain,
+             lambda x: session.run(x, thresholds=off, policy=result.policy)]
     for x in one[:8]:
         for call in calls:
             call(x)
-    times = np.zeros((2, repeats, len(one)))
+    times = np.zeros((len(calls), repeats, len(one)))
     for r in range(repeats):
         for i, x in enumerate(one):
-            for j in ((0, 1) if (i + r) % 2 == 0 else (1, 0)):
+            for j in (np.arange(len(calls)) + i + r) % len(calls):
                 t0 = perf_counter_ns()
                 calls[j](x)
                 times[j, r, i] = perf_counter_ns() - t0
     per_sample = np.median(times, axis=1) / 1e6
-    return Replay(accuracy, shares, float(per_sample[0].mean()), float(per_sample[1].mean()), len(one))
+    return Replay(accuracy, shares, float(per_sample[0].mean()), float(per_sample[1].mean()), len(one),
+                  float(per_sample[2].mean()))
 
 
 @dataclass(frozen=True)
@@ -468,19 +483,23 @@ def _reachable(objective: Objective, seen: Sequence[Point], n: int, unit: str) -
 
 
 def slower_than_full_model(result: CalibrationResult, replay: Replay | None = None) -> str | None:
-    """Why the chosen exits would make the package slower than its full model, or None.
+    """Why the package should be written with its exits disabled, or None to keep the thresholds.
 
-    Only timed calibrations can say: FLOPs and caller-given costs ignore what the runtime
-    and the device pay.
+    Disabling wins when the chosen exits cost more per sample than the package with its
+    exits disabled (which runs ``full.onnx`` through the runtime), by the replay's
+    measurement when there is one, else by the expectation.  Only timed calibrations can
+    say: FLOPs and caller-given costs ignore what the runtime and the device pay.
     """
-    if result.cost_unit != "ms" or result.engine is None:
+    if result.cost_unit != "ms" or result.engine is None or result.disabled_cost is None:
         return None
-    if result.speedup < 1:
-        return (f"expected {result.expected_cost:.4g} ms per sample against {result.full_cost:.4g} ms for the full "
-                f"model ({result.speedup:.2f}x)")
-    if replay is not None and replay.speedup < 1:
-        return (f"replayed {replay.mean_ms:.4g} ms per sample against {replay.full_mean_ms:.4g} ms for the full "
-                f"model ({replay.speedup:.2f}x)")
+    if replay is not None and replay.disabled_mean_ms is not None:
+        if replay.mean_ms > replay.disabled_mean_ms:
+            return (f"replayed, the exits cost {replay.mean_ms:.4g} ms per sample and the package with its exits "
+                    f"disabled {replay.disabled_mean_ms:.4g} ms (the plain model {replay.full_mean_ms:.4g} ms)")
+        return None
+    if result.expected_cost > result.disabled_cost:
+        return (f"the exits are expected to cost {result.expected_cost:.4g} ms per sample and the package with its "
+                f"exits disabled {result.disabled_cost:.4g} ms (the plain model {result.full_cost:.4g} ms)")
     return None
 
 

@@ -541,9 +541,14 @@ def _calibrate(package: Path, data_file: Path, *, max_drop: float | None, target
     if slower:
         runs = ("it runs full.onnx" if session.package.full_model is not None else
                 "it runs every stage; export with the full model (the default) to run the single full graph")
-        click.echo(f"no threshold setting under this objective beats the full model on this device: {slower}. "
+        click.echo(f"the exits under this objective do not pay on this device: {slower}. "
                    f"{'Writing the package with its early exits disabled: ' + runs if not dry_run else ''}"
                    " (a looser objective may still win; --revert undoes it)", err=True)
+    measured = replay.speedup if replay is not None else result.speedup
+    if result.cost_unit == "ms" and not slower and measured < 1:
+        click.echo(f"warning: the chosen exits run at {measured:.2f}x the plain model on this device, and disabling "
+                   "them would be slower still: the runtime's own cost per call is more than the exits save here",
+                   err=True)
     if plot is not None:
         _save_frontier_plot(result, plot)
         say(f"wrote {plot}")

@@ -43,12 +43,14 @@ class InputChecker:
 
     def feeds(self, inputs: Any) -> tuple[dict[str, np.ndarray], int]:
         """Validated ``{name: C-contiguous array}`` and the batch size."""
-        if (  # batch-1 fast path: one input, exact dtype and shape, contiguous
-            self._single is not None and type(inputs) is np.ndarray and inputs.shape == self._single
-            and inputs.dtype == self._dtypes[0] and inputs.flags.c_contiguous
-            and not (self._zeros is not None and np.dot(inputs.reshape(-1), self._zeros) != 0.0)
-        ):
-            return {self.names[0]: inputs}, 1
+        if self._single is not None:  # batch-1 fast path: one input (bare or named), exact dtype and shape
+            array = inputs.get(self.names[0]) if type(inputs) is dict and len(inputs) == 1 else inputs
+            if (
+                type(array) is np.ndarray and array.shape == self._single
+                and array.dtype == self._dtypes[0] and array.flags.c_contiguous
+                and not (self._zeros is not None and np.dot(array.reshape(-1), self._zeros) != 0.0)
+            ):
+                return {self.names[0]: array}, 1
         if isinstance(inputs, np.ndarray):
             if len(self.specs) != 1:
                 raise InputNameError(

@@ -330,6 +330,22 @@ class ExitSession:
             engine="full",
         )
 
+    def plain_full_model(self) -> tuple[Any, str]:
+        """A call of the plain model as a user would ship it, and its label: ``full.onnx`` in a bare
+        onnxruntime session (built from the verified bytes, with this session's options and
+        providers), or, without one, every stage with exits disabled.  The baseline that
+        calibration and ``bench`` measure speedups against."""
+        full = self.package.full_model
+        if full is None:
+            return (lambda x: self.run(x, early_exits=False)), "every stage, exits disabled"
+        bare = ort.InferenceSession(self.package.read(full.file), self._sess_options or self.thread_settings.options(),
+                                    providers=self.providers)
+        names, outputs = list(full.inputs), [full.logits]
+        if len(names) == 1:
+            name = names[0]
+            return (lambda x: bare.run(outputs, {name: x if not isinstance(x, dict) else x[name]})), "full.onnx"
+        return (lambda x: bare.run(outputs, {n: x[n] for n in names})), "full.onnx"
+
     def _full(self) -> ort.InferenceSession:
         full = self.package.full_model
         assert full is not None
