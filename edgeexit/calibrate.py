@@ -221,7 +221,7 @@ class ExitPathTimes:
 
 
 def measure_exit_paths(session, inputs, *, policy: str | None = None, samples: int = 64,  # type: ignore[no-untyped-def]
-                       repeats: int = 3) -> ExitPathTimes:
+                       repeats: int = 3, engine: str | None = None) -> ExitPathTimes:
     """Time what the device pays per exit path, end to end, against the plain full model.
 
     For each of ``samples`` inputs (evenly spread, batch 1) and each repeat, calls in turn
@@ -243,7 +243,8 @@ def measure_exit_paths(session, inputs, *, policy: str | None = None, samples: i
     paths = forced_paths([pol.name] * session.num_exits, lambda _p: never)
     plain, label = session.plain_full_model()
     off = [None] * (session.num_exits - 1)
-    calls: list[Any] = [functools.partial(session.run, thresholds=t, policy=pol.name) for t in [*paths, off]]
+    calls: list[Any] = [functools.partial(session.run, thresholds=t, policy=pol.name, engine=engine)
+                        for t in [*paths, off]]
     calls.append(plain)
     for x in one[:8]:  # warm-up
         for call in calls:
@@ -256,8 +257,8 @@ def measure_exit_paths(session, inputs, *, policy: str | None = None, samples: i
                 calls[j](x)
                 times[j].append(perf_counter_ns() - t0)
     medians = [float(np.median(t)) / 1e6 for t in times]
-    engine = session.run(one[0], thresholds=paths[0], policy=pol.name).engine
-    return ExitPathTimes(medians[:-2], medians[-1], medians[-2], engine, label)
+    used = session.run(one[0], thresholds=paths[0], policy=pol.name, engine=engine).engine
+    return ExitPathTimes(medians[:-2], medians[-1], medians[-2], used, label)
 
 
 def _objective(max_drop: float | None, target_accuracy: float | None, latency_budget: float | None,
@@ -327,7 +328,12 @@ def calibrate_thresholds(
             raise CalibrationError(f"stage_costs needs {len(stages)} values, one per stage; got {len(costs)}")
     elif measure:
         costs, unit = measure_stage_ms(session, feeds), "ms"
-        paths = measure_exit_paths(session, feeds, policy=records.policy)
+        # the exit paths on each engine the runtime can take for these policies; the search runs
+        # on each and the cheaper outcome decides the engine too
+        compiled = session.has_compiled and records.policy == session.package.policies[0]
+        engines = ("stages", "compiled") if compiled else ("stages",)
+        timed = [measure_exit_paths(session, feeds, policy=records.policy, engine=e) for e in engines]
+        paths = min(timed, key=lambda t: search_thresholds(records, t.path_ms, objective).best.cost)
         source = (f"measured: median batch-1 ms of ExitSession.run per exit path ({paths.engine}) and of the "
                   f"full model ({paths.full_model}), interleaved on this device")
     else:
@@ -394,7 +400,7 @@ def replay_calibration(session, inputs, labels, result: CalibrationResult, *,  #
     labels = np.asarray(labels)
     n = labels.size
     runs = [session.run({k: v[s:s + batch_size] for k, v in feeds.items()}, thresholds=result.thresholds,
-                        policy=result.policy) for s in range(0, n, batch_size)]
+                        policy=result.policy, engine=result.engine) for s in range(0, n, batch_size)]
     predictions = np.concatenate([r.predictions for r in runs])
     exits = np.concatenate([r.exit_index for r in runs])
     accuracy = float((predictions == labels).mean())
@@ -409,7 +415,7 @@ def replay_calibration(session, inputs, labels, result: CalibrationResult, *,  #
     one = [{k: np.ascontiguousarray(v[i:i + 1]) for k, v in feeds.items()} for i in picks]
     plain, _label = session.plain_full_model()
     off = [None] * len(result.thresholds)
-    calls = [lambda x: session.run(x, thresholds=result.thresholds, policy=result.policy), plain,
+    calls = [lambda x: session.run(x, thresholds=result.thresholds, policy=result.policy, engine=result.engine), plain,
              lambda x: session.run(x, thresholds=off, policy=result.policy)]
     for x in one[:8]:
         for call in calls:

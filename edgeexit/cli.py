@@ -509,8 +509,6 @@ def _calibrate(package: Path, data_file: Path, *, max_drop: float | None, target
     profile = get_profile(device)
     session = ExitSession(package, device=profile)
     inputs, labels = load_input_file(data_file, session.input_names)
-    if not flops:
-        session.tune_engines(inputs)   # time the exit paths on the engine the runtime will take here
     result = calibrate_thresholds(
         session, inputs, labels, max_drop=None if max_drop is None else max_drop / 100,
         target_accuracy=None if target_accuracy is None else target_accuracy / 100,
