@@ -294,8 +294,8 @@ def print_results(results: list[dict[str, Any]], args: argparse.Namespace, info:
               + (f"; exits disabled: {r['exits_disabled']}" if r["exits_disabled"] else ""))
 
     print(f"\nwhy they may differ - interleaved per call on {results[0]['baseline_check']['samples']} test samples "
-          "x 3 (mean of per-sample medians): bench's baseline is plain full.onnx in onnxruntime, calibration's is "
-          "ExitSession.run_full (full.onnx behind the runtime's input checks)")
+          "x 3 (mean of per-sample medians): bench and calibration both take plain full.onnx in onnxruntime as the "
+          "baseline; ExitSession.run_full (full.onnx behind the runtime's input checks) is shown for reference")
     headers = ["model", "full.onnx ms", "run_full ms", "package run ms", "run_full overhead", "pkg vs full.onnx",
                "pkg vs run_full", "expected", "expected on full.onnx"]
     rows = []
