@@ -91,11 +91,17 @@ def _load_user_model(spec: str) -> tuple[Any, dict[str, Any], list[str] | None]:
                    "after exporting, timed here (as `edgeexit calibrate`).")
 @click.option("--max-drop", type=float, default=0.3, show_default=True,
               help="With --calibrate-data: accuracy points the exits may lose against the last exit.")
+@click.option("--name", default=None, help="Model name in the manifest (default: the zoo or factory name).")
+@click.option("--opset", default=18, show_default=True, type=click.IntRange(min=13), help="ONNX opset of the graphs.")
+@click.option("--atol", default=1e-4, show_default=True, type=float,
+              help="Absolute tolerance of the onnxruntime-vs-torch check on every output.")
+@click.option("--rtol", default=1e-4, show_default=True, type=float,
+              help="Relative tolerance (times max |torch output|) of the same check.")
 @click.option("--force", is_flag=True, help="Replace an existing package at --output.")
 def export(model: str, output: Path, policy: str, thresholds: tuple[float, ...], weights: Path | None,
            train: bool, epochs: int, seed: int, full_model: bool, dynamo: bool, compile_graph: bool,
            quantize: str | None, cal_data: Path | None, calibrate_data: Path | None, max_drop: float,
-           force: bool) -> None:
+           name: str | None, opset: int, atol: float, rtol: float, force: bool) -> None:
     """Export MODEL (a zoo name: blenet, bresnet, cbnet; or module.path:factory) as an exit package.
 
     For cbnet, --no-full-model exports the paper's CBNet (converter + light classifier only)
@@ -137,6 +143,13 @@ def export(model: str, output: Path, policy: str, thresholds: tuple[float, ...],
             with _bar(f"training {model}", epochs * len(splits.train)) as bar:
                 train_early_exit(net, splits.train.x, splits.train.y, epochs=epochs, seed=seed,
                                  progress=bar.update)
+            import torch
+
+            weights_file = output.parent / f"{output.name.removesuffix('.eexit')}.pt"
+            from ._atomic import replace_atomically
+
+            replace_atomically(weights_file, lambda f: torch.save(net.state_dict(), f))
+            click.echo(f"saved the trained weights to {weights_file} (export again with --weights {weights_file})")
         else:
             raise click.UsageError(
                 f"zoo model {model!r} needs weights: pass --weights FILE.pt or --train "
@@ -161,7 +174,8 @@ def export(model: str, output: Path, policy: str, thresholds: tuple[float, ...],
 
     def write(path: Path) -> None:
         export_package(net, example, path, policy=policy, thresholds=list(thresholds) or None, labels=labels,
-                       name=model.split(":")[-1], include_full_model=full_model, dynamo=dynamo,
+                       name=name or model.split(":")[-1], include_full_model=full_model, dynamo=dynamo,
+                       opset=opset, atol=atol, rtol=rtol,
                        preprocessing=preprocessing, seed=seed, compile=None if compile_graph else False,
                        log=click.echo)
 

@@ -215,3 +215,28 @@ def test_run_takes_device_threads_and_allow_fallback(package, tmp_path):
     result = CliRunner().invoke(cli, ["run", str(package), str(tmp_path / "x.npz"), "--device", "cpu",
                                       "--threads", "1"])
     assert result.exit_code == 0 and "5 samples" in result.output
+
+
+def test_export_options_name_opset_tolerances(tmp_path):
+    out = tmp_path / "named.eexit"
+    result = CliRunner().invoke(cli, ["export", "_models:factory", "-o", str(out), "--threshold", "0.5",
+                                      "--threshold", "0.5", "--name", "mine", "--opset", "17", "--atol", "1e-3",
+                                      "--no-compile"])
+    assert result.exit_code == 0, result.output
+    package = load_package(out)
+    assert package.name == "mine" and package.producer["opset"] == 17
+    assert "(tolerance 1.0e-03)" in result.output
+
+
+def test_trained_zoo_weights_are_saved_next_to_the_package(tmp_path):
+    out = tmp_path / "b.eexit"
+    result = CliRunner().invoke(cli, ["export", "blenet", "--train", "--epochs", "1", "-o", str(out),
+                                      "--threshold", "0.1", "--no-compile"])
+    assert result.exit_code == 0, result.output
+    weights = tmp_path / "b.pt"
+    assert weights.is_file() and f"--weights {weights}" in result.output
+    again = CliRunner().invoke(cli, ["export", "blenet", "--weights", str(weights), "-o", str(tmp_path / "c.eexit"),
+                                     "--threshold", "0.1", "--no-compile"])
+    assert again.exit_code == 0, again.output
+    assert load_package(out).files["stage0.onnx"]["sha256"] == load_package(tmp_path / "c.eexit").files[
+        "stage0.onnx"]["sha256"]
