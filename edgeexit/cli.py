@@ -108,7 +108,7 @@ def export(model: str, output: Path, policy: str, thresholds: tuple[float, ...],
     instead of the pipeline with a fallback to the full LeNet on the original image.
     """
     from .export import EarlyExitModel, export_package
-    from .zoo import ZOO, example_images, get_model, load_weights
+    from .zoo import ZOO, example_images, get_model, load_weights, save_weights
 
     if output.exists() and not force:
         raise click.UsageError(f"{output} exists; pass --force to replace it")
@@ -143,12 +143,7 @@ def export(model: str, output: Path, policy: str, thresholds: tuple[float, ...],
             with _bar(f"training {model}", epochs * len(splits.train)) as bar:
                 train_early_exit(net, splits.train.x, splits.train.y, epochs=epochs, seed=seed,
                                  progress=bar.update)
-            import torch
-
-            weights_file = output.parent / f"{output.name.removesuffix('.eexit')}.pt"
-            from ._atomic import replace_atomically
-
-            replace_atomically(weights_file, lambda f: torch.save(net.state_dict(), f))
+            weights_file = save_weights(net, output.parent / f"{output.name.removesuffix('.eexit')}.pt")
             click.echo(f"saved the trained weights to {weights_file} (export again with --weights {weights_file})")
         else:
             raise click.UsageError(

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
+from pathlib import Path
 
 from .._names import did_you_mean
 from ..errors import ModelSpecError
@@ -19,6 +21,15 @@ def load_weights(model: EarlyExitModel, path: str) -> EarlyExitModel:
 
     model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     return model.eval()
+
+
+def save_weights(model: EarlyExitModel, path: str | os.PathLike[str]) -> Path:
+    """Write ``model.state_dict()`` atomically (``load_weights`` reads it back)."""
+    import torch
+
+    from .._atomic import replace_atomically
+
+    return replace_atomically(path, lambda f: torch.save(model.state_dict(), f))
 
 
 def example_images(n: int = 4, seed: int = 0) -> dict[str, object]:
