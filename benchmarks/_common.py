@@ -120,8 +120,10 @@ def _write_json_atomic(path: Path, data: Any) -> None:
 # --- training and packaging (torch needed) --------------------------------------------
 
 
-def trained_model(model_name: str, epochs: int, seed: int, splits: Splits, train_threads: int = 1) -> Any:
-    """The zoo model trained on ``splits.train``, from the cache when it is there.
+def trained_model(model_name: str, epochs: int, seed: int, splits: Splits, train_threads: int = 1,
+                  make: Callable[[], Any] | None = None) -> Any:
+    """The zoo model (or ``make()``, cached under ``model_name``) trained on ``splits.train``,
+    from the cache when it is there.
 
     Training runs with ``train_threads`` torch threads (default 1) so that the result is
     bit-for-bit reproducible on a given machine and torch build; the thread count used
@@ -136,7 +138,7 @@ def trained_model(model_name: str, epochs: int, seed: int, splits: Splits, train
     key = cache_key(model_name, epochs, seed)
     weights = CACHE_DIR / f"{key}.pt"
     torch.manual_seed(seed)  # the initial weights come from torch's global generator
-    model = get_model(model_name)
+    model = make() if make is not None else get_model(model_name)
     if weights.is_file():
         model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
         log(f"[{model_name}] loaded cached weights {weights.relative_to(BENCH_DIR)}")

@@ -31,8 +31,6 @@ import argparse
 import contextlib
 import io
 import json
-import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -43,16 +41,13 @@ from typing import Any
 import numpy as np
 from _common import (
     BENCH_DIR,
-    CACHE_DIR,
     DEFAULT_EPOCHS,
-    _write_json_atomic,
-    cache_key,
     log,
     machine_info,
     one_torch_thread,
     prepare,
-    state_digest,
     table,
+    trained_model,
     write_json,
 )
 
@@ -60,7 +55,7 @@ from edgeexit.bench import BenchConfig, run_benchmark
 from edgeexit.datasets import Splits, mnist5k_splits
 from edgeexit.devices import get_profile
 from edgeexit.devices.energy import EstimateMeter
-from edgeexit.package import load_package, sha256_file
+from edgeexit.package import load_package
 from edgeexit.runtime import ExitSession
 
 DEFAULT_JSON = BENCH_DIR / "results" / "bench_honest_calibration.json"
@@ -98,37 +93,8 @@ def cnn3_package(epochs: int, seed: int, splits: Splits, folder: Path, train_thr
 
     from edgeexit.datasets import MNIST_PREPROCESSING
     from edgeexit.export import export_package
-    from edgeexit.zoo.train import train_early_exit
 
-    CACHE_DIR.mkdir(parents=True, exist_ok=True)
-    key = cache_key("cnn3", epochs, seed)
-    weights = CACHE_DIR / f"{key}.pt"
-    torch.manual_seed(seed)
-    model = cnn3_model()
-    if weights.is_file():
-        model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-        log(f"[cnn3] loaded cached weights {weights.relative_to(BENCH_DIR)}")
-    else:
-        previous = torch.get_num_threads()
-        torch.set_num_threads(train_threads)
-        log(f"[cnn3] training {epochs} epoch(s) on {len(splits.train)} samples (seed {seed}, "
-            f"{train_threads} torch thread(s)) ...")
-        started = time.perf_counter()
-        try:
-            train_early_exit(model, splits.train.x, splits.train.y, epochs=epochs, seed=seed)
-        finally:
-            torch.set_num_threads(previous)
-        took = time.perf_counter() - started
-        tmp = weights.with_name(f".{weights.name}.tmp")
-        torch.save(model.state_dict(), tmp)
-        os.replace(tmp, weights)
-        _write_json_atomic(weights.with_suffix(".json"), {
-            "model": "cnn3", "epochs": epochs, "seed": seed, "train_threads": train_threads,
-            "train_seconds": round(took, 1), "torch": torch.__version__, "numpy": np.__version__,
-            "platform": platform.platform(), "sha256": sha256_file(weights),
-            "weights_digest": state_digest(model.state_dict()),
-        })
-        log(f"[cnn3] trained in {took:.1f} s, cached as {weights.relative_to(BENCH_DIR)}")
+    model = trained_model("cnn3", epochs, seed, splits, train_threads, make=cnn3_model)
     model.eval()
     path = folder / "cnn3.eexit"
     export_package(model, {"image": torch.from_numpy(splits.train.x[:8])}, path, policy="entropy",
