@@ -35,6 +35,34 @@ def cli() -> None:
     """Early-exit networks as one ONNX graph per exit, run with onnxruntime."""
 
 
+def _envelope(command: str, payload: dict[str, Any]) -> dict[str, Any]:
+    """Every command's JSON: a schema name and version, when, which tools on which machine, then the payload."""
+    import platform
+    from datetime import datetime, timezone
+
+    import numpy as np
+    import onnxruntime as ort
+
+    return {
+        "schema": f"edgeexit.{command}/1",
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"cpu": platform.processor() or platform.machine(), "platform": platform.platform(),
+                    "python": platform.python_version(), "edgeexit": __version__, "onnxruntime": ort.__version__,
+                    "numpy": np.__version__},
+        **payload,
+    }
+
+
+def _emit_json(command: str, payload: dict[str, Any], as_json: bool, output: Path | None) -> None:
+    """The one rule for machine-readable output: --json prints it, -o FILE.json writes it (atomically)."""
+    text = json.dumps(_envelope(command, payload), indent=2, default=str) + "\n"
+    if as_json:
+        click.echo(text, nl=False)
+    if output is not None:
+        _write_text_atomic(output, text)
+        click.echo(f"wrote {output}", err=as_json)
+
+
 def _bar(label: str, length: int) -> Any:
     return click.progressbar(length=length, label=label, file=sys.stderr, show_eta=True)
 
@@ -278,7 +306,8 @@ def pack(package: Path, output: Path) -> None:
 @cli.command()
 @click.argument("package", type=click.Path(path_type=Path))
 @click.argument("input_file", metavar="INPUT", type=click.Path(path_type=Path))
-@click.option("-o", "--output", type=click.Path(path_type=Path), help="Write results to .npz or .csv.")
+@click.option("-o", "--output", type=click.Path(path_type=Path),
+              help="Write the results to .npz (with logits), .csv or .json.")
 @click.option("--threshold", "thresholds", type=float, multiple=True, help="Override one early exit's threshold.")
 @click.option("--policy", default=None, help="Override the package's exit policy (with --threshold).")
 @click.option("--batch-size", default=256, show_default=True, type=click.IntRange(min=1),
@@ -290,9 +319,10 @@ def pack(package: Path, output: Path) -> None:
               "default: onnxruntime's CPU provider, 1 thread.")
 @click.option("--threads", type=click.IntRange(min=1), help="Intra-op threads per session (default: the profile's).")
 @click.option("--allow-fallback", is_flag=True, help="Warn instead of failing when a provider is missing.")
+@click.option("--json", "as_json", is_flag=True, help="Print the results (and accuracy) as one JSON object on stdout.")
 def run(package: Path, input_file: Path, output: Path | None, thresholds: tuple[float, ...], policy: str | None,
         batch_size: int, show: int, engine: str, device: str | None, threads: int | None,
-        allow_fallback: bool) -> None:
+        allow_fallback: bool, as_json: bool) -> None:
     """Run PACKAGE on INPUT (.npy, or .npz with arrays named after the inputs and optional labels)."""
     import numpy as np
 
@@ -310,19 +340,28 @@ def run(package: Path, input_file: Path, output: Path | None, thresholds: tuple[
     exit_index = np.concatenate([p.exit_index for p in parts])
     scores = np.concatenate([p.scores for p in parts])
     names = session.package.labels
+    shares = np.bincount(exit_index, minlength=session.num_exits) / n
+    nonfinite = sum(p.nonfinite_scores for p in parts)
+    if as_json or (output is not None and output.suffix.lower() == ".json"):
+        _emit_json("run", {
+            "package": str(package), "input": str(input_file), "samples": n, "engine": parts[0].engine,
+            "exit_shares": shares.tolist(), "nonfinite_scores": nonfinite,
+            "accuracy": None if labels is None else float((predictions == labels).mean()),
+            "predictions": predictions.tolist(), "exit_index": exit_index.tolist(), "scores": scores.tolist(),
+        }, as_json, output if output is not None and output.suffix.lower() == ".json" else None)
+        if as_json:
+            return
     for i in range(min(show, n)):
         label = f"  ({names[predictions[i]]})" if names and predictions[i] < len(names) else ""
         click.echo(f"sample {i:>5}: prediction {predictions[i]}{label}  exit {exit_index[i]}  score {scores[i]:.4g}")
     if n > show:
         click.echo(f"... {n - show} more")
-    shares = np.bincount(exit_index, minlength=session.num_exits) / n
     click.echo(f"{n} samples; exit shares: " + ", ".join(f"exit {e}: {s:.1%}" for e, s in enumerate(shares)))
     if labels is not None:
         click.echo(f"accuracy: {(predictions == labels).mean():.2%} ({int((predictions == labels).sum())}/{n})")
-    nonfinite = sum(p.nonfinite_scores for p in parts)
     if nonfinite:
         click.echo(f"warning: {nonfinite} non-finite exit score(s); those samples did not exit early", err=True)
-    if output is not None:
+    if output is not None and output.suffix.lower() != ".json":
         arrays = {"predictions": predictions, "exit_index": exit_index, "scores": scores}
         if output.suffix.lower() == ".npz":
             arrays["logits"] = np.concatenate([p.logits for p in parts])
@@ -335,15 +374,22 @@ def run(package: Path, input_file: Path, output: Path | None, thresholds: tuple[
 
 @cli.command()
 @click.argument("package", type=click.Path(path_type=Path))
-@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
-def inspect(package: Path, as_json: bool) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print a structured view of the package as JSON.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the structured view as JSON to this file.")
+@click.option("--manifest", "raw", is_flag=True, help="Print the package's manifest.json as it is.")
+def inspect(package: Path, as_json: bool, output: Path | None, raw: bool) -> None:
     """Show a package's stages, shapes, exits, policies, thresholds, costs and hashes."""
     from .package import load_package
 
     pkg = load_package(package)
-    if as_json:
-        click.echo(json.dumps(pkg.manifest, indent=2))
+    if raw:
+        click.echo(json.dumps(pkg.manifest, indent=2, ensure_ascii=False))
         return
+    if as_json or output is not None:
+        _emit_json("inspect", _package_view(pkg), as_json, output)
+        if as_json:
+            return
     click.echo(f"{pkg.root}: {pkg.kind} {pkg.name!r}, format version {pkg.format_version}")
     prod = ", ".join(f"{k} {v}" for k, v in pkg.producer.items())
     click.echo(f"producer: {prod}")
@@ -398,6 +444,36 @@ def inspect(package: Path, as_json: bool) -> None:
         click.echo(f"full model: {pkg.full_model.file}, {pkg.full_model.cost.get('params', 0)} params, "
                    f"{pkg.full_model.cost.get('flops', 0) / 1e6:.3f} MFLOPs, {meta['size']} bytes  "
                    f"{meta['sha256'][:12]}")
+
+
+def _package_view(pkg: Any) -> dict[str, Any]:
+    """A package described for machines: what ``inspect`` prints, as data."""
+    exit_no, stages = 0, []
+    for spec in pkg.stages:
+        exit_info = None
+        if spec.exit is not None:
+            last = spec is pkg.stages[-1]
+            exit_info = {"index": exit_no, "logits": spec.exit.logits, "policy": spec.exit.policy,
+                         "threshold": spec.exit.threshold,
+                         "state": "final" if last else ("disabled" if spec.exit.threshold is None else "enabled")}
+            exit_no += 1
+        stages.append({"name": spec.name, "file": spec.file, "reads": list(spec.inputs), "carry": list(spec.carry),
+                       "exit": exit_info, "cost": dict(spec.cost), **pkg.files[spec.file]})
+    history = (pkg.calibration or {}).get("history") or []
+    return {
+        "package": str(pkg.root), "name": pkg.name, "kind": pkg.kind, "format_version": pkg.format_version,
+        "inputs": [{"name": i.name, "dtype": i.dtype, "shape": list(i.shape)} for i in pkg.inputs],
+        "labels": list(pkg.labels) if pkg.labels else None, "stages": stages,
+        "thresholds": pkg.thresholds, "policies": pkg.policies, "exits_disabled": pkg.exits_disabled,
+        "full_model": None if pkg.full_model is None else {
+            "file": pkg.full_model.file, **pkg.files[pkg.full_model.file]},
+        "compiled": None if pkg.compiled is None else {
+            "file": pkg.compiled.file, "policies": list(pkg.compiled.policies), "thresholds": pkg.compiled.thresholds,
+            "stale": list(pkg.compiled.policies) != pkg.policies, "engines": pkg.compiled.engines,
+            **pkg.files[pkg.compiled.file]},
+        "quantization": pkg.quantization, "calibration": history[-1] if history else None,
+        "producer": dict(pkg.producer),
+    }
 
 
 # --- calibrate ---------------------------------------------------------------------
@@ -637,12 +713,14 @@ def _pick_meter(profile: Any, meter: str | None, meter_log: Path | None, meter_c
 @click.option("--idle-seconds", default=3.0, show_default=True, type=click.FloatRange(min=0),
               help="Quiet seconds to measure idle power for whole-board meters (0: don't subtract).")
 @click.option("--allow-fallback", is_flag=True, help="Warn instead of failing when a provider is missing.")
-@click.option("--json", "json_out", type=click.Path(path_type=Path), help="Write the results as JSON.")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as one JSON object on stdout.")
+@click.option("-o", "--output", "json_out", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the results as JSON to this file (.json).")
 @click.option("--csv", "csv_out", type=click.Path(path_type=Path), help="Write the results as CSV.")
 def bench(package: Path, data_file: Path | None, dataset: str | None, device: str, batch: int, duration: float,
           windows: int, warmup: float, compare: str | None, full_model: Path | None, meter: str | None,
           meter_log: Path | None, meter_command: str | None, idle_seconds: float, allow_fallback: bool,
-          json_out: Path | None, csv_out: Path | None, threads: int | None) -> None:
+          as_json: bool, json_out: Path | None, csv_out: Path | None, threads: int | None) -> None:
     """Measure latency, throughput and energy of PACKAGE on this device."""
     from .bench import BenchConfig, csv_rows, format_table, run_benchmark
     from .devices import create_meter, get_profile, measure_idle
@@ -678,10 +756,9 @@ def bench(package: Path, data_file: Path | None, dataset: str | None, device: st
     with click.progressbar(length=int(total * 10), label="benchmarking", file=sys.stderr) as bar:
         report = run_benchmark(session, inputs, labels, config, energy, compare_full=compare == "full",
                                full_model=full_model, progress=lambda s: bar.update(int(s * 10)))
-    click.echo(format_table(report))
-    if json_out is not None:
-        _write_text_atomic(json_out, json.dumps(report.to_dict(), indent=2) + "\n")
-        click.echo(f"wrote {json_out}")
+    if not as_json:
+        click.echo(format_table(report))
+    _emit_json("bench", report.to_dict(), as_json, json_out)
     if csv_out is not None:
         import csv
         import io
@@ -705,12 +782,24 @@ def _write_text_atomic(path: Path, text: str) -> None:
 
 @cli.command()
 @click.option("--device", default="auto", show_default=True, help="Profile to show (auto: detect).")
-def devices(device: str) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print the same as one JSON object on stdout.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="Write the JSON to this file.")
+def devices(device: str, as_json: bool, output: Path | None) -> None:
     """Show the detected device, its profile, providers and energy meters."""
+    import dataclasses
+
     from .devices import available_providers, detect, detect_meters, get_profile
 
     found = detect()
     profile = get_profile(device)
+    if as_json or output is not None:
+        _emit_json("devices", {
+            "detected": dataclasses.asdict(found), "profile": dataclasses.asdict(profile),
+            "providers_available": available_providers(),
+            "meters": [{"name": name, "readable": ok, "why": why} for name, ok, why in detect_meters()],
+        }, as_json, output)
+        if as_json:
+            return
     click.echo(f"detected: {found.profile} ({found.reason}); machine {found.machine}"
                + (f", model {found.model!r}" if found.model else ""))
     click.echo(f"profile: {profile.name} — {profile.description}")

@@ -142,10 +142,11 @@ def test_bench_cli_writes_json_and_csv(tiny_package, tmp_path):
     result = CliRunner().invoke(cli, [
         "bench", str(tiny_package), "--data", str(tmp_path / "d.npz"), "--device", "cpu", "--duration", "0.05",
         "--windows", "1", "--warmup", "0", "--compare", "full", "--meter", "estimate",
-        "--json", str(tmp_path / "r.json"), "--csv", str(tmp_path / "r.csv")])
+        "-o", str(tmp_path / "r.json"), "--csv", str(tmp_path / "r.csv")])
     assert result.exit_code == 0, result.output
     assert "early exit vs full" in result.output
     data = json.loads((tmp_path / "r.json").read_text())
+    assert data["schema"] == "edgeexit.bench/1" and data["machine"]["edgeexit"]
     assert data["environment"]["profile"] == "cpu" and data["environment"]["providers"] == ["CPUExecutionProvider"]
     assert data["environment"]["threads"] == 1 and data["environment"]["onnxruntime"]
     assert [c["name"] for c in data["contenders"]] == ["early exit", "full model (no early exit)"]

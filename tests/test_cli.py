@@ -103,8 +103,27 @@ def test_inspect_lists_stages_exits_costs_and_hashes(package):
     assert "confidence" in out and "0.9" in out and "0.7" in out and "always" in out
     manifest = json.loads((package / "manifest.json").read_text())
     assert manifest["files"]["stage0.onnx"]["sha256"][:12] in out
-    as_json = CliRunner().invoke(cli, ["inspect", str(package), "--json"])
-    assert json.loads(as_json.output) == manifest
+    raw = CliRunner().invoke(cli, ["inspect", str(package), "--manifest"])
+    assert json.loads(raw.output) == manifest
+    view = json.loads(CliRunner().invoke(cli, ["inspect", str(package), "--json"]).output)
+    assert view["schema"] == "edgeexit.inspect/1" and view["machine"]["onnxruntime"]
+    assert view["thresholds"] == [0.9, 0.7] and [s["exit"]["state"] for s in view["stages"] if s["exit"]] == [
+        "enabled", "enabled", "final"]
+    assert view["stages"][0]["sha256"] == manifest["files"]["stage0.onnx"]["sha256"]
+
+
+def test_one_json_rule_for_run_and_devices(package, tmp_path):
+    np.savez(tmp_path / "x.npz", x=tiny_inputs(6), labels=np.zeros(6, dtype=np.int64))
+    printed = CliRunner().invoke(cli, ["run", str(package), str(tmp_path / "x.npz"), "--json"])
+    data = json.loads(printed.stdout)
+    assert data["schema"] == "edgeexit.run/1" and data["samples"] == 6 and len(data["exit_index"]) == 6
+    assert data["accuracy"] is not None
+    written = CliRunner().invoke(cli, ["run", str(package), str(tmp_path / "x.npz"), "-o", str(tmp_path / "r.json")])
+    assert written.exit_code == 0 and json.loads((tmp_path / "r.json").read_text())["predictions"] == data[
+        "predictions"]
+    shown = json.loads(CliRunner().invoke(cli, ["devices", "--json"]).stdout)
+    assert shown["schema"] == "edgeexit.devices/1" and "CPUExecutionProvider" in shown["providers_available"]
+    assert {m["name"] for m in shown["meters"]} >= {"rapl", "estimate"}
 
 
 def test_export_without_thresholds_disables_the_exits_and_refuses_to_overwrite(package, tmp_path):
