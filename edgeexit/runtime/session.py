@@ -68,11 +68,7 @@ class _Plan:
     thresholds: tuple[float, ...]      # one per early exit
     compiled: bool = False             # the compiled graph has these policies
     threshold_array: np.ndarray | None = None   # float64, the compiled graph's input
-
-    @property
-    def disabled(self) -> bool:
-        """Every early exit is disabled: the call is the full model."""
-        return bool(self.thresholds) and all(math.isinf(t) for t in self.thresholds)
+    disabled: bool = False             # every early exit disabled: the call is the full model
 
 
 class ExitSession:
@@ -194,8 +190,8 @@ class ExitSession:
         recorded = compiled_spec.engines if compiled_spec is not None and engine == "auto" else None
         self.engine_choice = {regime: (recorded or {}).get(regime, engine) for regime in ("batch1", "batch")}
         self._default_plan = self._make_plan(None, None)
-        never = tuple(math.inf if p.direction == "higher" else -math.inf for p in self._default_plan.policies[:-1])
-        self._no_exit_plan = _Plan(self._default_plan.policies, never)
+        never = tuple(never_threshold(p) for p in self._default_plan.policies[:-1])
+        self._no_exit_plan = _Plan(self._default_plan.policies, never, disabled=True)
         self._full_session: ort.InferenceSession | None = None
         self._measuring: Measurement | None = None
         if self._default_plan.disabled and self.package.full_model is not None:
@@ -233,7 +229,8 @@ class ExitSession:
         checked = check_thresholds(policies[0], thresholds, self.num_exits - 1, allow_disabled=True)
         values = [never_threshold(p) if t is None else t for p, t in zip(policies, checked)]   # None: disabled
         compiled = self._compiled is not None and tuple(p.name for p in policies) == self._compiled.policies
-        return _Plan(policies, tuple(values), compiled, np.array(values, dtype=np.float64))
+        return _Plan(policies, tuple(values), compiled, np.array(values, dtype=np.float64),
+                     disabled=bool(checked) and all(t is None for t in checked))
 
     # --- running ----------------------------------------------------------------
 
