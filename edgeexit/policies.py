@@ -190,6 +190,11 @@ def never_threshold(policy: ExitPolicy) -> float:
     return math.inf if policy.direction == "higher" else -math.inf
 
 
+def always_threshold(policy: ExitPolicy) -> float:
+    """A finite threshold every finite score passes (a NaN still never does)."""
+    return -1e300 if policy.direction == "higher" else 1e300
+
+
 def check_thresholds(policy: ExitPolicy, thresholds: Sequence[float | None], expected: int,
                      allow_disabled: bool = False) -> list[float | None]:
     """Validate one threshold per early exit; returns them as floats.

@@ -151,11 +151,10 @@ def test_tune_engines_times_both_and_records_the_choice(packages, with_data):
 
 def test_forced_paths_send_every_sample_to_each_exit(packages):
     from edgeexit.runtime._engines import forced_paths
-    from edgeexit.runtime.session import _never_threshold
 
     path, x = packages["bresnet"]
     sess = ExitSession(path)
-    paths = forced_paths(load_package(path).policies, _never_threshold)
+    paths = forced_paths(load_package(path).policies)
     for k, thresholds in enumerate(paths):
         for engine in ("stages", "compiled"):
             assert (sess.run(x[:7], thresholds=thresholds, engine=engine).exit_index == k).all()

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -41,7 +40,7 @@ from onnx import TensorProto, helper, numpy_helper
 from .._atomic import write_bytes_atomically
 from ..errors import CompileError
 from ..package import COMPILED_OUTPUTS, FORMAT_VERSION, Package, load_package, sha256_file, update_manifest
-from ..policies import get_policy, never_threshold
+from ..policies import always_threshold, get_policy, never_threshold
 
 COMPILED_FILE = "compiled.onnx"
 # a recompile writes the other name, so the manifest switches files in one atomic replace
@@ -451,9 +450,9 @@ def _functions(models: Sequence[onnx.ModelProto]) -> list[onnx.FunctionProto]:
     return list(seen.values())
 
 
-def fed_thresholds(package: Package) -> list[float]:
-    """The package's thresholds as the graph takes them: a disabled exit (None) gets one no score passes."""
-    return [never_threshold(get_policy(p)) if t is None else t for p, t in zip(package.policies, package.thresholds)]
+def fed_thresholds(policies: Sequence[str], thresholds: Sequence[float | None]) -> list[float]:
+    """Thresholds as the graph takes them: a disabled exit (None) gets one no score passes."""
+    return [never_threshold(get_policy(p)) if t is None else t for p, t in zip(policies, thresholds)]
 
 
 def bake_thresholds(model: onnx.ModelProto, thresholds: Sequence[float],
@@ -532,7 +531,8 @@ def compile_package(
         check_against_stage_loop(package, data, check_samples)
     if output is not None:
         if bake:
-            data = bake_thresholds(model, fed_thresholds(package), io.thresholds).SerializeToString()
+            data = bake_thresholds(model, fed_thresholds(package.policies, package.thresholds),
+                                   io.thresholds).SerializeToString()
         write_bytes_atomically(output, data)
         say(f"wrote {output} ({len(data):,} bytes; thresholds "
             f"{'baked in: ' + str(package.thresholds) if bake else 'as the input ' + repr(io.thresholds)})")
@@ -576,10 +576,12 @@ def check_against_stage_loop(package: Package, compiled: bytes, samples: int, se
     thresholds_input = graph_names(package).thresholds
     stages = ExitSession(package.root, engine="stages")
     graph = ort.InferenceSession(compiled, providers=["CPUExecutionProvider"])
-    never = [1e300 if get_policy(p).direction == "higher" else -1e300 for p in package.policies[:-1]]
-    for thresholds in (fed_thresholds(package), never, [-t for t in never]):
-        want = stages.run(feeds, thresholds=[None if math.isinf(t) else t for t in thresholds])
-        logits, exit_index, _ = graph.run(None, {**feeds, thresholds_input: np.asarray(thresholds, np.float64)})
+    early = package.policies[:-1]
+    always = [always_threshold(get_policy(p)) for p in early]
+    for thresholds in (package.thresholds, [None] * len(early), always):
+        want = stages.run(feeds, thresholds=thresholds)
+        fed = np.asarray(fed_thresholds(package.policies, thresholds), np.float64)
+        logits, exit_index, _ = graph.run(None, {**feeds, thresholds_input: fed})
         if not np.array_equal(exit_index, want.exit_index) or not np.allclose(logits, want.logits, atol=1e-5):
             raise CompileError(
                 f"the compiled graph disagrees with the stage loop at thresholds {thresholds}: exits "

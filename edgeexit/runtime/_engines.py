@@ -24,6 +24,7 @@ import onnxruntime as ort
 
 from ..errors import GraphMismatchError, SessionError
 from ..package import COMPILED_OUTPUTS, CompiledSpec, Package
+from ..policies import always_threshold, get_policy
 
 ENGINES = ("auto", "compiled", "stages")
 
@@ -98,8 +99,9 @@ def calibrated_shares(package: Package) -> list[float] | None:
     return None
 
 
-def forced_paths(policies: Sequence[str], never: Callable[[str], float]) -> list[list[float]]:
-    """Thresholds that send every sample to exit k, one list per exit k."""
+def forced_paths(policies: Sequence[str]) -> list[list[float | None]]:
+    """Thresholds that send every sample to exit k, one list per exit k: exit k passes
+    everything, every other early exit is disabled (None)."""
     early = len(policies) - 1
-    return [[never(p) if j != k else -never(p) for j, p in enumerate(policies[:-1])] for k in range(early)] + [
-        [never(p) for p in policies[:-1]]]
+    return [[always_threshold(get_policy(p)) if j == k else None for j, p in enumerate(policies[:-1])]
+            for k in range(early + 1)]

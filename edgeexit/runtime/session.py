@@ -185,6 +185,8 @@ class ExitSession:
             self._compiled = CompiledGraph(compiled_spec, self._build(compiled_spec.file, "the compiled graph"))
             self._compiled.check_names()
         self._engine = engine
+        # with every exit disabled, an "auto" session answers from full.onnx (one call)
+        self._full_when_disabled = engine == "auto" and self.package.full_model is not None
         # engine per regime: batch 1, batch > 1 ("auto": compiled when usable, or what the last
         # calibration on a device measured faster, if it recorded that)
         recorded = compiled_spec.engines if compiled_spec is not None and engine == "auto" else None
@@ -194,7 +196,7 @@ class ExitSession:
         self._no_exit_plan = _Plan(self._default_plan.policies, never, disabled=True)
         self._full_session: ort.InferenceSession | None = None
         self._measuring: Measurement | None = None
-        if self._default_plan.disabled and self.package.full_model is not None:
+        if self._default_plan.disabled and self._full_when_disabled:
             self._full()   # a package with its exits disabled runs as the full model: build it now
 
     # --- building ---------------------------------------------------------------
@@ -276,7 +278,7 @@ class ExitSession:
             use = engine
         else:
             raise InputError(f"engine={engine!r} is not one of {', '.join(ENGINES)}")
-        if plan.disabled and early_exits and engine in (None, "auto") and self.package.full_model is not None:
+        if plan.disabled and early_exits and self._full_when_disabled and engine in (None, "auto"):
             result = self._run_full_model(feeds, n, plan, start)
         elif use != "stages" and early_exits and plan.compiled:
             result = self._run_compiled(feeds, n, plan, start)
@@ -402,7 +404,7 @@ class ExitSession:
 
     def engine_for(self, batch_size: int) -> str:
         """The engine ``run`` takes by default for a batch of this size at the package's thresholds."""
-        if self._default_plan.disabled and self.package.full_model is not None:
+        if self._default_plan.disabled and self._full_when_disabled:
             return "full"
         choice = self.engine_choice["batch1" if batch_size == 1 else "batch"]
         return "compiled" if choice != "stages" and self._default_plan.compiled else "stages"
@@ -445,7 +447,7 @@ class ExitSession:
                 per_call = time_interleaved(
                     {e: functools.partial(self._timed_run, engine=e) for e in engines}, chunks, calls_per_engine)
             else:
-                paths = forced_paths([p.name for p in self._default_plan.policies], _never_threshold)
+                paths = forced_paths([p.name for p in self._default_plan.policies])
                 shares = calibrated_shares(self.package) or [1.0 / len(paths)] * len(paths)
                 per_call = dict.fromkeys(engines, 0.0)
                 for share, thresholds in zip(shares, paths):
@@ -580,11 +582,6 @@ class ExitSession:
             return self.run(inputs, early_exits=False).logits
         feeds, _ = self._checker.feeds(inputs)
         return self._full().run([full.logits], {n: feeds[n] for n in full.inputs})[0]  # type: ignore[no-any-return]
-
-
-def _never_threshold(policy: str) -> float:
-    """A finite threshold no finite score passes under ``policy`` (its negation: every score passes)."""
-    return 1e300 if get_policy(policy).direction == "higher" else -1e300
 
 
 def _check_graph_names(session: ort.InferenceSession, spec: StageSpec) -> None:
