@@ -57,6 +57,7 @@ from edgeexit.devices import get_profile
 from edgeexit.devices.energy import EstimateMeter
 from edgeexit.package import load_package
 from edgeexit.runtime import ExitSession
+from edgeexit.runtime._engines import interleaved_ms
 
 DEFAULT_JSON = BENCH_DIR / "results" / "bench_honest_calibration.json"
 MODELS = ("blenet", "bresnet", "cnn3")
@@ -128,18 +129,8 @@ def baseline_check(session: ExitSession, package: Path, x: np.ndarray, *, sample
     picks = np.linspace(0, len(x) - 1, min(samples, len(x))).astype(int)
     one = [{"image": np.ascontiguousarray(x[i:i + 1])} for i in picks]
     calls = [lambda b: full.run(None, b), session.run_full, session.run]
-    for b in one[:20]:
-        for call in calls:
-            call(b)
-    times = np.zeros((len(calls), repeats, len(one)))
-    clock = time.perf_counter_ns
-    for r in range(repeats):
-        for i, b in enumerate(one):
-            for j in (np.arange(len(calls)) + i + r) % len(calls):
-                t0 = clock()
-                calls[j](b)
-                times[j, r, i] = clock() - t0
-    raw, run_full, run = (np.median(times, axis=1) / 1e6).mean(axis=1).tolist()
+    times = interleaved_ms(calls, one, repeats, warmup=20)
+    raw, run_full, run = np.median(times, axis=1).mean(axis=1).tolist()
     return {"full_onnx_ms": raw, "run_full_ms": run_full, "package_run_ms": run, "samples": len(one),
             "repeats": repeats}
 

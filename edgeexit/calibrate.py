@@ -15,7 +15,6 @@ import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from time import perf_counter_ns
 from typing import Any
 
 import numpy as np
@@ -232,7 +231,7 @@ def measure_exit_paths(session, inputs, *, policy: str | None = None, samples: i
     ``full.onnx`` in a bare onnxruntime session, as ``bench`` times it); the order rotates per
     sample.  Medians per contender.
     """
-    from .runtime._engines import forced_paths
+    from .runtime._engines import forced_paths, interleaved_ms
 
     feeds = inputs if isinstance(inputs, dict) else {session.input_names[0]: inputs}
     n = next(iter(feeds.values())).shape[0]
@@ -244,17 +243,8 @@ def measure_exit_paths(session, inputs, *, policy: str | None = None, samples: i
     calls: list[Any] = [functools.partial(session.run, thresholds=t, policy=pol.name, engine=engine) for t in paths]
     # every exit disabled, engine left to the session: what a package written disabled pays (full.onnx)
     calls += [functools.partial(session.run, thresholds=paths[-1], policy=pol.name), plain]
-    for x in one[:8]:  # warm-up
-        for call in calls:
-            call(x)
-    times: list[list[int]] = [[] for _ in calls]
-    for r in range(repeats):
-        for i, x in enumerate(one):
-            for j in (np.arange(len(calls)) + i + r) % len(calls):
-                t0 = perf_counter_ns()
-                calls[j](x)
-                times[j].append(perf_counter_ns() - t0)
-    medians = [float(np.median(t)) / 1e6 for t in times]
+    times = interleaved_ms(calls, one, repeats)
+    medians = [float(np.median(t)) for t in times]
     used = session.run(one[0], thresholds=paths[0], policy=pol.name, engine=engine).engine
     return ExitPathTimes(medians[:-2], medians[-1], medians[-2], used, label)
 
@@ -389,11 +379,13 @@ def replay_calibration(session, inputs, labels, result: CalibrationResult, *,  #
 
     Accuracy and exit shares come from the real runtime over every sample (they must equal
     what the search computed from the records, else ``CalibrationError``); the speed from
-    ``samples`` inputs at batch 1, each timed ``repeats`` times through ``session.run`` and
-    ``run_full`` in turn: the mean over samples of each sample's median, comparable with the
-    expected cost (exit shares x median path times), so the expected speedup is checked
-    against a measured one.
+    ``samples`` inputs at batch 1, each timed ``repeats`` times through ``session.run``, the
+    plain model and the package with its exits disabled, in turn: the mean over samples of
+    each sample's median, comparable with the expected cost (exit shares x median path
+    times), so the expected speedup is checked against a measured one.
     """
+    from .runtime._engines import interleaved_ms
+
     feeds = inputs if isinstance(inputs, dict) else {session.input_names[0]: inputs}
     labels = np.asarray(labels)
     n = labels.size
@@ -415,17 +407,7 @@ def replay_calibration(session, inputs, labels, result: CalibrationResult, *,  #
     off = [None] * len(result.thresholds)
     calls = [lambda x: session.run(x, thresholds=result.thresholds, policy=result.policy, engine=result.engine), plain,
              lambda x: session.run(x, thresholds=off, policy=result.policy)]
-    for x in one[:8]:
-        for call in calls:
-            call(x)
-    times = np.zeros((len(calls), repeats, len(one)))
-    for r in range(repeats):
-        for i, x in enumerate(one):
-            for j in (np.arange(len(calls)) + i + r) % len(calls):
-                t0 = perf_counter_ns()
-                calls[j](x)
-                times[j, r, i] = perf_counter_ns() - t0
-    per_sample = np.median(times, axis=1) / 1e6
+    per_sample = np.median(interleaved_ms(calls, one, repeats), axis=1)
     return Replay(accuracy, shares, float(per_sample[0].mean()), float(per_sample[1].mean()), len(one),
                   float(per_sample[2].mean()))
 

@@ -75,18 +75,28 @@ class EngineTiming:
         return "compiled" if self.compiled_ms <= self.stages_ms else "stages"
 
 
-def time_interleaved(calls: dict[str, Callable[[Any], Any]], args: Sequence[Any], rounds: int) -> dict[str, float]:
-    """Median ms per call of each callable, calling them in turn ``rounds`` times on ``args`` in cycle."""
-    times: dict[str, list[int]] = {name: [] for name in calls}
-    for call in calls.values():   # warm-up
-        call(args[0])
-    for r in range(rounds):
-        arg = args[r % len(args)]
-        for name, call in calls.items():
-            t0 = perf_counter_ns()
+def interleaved_ms(calls: Sequence[Callable[[Any], Any]], args: Sequence[Any], repeats: int = 1,
+                   warmup: int = 8) -> np.ndarray:
+    """ms of every call on every argument, shape (calls, repeats, args): the callables take turns
+    on each argument, the order rotating per argument and repeat, after ``warmup`` untimed rounds."""
+    for arg in args[:warmup]:
+        for call in calls:
             call(arg)
-            times[name].append(perf_counter_ns() - t0)
-    return {name: float(np.median(t)) / 1e6 for name, t in times.items()}
+    times = np.zeros((len(calls), repeats, len(args)))
+    for r in range(repeats):
+        for i, arg in enumerate(args):
+            for j in ((k + i + r) % len(calls) for k in range(len(calls))):
+                t0 = perf_counter_ns()
+                calls[j](arg)
+                times[j, r, i] = perf_counter_ns() - t0
+    return times / 1e6
+
+
+def time_interleaved(calls: dict[str, Callable[[Any], Any]], args: Sequence[Any], rounds: int) -> dict[str, float]:
+    """Median ms per call of each callable, ``rounds`` calls each on ``args`` in cycle, interleaved."""
+    cycled = [args[r % len(args)] for r in range(rounds)]
+    times = interleaved_ms(list(calls.values()), cycled, warmup=1)
+    return {name: float(np.median(t)) for name, t in zip(calls, times)}
 
 
 def calibrated_shares(package: Package) -> list[float] | None:
