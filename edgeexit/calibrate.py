@@ -468,7 +468,7 @@ def _reachable(objective: Objective, seen: Sequence[Point], n: int, unit: str) -
     return f"no thresholds keep the drop within {objective.value:.2%}"
 
 
-def slower_than_full_model(result: CalibrationResult, replay: Replay | None = None) -> str | None:
+def why_disable_exits(result: CalibrationResult, replay: Replay | None = None) -> str | None:
     """Why the package should be written with its exits disabled, or None to keep the thresholds.
 
     Disabling wins when the chosen exits cost more per sample than the package with its
@@ -494,7 +494,7 @@ def apply_calibration(path, result: CalibrationResult, device: str | None = None
     """Write ``result`` into the package manifest atomically, keeping the previous thresholds in
     the ``calibration`` history so ``revert_calibration`` can restore them.
 
-    ``disable_exits`` (a reason, e.g. from ``slower_than_full_model``) writes every early
+    ``disable_exits`` (a reason, e.g. from ``why_disable_exits``) writes every early
     exit's threshold as null instead: the package then runs as its full model (format
     version 4), and the history entry keeps the thresholds it would have used and why not.
     """

@@ -585,7 +585,7 @@ def _calibrate(package: Path, data_file: Path, *, max_drop: float | None, target
         calibrate_thresholds,
         record_engine_choice,
         replay_calibration,
-        slower_than_full_model,
+        why_disable_exits,
     )
     from .datafiles import load_input_file
     from .devices import get_profile
@@ -620,7 +620,7 @@ def _calibrate(package: Path, data_file: Path, *, max_drop: float | None, target
                    f"vs the full model {replay.full_mean_ms:.4f} ms per sample (mean of {replay.samples_timed} "
                    f"samples' medians at batch 1, interleaved): {replay.speedup:.2f}x measured, "
                    f"{result.speedup:.2f}x expected")
-    slower = slower_than_full_model(result, replay)
+    slower = why_disable_exits(result, replay)
     if slower:
         runs = ("it runs full.onnx" if session.package.full_model is not None else
                 "it runs every stage; export with the full model (the default) to run the single full graph")

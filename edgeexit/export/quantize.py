@@ -448,7 +448,7 @@ def live_calibration(package: Package) -> Mapping[str, Any] | None:
 def _recalibrate_as_before(staging: Path, labelled: tuple[Any, np.ndarray], entry: Mapping[str, Any],
                            fp32_thresholds: Sequence[float | None], say: Callable[[str], None]) -> None:
     """Search the int8 package's thresholds again with the objective the user chose for the fp32 one."""
-    from ..calibrate import apply_calibration, calibrate_thresholds, replay_calibration, slower_than_full_model
+    from ..calibrate import apply_calibration, calibrate_thresholds, replay_calibration, why_disable_exits
     from ..runtime import ExitSession
 
     objective = entry["objective"]
@@ -463,7 +463,7 @@ def _recalibrate_as_before(staging: Path, labelled: tuple[Any, np.ndarray], entr
         target_accuracy=value if kind == "target_accuracy" else None,
         latency_budget=value if kind == "latency_budget" else None)
     replay = replay_calibration(session, x, y, result)
-    slower = slower_than_full_model(result, replay)
+    slower = why_disable_exits(result, replay)
     apply_calibration(staging, result, disable_exits=slower)
 
     def record(manifest: dict[str, Any]) -> None:
