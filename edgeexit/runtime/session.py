@@ -195,6 +195,7 @@ class ExitSession:
         never = tuple(never_threshold(p) for p in self._default_plan.policies[:-1])
         self._no_exit_plan = _Plan(self._default_plan.policies, never, disabled=True)
         self._full_session: ort.InferenceSession | None = None
+        self._plain_session: ort.InferenceSession | None = None
         self._measuring: Measurement | None = None
         if self._default_plan.disabled and self._full_when_disabled:
             self._full()   # a package with its exits disabled runs as the full model: build it now
@@ -337,8 +338,11 @@ class ExitSession:
         full = self.package.full_model
         if full is None:
             return (lambda x: self.run(x, early_exits=False)), "every stage, exits disabled"
-        bare = ort.InferenceSession(self.package.read(full.file), self._sess_options or self.thread_settings.options(),
-                                    providers=self.providers)
+        if self._plain_session is None:   # built once: calibration asks for it per engine and again to replay
+            self._plain_session = ort.InferenceSession(
+                self.package.read(full.file), self._sess_options or self.thread_settings.options(),
+                providers=self.providers)
+        bare = self._plain_session
         names, outputs = list(full.inputs), [full.logits]
         if len(names) == 1:
             name = names[0]
@@ -389,7 +393,7 @@ class ExitSession:
         self._closed = True
         self._stages.clear()
         self._compiled = None
-        self._full_session = None
+        self._full_session = self._plain_session = None
 
     def __enter__(self) -> ExitSession:
         return self
