@@ -301,16 +301,17 @@ def format_table(report: BenchReport) -> str:
                    f"{r['p99_ms']:>10.4f}{r['mean_ms']:>10.4f}{r['throughput_per_s']:>11.0f}"
                    f"{r['energy_per_inference_j'] * 1e3:>14.4f}  {sh}")
     out.append(f"energy: {rows[0]['energy_kind']} — {rows[0]['energy_source']}")
-    ratios = report.ratios()
-    if ratios:
-        out.append(f"{rows[0]['name']} vs full: speedup {ratios['speedup_p50']:.2f}x at p50, "
-                   f"{ratios['speedup_mean']:.2f}x in mean (below 1: slower); energy per inference "
-                   f"{1 / ratios['energy_ratio']:.2f}x the full model's")
-        full = next(r for r in rows if r["name"].startswith("full model"))
-        for other in rows[1:]:
-            if other["name"].startswith("early exit"):
-                out.append(f"{other['name']} vs full: speedup {full['p50_ms'] / other['p50_ms']:.2f}x at p50, "
-                           f"{full['mean_ms'] / other['mean_ms']:.2f}x in mean")
+    full = next((r for r in rows if r["name"].startswith("full model")), None)
+    if full is not None:
+        for other in rows:
+            if other is full:
+                continue
+            line = (f"{other['name']} vs full model: {describe_speedup(full['p50_ms'] / other['p50_ms'])} at p50, "
+                    f"{describe_speedup(full['mean_ms'] / other['mean_ms'])} in mean")
+            if other is rows[0]:
+                energy = other["energy_per_inference_j"] / full["energy_per_inference_j"]
+                line += f"; energy per inference {energy:.2f}x the full model's"
+            out.append(line)
     if report.valid:
         out.append(f"throttling: none seen ({report.thermal.note})")
     else:
@@ -318,12 +319,22 @@ def format_table(report: BenchReport) -> str:
     return "\n".join(out)
 
 
+def describe_speedup(ratio: float) -> str:
+    """A speed ratio (baseline time / contender time) in words: '1.25x faster' or '1.79x slower (0.56x)'."""
+    if ratio >= 1:
+        return f"{ratio:.2f}x faster"
+    return f"{1 / ratio:.2f}x slower ({ratio:.2f}x)"
+
+
 def csv_rows(report: BenchReport) -> list[dict[str, Any]]:
+    """One row per contender; exit shares in one column per exit (``exit_share_0`` …, empty for the full model)."""
     env = report.environment
+    exits = max((len(c.summary["exit_shares"] or []) for c in report.contenders), default=0)
     rows = []
     for c in report.contenders:
         row = {k: v for k, v in c.summary.items() if k != "exit_shares"}
-        row["exit_shares"] = " ".join(f"{s:.4f}" for s in c.summary["exit_shares"] or [])
+        shares = c.summary["exit_shares"] or []
+        row.update({f"exit_share_{e}": (round(shares[e], 6) if e < len(shares) else "") for e in range(exits)})
         row.update({"batch": report.config.batch, "windows": report.config.windows,
                     "duration_s": report.config.duration_s, "valid": report.valid})
         row.update({k: (" ".join(v) if isinstance(v, list) else v) for k, v in env.items() if k != "thresholds"})

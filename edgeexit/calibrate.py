@@ -220,16 +220,21 @@ class ExitPathTimes:
 
 
 def measure_exit_paths(session, inputs, *, policy: str | None = None, samples: int = 64,  # type: ignore[no-untyped-def]
-                       repeats: int = 3, engine: str | None = None) -> ExitPathTimes:
+                       repeats: int = 3, engine: str | None = None, block: int = 16,
+                       engines: Sequence[str | None] | None = None) -> ExitPathTimes | list[ExitPathTimes]:
     """Time what the device pays per exit path, end to end, against the plain full model.
 
     For each of ``samples`` inputs (evenly spread, batch 1) and each repeat, calls in turn
     ``session.run`` with thresholds that send the sample to exit 0, 1, ... (so every stage
     call, exit head, policy score and the runtime's own work is counted, on the engine
-    ``session`` uses at batch 1), ``session.run`` with every exit disabled (what a package
-    written with its exits disabled pays) and the plain model (``session.plain_full_model``:
-    ``full.onnx`` in a bare onnxruntime session, as ``bench`` times it); the order rotates per
-    sample.  Medians per contender.
+    ``session`` uses at batch 1, or on each of ``engines``), ``session.run`` with every exit
+    disabled (what a package written with its exits disabled pays) and the plain model
+    (``session.plain_full_model``: ``full.onnx`` in a bare onnxruntime session, as ``bench``
+    times it); the order rotates per block of ``block`` samples (each contender runs a block
+    warm, as in a stream of requests and in ``bench``'s windows; ``block=1`` times every call
+    cold).  Medians per contender.  With ``engines`` every engine's paths are timed in the
+    same interleaved run, so they compare fairly, and one ``ExitPathTimes`` per engine is
+    returned.
     """
     from .runtime._engines import forced_paths, interleaved_ms
 
@@ -240,13 +245,19 @@ def measure_exit_paths(session, inputs, *, policy: str | None = None, samples: i
     pol = get_policy(policy or session.package.policies[0])
     paths = forced_paths([pol.name] * session.num_exits)
     plain, label = session.plain_full_model()
-    calls: list[Any] = [functools.partial(session.run, thresholds=t, policy=pol.name, engine=engine) for t in paths]
+    wanted = list(engines) if engines is not None else [engine]
+    calls: list[Any] = [functools.partial(session.run, thresholds=t, policy=pol.name, engine=e)
+                        for e in wanted for t in paths]
     # every exit disabled, engine left to the session: what a package written disabled pays (full.onnx)
     calls += [functools.partial(session.run, thresholds=paths[-1], policy=pol.name), plain]
-    times = interleaved_ms(calls, one, repeats)
+    times = interleaved_ms(calls, one, repeats, block=block)
     medians = [float(np.median(t)) for t in times]
-    used = session.run(one[0], thresholds=paths[0], policy=pol.name, engine=engine).engine
-    return ExitPathTimes(medians[:-2], medians[-1], medians[-2], used, label)
+    timed = []
+    for i, e in enumerate(wanted):
+        used = session.run(one[0], thresholds=paths[0], policy=pol.name, engine=e).engine
+        timed.append(ExitPathTimes(medians[i * len(paths):(i + 1) * len(paths)], medians[-1], medians[-2], used,
+                                   label))
+    return timed if engines is not None else timed[0]
 
 
 def _objective(max_drop: float | None, target_accuracy: float | None, latency_budget: float | None,
@@ -320,7 +331,8 @@ def calibrate_thresholds(
         # on each and the cheaper outcome decides the engine too
         compiled = session.has_compiled and records.policy == session.package.policies[0]
         engines = ("stages", "compiled") if compiled else ("stages",)
-        timed = [measure_exit_paths(session, feeds, policy=records.policy, engine=e) for e in engines]
+        timed = measure_exit_paths(session, feeds, policy=records.policy, engines=engines)
+        assert isinstance(timed, list)
         paths = min(timed, key=lambda t: search_thresholds(records, t.path_ms, objective).best.cost)
         source = (f"measured: median batch-1 ms of ExitSession.run per exit path ({paths.engine}) and of the "
                   f"full model ({paths.full_model}), interleaved on this device")
@@ -374,7 +386,7 @@ class Replay:
 
 
 def replay_calibration(session, inputs, labels, result: CalibrationResult, *,  # type: ignore[no-untyped-def]
-                       samples: int = 300, repeats: int = 3, batch_size: int = 256) -> Replay:
+                       samples: int = 300, repeats: int = 3, batch_size: int = 256, block: int = 16) -> Replay:
     """Run ``result``'s thresholds through ``session`` on the calibration data.
 
     Accuracy and exit shares come from the real runtime over every sample (they must equal
@@ -407,7 +419,7 @@ def replay_calibration(session, inputs, labels, result: CalibrationResult, *,  #
     off = [None] * len(result.thresholds)
     calls = [lambda x: session.run(x, thresholds=result.thresholds, policy=result.policy, engine=result.engine), plain,
              lambda x: session.run(x, thresholds=off, policy=result.policy)]
-    per_sample = np.median(interleaved_ms(calls, one, repeats), axis=1)
+    per_sample = np.median(interleaved_ms(calls, one, repeats, block=block), axis=1)
     return Replay(accuracy, shares, float(per_sample[0].mean()), float(per_sample[1].mean()), len(one),
                   float(per_sample[2].mean()))
 
@@ -553,13 +565,16 @@ def revert_calibration(path):  # type: ignore[no-untyped-def]
     return update_manifest(path, change)
 
 
-def record_engine_choice(path, inputs, *, device=None, batch_size: int = 64):  # type: ignore[no-untyped-def]
+def record_engine_choice(path, inputs, *, device=None, batch_size: int = 64,  # type: ignore[no-untyped-def]
+                         batch1: str | None = None):
     """Time both engines on ``inputs`` at the package's thresholds and record the faster per regime.
 
     Writes ``compiled.engines`` (format version 3) so that ``ExitSession(engine="auto")`` on
     this device starts from the measured choice instead of the compiled graph everywhere.
-    Returns the ``EngineTiming`` per regime, or ``[]`` when the package has no usable
-    compiled graph (nothing is written then).
+    ``batch1`` (the calibration's engine, whose exit paths it timed against each other in one
+    run) decides batch 1 instead of this timing, so the package runs the engine its expected
+    speedup was computed for.  Returns the ``EngineTiming`` per regime, or ``[]`` when the
+    package has no usable compiled graph (nothing is written then).
     """
     from .package import update_manifest
     from .runtime import ExitSession
@@ -573,7 +588,7 @@ def record_engine_choice(path, inputs, *, device=None, batch_size: int = 64):  #
 
     def change(manifest: dict) -> None:  # type: ignore[type-arg]
         manifest["compiled"]["engines"] = {
-            "batch1": timings[0].faster, "batch": timings[1].faster, "batch_size": timings[1].batch_size,
+            "batch1": batch1 or timings[0].faster, "batch": timings[1].faster, "batch_size": timings[1].batch_size,
             "stages_ms": [t.stages_ms for t in timings], "compiled_ms": [t.compiled_ms for t in timings],
             "device": getattr(device, "name", device),
         }

@@ -15,6 +15,8 @@ from typing import Any
 import click
 
 from . import __version__
+from ._logging import logger, logging_options
+from ._logging import quiet as _quiet
 from .errors import EdgeExitError, ModelSpecError
 
 
@@ -64,7 +66,7 @@ def _emit_json(command: str, payload: dict[str, Any], as_json: bool, output: Pat
 
 
 def _bar(label: str, length: int) -> Any:
-    return click.progressbar(length=length, label=label, file=sys.stderr, show_eta=True)
+    return click.progressbar(length=length, label=label, file=sys.stderr, show_eta=True, hidden=_quiet())
 
 
 # --- export -------------------------------------------------------------------------
@@ -92,6 +94,7 @@ def _load_user_model(spec: str) -> tuple[Any, dict[str, Any], list[str] | None]:
 
 
 @cli.command()
+@logging_options()
 @click.argument("model")
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Package directory to write.")
 @click.option("--policy", default="entropy", show_default=True,
@@ -191,16 +194,15 @@ def export(model: str, output: Path, policy: str, thresholds: tuple[float, ...],
             "stay disabled until `edgeexit calibrate` chooses thresholds from data"
         )
     if not thresholds and calibrate_data is None:
-        click.echo(f"no --threshold: the {net.num_exits - 1} early exit(s) stay disabled (the package runs as the "
-                   "full model) until `edgeexit calibrate PACKAGE --data VAL.npz --max-drop POINTS` chooses them",
-                   err=True)
+        logger.info(f"no --threshold: the {net.num_exits - 1} early exit(s) stay disabled (the package runs as the "
+                    "full model) until `edgeexit calibrate PACKAGE --data VAL.npz --max-drop POINTS` chooses them")
 
     def write(path: Path) -> None:
         export_package(net, example, path, policy=policy, thresholds=list(thresholds) or None, labels=labels,
                        name=name or model.split(":")[-1], include_full_model=full_model, dynamo=dynamo,
                        opset=opset, atol=atol, rtol=rtol,
                        preprocessing=preprocessing, seed=seed, compile=None if compile_graph else False,
-                       log=click.echo)
+                       log=logger.info)
 
     if quantize is None or cal_data is None:
         write(output)
@@ -222,13 +224,13 @@ def _export_cbnet(output: Path, weights: Path | None, train: bool, epochs: int, 
     if weights is not None:
         build = CBNetBuild.load(weights)
     elif train:
-        build = build_cbnet(seed=seed, blenet_epochs=epochs, progress=_bar, log=click.echo)
+        build = build_cbnet(seed=seed, blenet_epochs=epochs, progress=_bar, log=logger.info)
     else:
         raise click.UsageError("cbnet needs weights: pass --weights CBNET.pt (CBNetBuild.save) or --train")
     if len(thresholds) > 1:
         raise click.UsageError("cbnet has one early exit (the light classifier): pass at most one --threshold")
     export_cbnet(build, output, fallback=fallback, threshold=thresholds[0] if thresholds else None, dynamo=dynamo,
-                 compile=None if compile_graph else False, log=click.echo)
+                 compile=None if compile_graph else False, log=logger.info)
 
 
 def _quantize(src: Path, dst: Path, data_file: Path, force: bool, **options: Any) -> None:
@@ -239,12 +241,13 @@ def _quantize(src: Path, dst: Path, data_file: Path, force: bool, **options: Any
     names = [i.name for i in load_package(src).inputs]
     inputs, labels = load_input_file(data_file, names)
     if labels is None:
-        click.echo("note: --data has no 'labels'; the fp32 thresholds are copied and must be recalibrated "
-                   "(edgeexit calibrate)", err=True)
-    quantize_package(src, dst, inputs, calibration_labels=labels, overwrite=force, log=click.echo, **options)
+        logger.warning("warning: --data has no 'labels'; the fp32 thresholds are copied and must be recalibrated "
+                       "(edgeexit calibrate)")
+    quantize_package(src, dst, inputs, calibration_labels=labels, overwrite=force, log=logger.info, **options)
 
 
 @cli.command()
+@logging_options()
 @click.argument("package", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="The int8 package to write.")
 @click.option("--data", "data_file", type=click.Path(path_type=Path), required=True,
@@ -270,6 +273,7 @@ def quantize(package: Path, output: Path, data_file: Path, mode: str, activation
 
 
 @cli.command("compile")
+@logging_options()
 @click.argument("package", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
               help="Write the compiled graph to this .onnx file instead of adding compiled.onnx to the package.")
@@ -285,10 +289,11 @@ def compile_command(package: Path, output: Path | None, bake_thresholds: bool) -
 
     if bake_thresholds and output is None:
         raise click.UsageError("--bake-thresholds writes a standalone graph: pass -o FILE.onnx with it")
-    compile_package(package, output=output, bake=bake_thresholds, log=click.echo)
+    compile_package(package, output=output, bake=bake_thresholds, log=logger.info)
 
 
 @cli.command()
+@logging_options()
 @click.argument("package", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="The packed file to write (NAME.eexit.zip); ExitSession and every command take it as a package.")
@@ -304,6 +309,7 @@ def pack(package: Path, output: Path) -> None:
 
 
 @cli.command()
+@logging_options()
 @click.argument("package", type=click.Path(path_type=Path))
 @click.argument("input_file", metavar="INPUT", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path),
@@ -360,7 +366,7 @@ def run(package: Path, input_file: Path, output: Path | None, thresholds: tuple[
     if labels is not None:
         click.echo(f"accuracy: {(predictions == labels).mean():.2%} ({int((predictions == labels).sum())}/{n})")
     if nonfinite:
-        click.echo(f"warning: {nonfinite} non-finite exit score(s); those samples did not exit early", err=True)
+        logger.warning(f"warning: {nonfinite} non-finite exit score(s); those samples did not exit early")
     if output is not None and output.suffix.lower() != ".json":
         arrays = {"predictions": predictions, "exit_index": exit_index, "scores": scores}
         if output.suffix.lower() == ".npz":
@@ -373,6 +379,7 @@ def run(package: Path, input_file: Path, output: Path | None, thresholds: tuple[
 
 
 @cli.command()
+@logging_options()
 @click.argument("package", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print a structured view of the package as JSON.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
@@ -550,7 +557,7 @@ def _save_frontier_plot(result: Any, path: Path) -> None:
 @click.option("--plot", type=click.Path(path_type=Path), help="Save the frontier as a PNG.")
 @click.option("--dry-run", is_flag=True, help="Print the choice without writing it into the package.")
 @click.option("--revert", is_flag=True, help="Restore the thresholds the last calibration replaced.")
-@click.option("-v", "--verbose", is_flag=True, help="Also print the whole accuracy/cost frontier.")
+@logging_options(verbose_help="Also print the whole accuracy/cost frontier, and debug detail.", expose_verbose=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object on stdout.")
 def calibrate(package: Path, data_file: Path | None, max_drop: float | None, target_accuracy: float | None,
               latency_budget_ms: float | None, z: float, device: str, flops: bool, plot: Path | None,
@@ -624,14 +631,14 @@ def _calibrate(package: Path, data_file: Path, *, max_drop: float | None, target
     if slower:
         runs = ("it runs full.onnx" if session.package.full_model is not None else
                 "it runs every stage; export with the full model (the default) to run the single full graph")
-        click.echo(f"the exits under this objective do not pay on this device: {slower}. "
-                   f"{'Writing the package with its early exits disabled: ' + runs if not dry_run else ''}"
-                   " (a looser objective may still win; --revert undoes it)", err=True)
+        logger.warning(f"warning: the exits under this objective do not pay on this device: {slower}. "
+                       f"{'Writing the package with its early exits disabled: ' + runs if not dry_run else ''}"
+                       " (a looser objective may still win; --revert undoes it)")
     measured = replay.speedup if replay is not None else result.speedup
     if result.cost_unit == "ms" and not slower and measured < 1:
-        click.echo(f"warning: the chosen exits run at {measured:.2f}x the plain model on this device, and disabling "
-                   "them would be slower still: the runtime's own cost per call is more than the exits save here",
-                   err=True)
+        logger.warning(f"warning: the chosen exits run at {measured:.2f}x the plain model on this device, and "
+                       "disabling them would be slower still: the runtime's own cost per call is more than the exits "
+                       "save here")
     if plot is not None:
         _save_frontier_plot(result, plot)
         say(f"wrote {plot}")
@@ -642,10 +649,14 @@ def _calibrate(package: Path, data_file: Path, *, max_drop: float | None, target
         apply_calibration(package, result, device=profile.name, disable_exits=slower)
         say(f"wrote {'disabled early exits' if slower else 'the thresholds'} into {package} (the previous "
             "thresholds are kept; undo with --revert)")
-        engines = record_engine_choice(package, inputs, device=profile)
+        chosen = result.engine if result.engine in ("stages", "compiled") else None
+        engines = record_engine_choice(package, inputs, device=profile, batch1=chosen)
+        words = {"compiled": "compiled graph", "stages": "stage loop"}
         for t in engines:
+            runs = chosen if t.batch_size == 1 and chosen else t.faster
+            why = " (the engine whose exit paths were timed faster above)" if runs != t.faster else ""
             say(f"batch {t.batch_size}: stage loop {t.stages_ms:.4f} ms, compiled graph {t.compiled_ms:.4f} ms "
-                f"per call -> ExitSession runs the {'compiled graph' if t.faster == 'compiled' else 'stage loop'}")
+                f"per call -> ExitSession runs the {words[runs]}{why}")
     if as_json:
         import dataclasses
 
@@ -677,7 +688,7 @@ def _pick_meter(profile: Any, meter: str | None, meter_log: Path | None, meter_c
     if meter is None:
         chosen, skipped = meter_for_profile(profile, options)
         for why in skipped:
-            click.echo(f"meter skipped: {why}", err=True)
+            logger.info(f"meter skipped: {why}")
         return chosen
     if meter == "external" and "external" not in options:
         raise click.UsageError("--meter external needs --meter-log FILE.csv or --meter-command CMD")
@@ -690,6 +701,7 @@ def _pick_meter(profile: Any, meter: str | None, meter_log: Path | None, meter_c
 
 
 @cli.command()
+@logging_options()
 @click.argument("package", type=click.Path(path_type=Path))
 @click.option("--data", "data_file", type=click.Path(path_type=Path), help=".npy/.npz as for `run`.")
 @click.option("--dataset", type=click.Choice(["mnist5k"]), help="A built-in dataset (its seeded test split).")
@@ -701,9 +713,11 @@ def _pick_meter(profile: Any, meter: str | None, meter_log: Path | None, meter_c
               help="Seconds per measurement window.")
 @click.option("--windows", default=3, show_default=True, type=click.IntRange(min=1), help="Windows per contender.")
 @click.option("--warmup", default=2.0, show_default=True, type=click.FloatRange(min=0), help="Warm-up seconds.")
-@click.option("--compare", type=click.Choice(["full"]), help="Also measure the full model, interleaved.")
+@click.option("--compare", type=click.Choice(["full", "none"]), default="full", show_default=True,
+              help="full: also measure the plain full model, interleaved window by window, and report every speedup "
+                   "against it; none: the package alone.")
 @click.option("--full-model", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="A full-model ONNX file for --compare full (default: the package's full.onnx if it has one, "
+              help="The full-model ONNX file to compare with (default: the package's full.onnx if it has one, "
                    "else the package with early exits off).")
 @click.option("--threads", type=click.IntRange(min=1), help="Intra-op threads per stage session (default: the "
               "profile's).")
@@ -729,7 +743,7 @@ def bench(package: Path, data_file: Path | None, dataset: str | None, device: st
     if (data_file is None) == (dataset is None):
         raise click.UsageError("pass exactly one of --data FILE or --dataset mnist5k")
     if full_model is not None and compare != "full":
-        raise click.UsageError("--full-model goes with --compare full")
+        raise click.UsageError("--full-model names the model to compare with; it does not go with --compare none")
     profile = get_profile(device)
     session = ExitSession(package, device=profile, allow_fallback=allow_fallback, threads=threads)
     if dataset == "mnist5k":
@@ -745,15 +759,15 @@ def bench(package: Path, data_file: Path | None, dataset: str | None, device: st
         inputs, labels = load_input_file(data_file, session.input_names)
     energy = _pick_meter(profile, meter, meter_log, meter_command)
     if energy.whole_board and idle_seconds > 0:
-        click.echo(f"measuring idle power for {idle_seconds:g} s (whole-board meter) ...", err=True)
+        logger.info(f"measuring idle power for {idle_seconds:g} s (whole-board meter) ...")
         idle = measure_idle(energy, idle_seconds)
         opts = {"csv_path": str(meter_log)} if meter_log else ({"command": meter_command} if meter_command else {})
         energy = create_meter(energy.name, idle_watts=idle, **opts)
-        click.echo(f"idle {idle:.3f} W will be subtracted from every window", err=True)
+        logger.info(f"idle {idle:.3f} W will be subtracted from every window")
     config = BenchConfig(batch=batch, duration_s=duration, windows=windows, warmup_s=warmup)
-    contenders = (2 if compare else 1) + (session.engine_for(batch) != "full" and session.has_compiled)
+    contenders = (2 if compare == "full" else 1) + (session.engine_for(batch) != "full" and session.has_compiled)
     total = duration * windows * contenders
-    with click.progressbar(length=int(total * 10), label="benchmarking", file=sys.stderr) as bar:
+    with click.progressbar(length=int(total * 10), label="benchmarking", file=sys.stderr, hidden=_quiet()) as bar:
         report = run_benchmark(session, inputs, labels, config, energy, compare_full=compare == "full",
                                full_model=full_model, progress=lambda s: bar.update(int(s * 10)))
     if not as_json:
@@ -781,6 +795,7 @@ def _write_text_atomic(path: Path, text: str) -> None:
 
 
 @cli.command()
+@logging_options()
 @click.option("--device", default="auto", show_default=True, help="Profile to show (auto: detect).")
 @click.option("--json", "as_json", is_flag=True, help="Print the same as one JSON object on stdout.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="Write the JSON to this file.")
@@ -822,6 +837,7 @@ def devices(device: str, as_json: bool, output: Path | None) -> None:
 
 
 @cli.command()
+@logging_options()
 @click.option("--model", type=click.Choice(["blenet", "bresnet", "cbnet"]), default="blenet", show_default=True,
               help="Zoo model to train, export and compare with its full model.")
 @click.option("--epochs", default=20, show_default=True, type=click.IntRange(min=1), help="Training epochs.")
@@ -836,7 +852,7 @@ def quickstart(model: str, epochs: int, seed: int, output: Path, max_drop: float
         from .zoo.cbnet import run_cbnet_quickstart
 
         report = run_cbnet_quickstart(blenet_epochs=epochs, seed=seed, output_dir=output, max_drop=max_drop / 100,
-                                      progress=_bar, log=click.echo)
+                                      progress=_bar, log=logger.info)
         click.echo("")
         for line in report.lines():
             click.echo(line)
@@ -844,7 +860,7 @@ def quickstart(model: str, epochs: int, seed: int, output: Path, max_drop: float
     from .zoo.quickstart import run_quickstart
 
     r = run_quickstart(model, epochs=epochs, seed=seed, output_dir=output, max_drop=max_drop / 100,
-                       progress=_bar, log=click.echo)
+                       progress=_bar, log=logger.info)
     train_n, cal_n, test_n = r.sizes
     click.echo("")
     click.echo(f"{r.model} on MNIST-5k ({train_n} train / {cal_n} calibration / {test_n} test, seed {seed}); "

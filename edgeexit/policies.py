@@ -43,6 +43,8 @@ class ExitPolicy:
         row_score: the same score for one sample given as a list of floats; used by
             the batch-1 fast path.
         description: one line for ``edgeexit inspect`` and the docs.
+        score_range: the lowest and highest score the policy can give (None: unbounded on
+            that side); a threshold that no score can pass is refused.
     """
 
     name: str
@@ -50,6 +52,7 @@ class ExitPolicy:
     batch_score: Callable[[np.ndarray], np.ndarray]
     row_score: Callable[[list[float]], float]
     description: str
+    score_range: tuple[float | None, float | None] = (None, None)
 
     def __post_init__(self) -> None:
         if self.direction not in ("higher", "lower"):
@@ -195,12 +198,24 @@ def always_threshold(policy: ExitPolicy) -> float:
     return -1e300 if policy.direction == "higher" else 1e300
 
 
+# a threshold this far outside the score range is refused; nearer ones are the search's
+# "nobody exits" candidates, which sit just beyond the lowest or highest score seen
+_RANGE_SLACK = 1e-6
+
+
 def check_thresholds(policy: ExitPolicy, thresholds: Sequence[float | None], expected: int,
                      allow_disabled: bool = False) -> list[float | None]:
     """Validate one threshold per early exit; returns them as floats.
 
-    With ``allow_disabled``, None (that exit is disabled) is kept as None.
+    Each must be a real number (not a bool or a string), finite, and one that some score of
+    the policy can pass (confidence 7 or entropy -5 would silently disable the exit: pass
+    None for that).  With ``allow_disabled``, None (that exit is disabled) is kept as None.
     """
+    if isinstance(thresholds, (str, bytes)) or not hasattr(thresholds, "__iter__"):
+        raise ThresholdError(
+            f"thresholds must be a list with one number per early exit ({expected}), got "
+            f"{type(thresholds).__name__} {thresholds!r}; e.g. thresholds=[{0.5 if expected else ''}]"
+        )
     values = list(thresholds)
     if len(values) != expected:
         raise ThresholdError(
@@ -208,18 +223,30 @@ def check_thresholds(policy: ExitPolicy, thresholds: Sequence[float | None], exp
             f"accepts and takes none); got {len(values)}: {values}"
         )
     out: list[float | None] = []
+    low, high = policy.score_range
     for i, t in enumerate(values):
         if t is None and allow_disabled:
             out.append(None)
             continue
+        if isinstance(t, (bool, np.bool_)) or not isinstance(t, (int, float, np.integer, np.floating)):
+            raise ThresholdError(f"threshold {i} must be a number, got {t!r} ({type(t).__name__})")
         try:
-            f = float(t)  # type: ignore[arg-type]  # None (not allowed here) raises TypeError
-        except (TypeError, ValueError):
-            raise ThresholdError(f"threshold {i} must be a number, got {t!r}") from None
+            f, shown = float(t), ""
+        except OverflowError:
+            f, shown = math.inf, f"an integer of {len(str(abs(int(t))))} digits"
         if not math.isfinite(f):
             raise ThresholdError(
-                f"threshold {i} is {f}; use a finite number (policy {policy.name!r} exits when "
+                f"threshold {i} is {shown or f}; use a finite number (policy {policy.name!r} exits when "
                 f"score {'>=' if policy.direction == 'higher' else '<'} threshold)"
+            )
+        never = (policy.direction == "higher" and high is not None and f > high + _RANGE_SLACK) or (
+            policy.direction == "lower" and low is not None and f < low - _RANGE_SLACK)
+        if never:
+            bounds = f"{low if low is not None else '-inf'} … {high if high is not None else 'inf'}"
+            raise ThresholdError(
+                f"threshold {i} is {f:g}, but {policy.name} scores lie in {bounds} and the exit fires when score "
+                f"{'>=' if policy.direction == 'higher' else '<'} threshold: it could never fire. Pass None to "
+                "disable an exit, or a threshold inside the range"
             )
         out.append(f)
     return out
@@ -228,18 +255,18 @@ def check_thresholds(policy: ExitPolicy, thresholds: Sequence[float | None], exp
 register_policy(
     ExitPolicy(
         "confidence", "higher", _confidence_batch, _confidence_row,
-        "max softmax probability; exits when score >= threshold",
+        "max softmax probability; exits when score >= threshold", (0.0, 1.0),
     )
 )
 register_policy(
     ExitPolicy(
         "entropy", "lower", _entropy_batch, _entropy_row,
-        "softmax entropy -sum p ln p (BranchyNet); exits when score < threshold",
+        "softmax entropy -sum p ln p (BranchyNet); exits when score < threshold", (0.0, None),
     )
 )
 register_policy(
     ExitPolicy(
         "margin", "higher", _margin_batch, _margin_row,
-        "top-1 minus top-2 softmax probability; exits when score >= threshold",
+        "top-1 minus top-2 softmax probability; exits when score >= threshold", (0.0, 1.0),
     )
 )

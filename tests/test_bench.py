@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import csv
 import json
+import re
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from edgeexit.bench import BenchConfig, format_table, run_benchmark, split_batches
+from edgeexit.bench import BenchConfig, describe_speedup, format_table, run_benchmark, split_batches
 from edgeexit.cli import cli
 from edgeexit.devices.energy import EstimateMeter, ExternalMeter
 from edgeexit.devices.thermal import ThrottleMonitor
@@ -141,16 +143,38 @@ def test_bench_cli_writes_json_and_csv(tiny_package, tmp_path):
     np.savez(tmp_path / "d.npz", x=inputs["x"], labels=labels)
     result = CliRunner().invoke(cli, [
         "bench", str(tiny_package), "--data", str(tmp_path / "d.npz"), "--device", "cpu", "--duration", "0.05",
-        "--windows", "1", "--warmup", "0", "--compare", "full", "--meter", "estimate",
+        "--windows", "1", "--warmup", "0", "--meter", "estimate",   # --compare full is the default
         "-o", str(tmp_path / "r.json"), "--csv", str(tmp_path / "r.csv")])
     assert result.exit_code == 0, result.output
-    assert "early exit vs full" in result.output
+    assert re.search(r"early exit vs full model: \d\.\d\dx (faster|slower)", result.output), result.output
     data = json.loads((tmp_path / "r.json").read_text())
     assert data["schema"] == "edgeexit.bench/1" and data["machine"]["edgeexit"]
     assert data["environment"]["profile"] == "cpu" and data["environment"]["providers"] == ["CPUExecutionProvider"]
     assert data["environment"]["threads"] == 1 and data["environment"]["onnxruntime"]
     assert [c["name"] for c in data["contenders"]] == ["early exit", "full model (no early exit)"]
-    assert (tmp_path / "r.csv").read_text().splitlines()[0].startswith("name,calls,p50_ms")
+    rows = list(csv.DictReader((tmp_path / "r.csv").read_text().splitlines()))
+    assert [r["name"] for r in rows] == ["early exit", "full model (no early exit)"]
+    shares = data["contenders"][0]["exit_shares"]
+    assert len(shares) == 2 and [float(rows[0][f"exit_share_{e}"]) for e in range(2)] == pytest.approx(shares, abs=1e-6)
+    assert rows[1]["exit_share_0"] == rows[1]["exit_share_1"] == ""      # the full model has no exits
+    assert "exit_shares" not in rows[0]
+
+
+def test_bench_compare_none_measures_the_package_alone(tiny_package, tmp_path):
+    inputs, labels = _data()
+    np.savez(tmp_path / "d.npz", x=inputs["x"], labels=labels)
+    result = CliRunner().invoke(cli, [
+        "bench", str(tiny_package), "--data", str(tmp_path / "d.npz"), "--device", "cpu", "--duration", "0.05",
+        "--windows", "1", "--warmup", "0", "--compare", "none", "--meter", "estimate", "--json", "-q"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert [c["name"] for c in data["contenders"]] == ["early exit"] and data["ratios"] is None
+
+
+@pytest.mark.parametrize(("ratio", "words"), [(1.25, "1.25x faster"), (1.0, "1.00x faster"),
+                                              (0.5, "2.00x slower (0.50x)"), (0.8, "1.25x slower (0.80x)")])
+def test_speedups_are_worded_without_faster_below_one(ratio, words):
+    assert describe_speedup(ratio) == words
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import click
 import numpy as np
@@ -259,3 +260,29 @@ def test_trained_zoo_weights_are_saved_next_to_the_package(tmp_path):
     assert again.exit_code == 0, again.output
     assert load_package(out).files["stage0.onnx"]["sha256"] == load_package(tmp_path / "c.eexit").files[
         "stage0.onnx"]["sha256"]
+
+
+def test_quiet_verbose_and_provider_warnings_as_one_line(package, tmp_path):
+    """Progress goes through logging on stderr (-q silences it), results stay on stdout, and a
+    provider fallback is one 'warning:' line, not a Python source excerpt."""
+    import subprocess
+
+    np.savez(tmp_path / "x.npz", x=tiny_inputs(5))
+    run = ["edgeexit", "run", str(package), str(tmp_path / "x.npz")]
+    done = subprocess.run([*run, "--device", "cuda", "--allow-fallback"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    warned = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(warned) == 1 and warned[0].startswith("warning: execution provider(s) CUDAExecutionProvider"), warned
+    assert "5 samples" in done.stdout and "warnings.warn" not in done.stderr
+
+    out = tmp_path / "q.eexit"
+    loud = subprocess.run(["edgeexit", "export", "_models:factory", "-o", str(out), *THRESHOLDS],
+                          capture_output=True, text=True, timeout=300, cwd=Path(__file__).parent)
+    quiet = subprocess.run(["edgeexit", "export", "_models:factory", "-o", str(out), "--force", "-q", *THRESHOLDS],
+                           capture_output=True, text=True, timeout=300, cwd=Path(__file__).parent)
+    assert loud.returncode == quiet.returncode == 0, loud.stderr + quiet.stderr
+    assert "max |onnxruntime - torch|" in loud.stderr and "max |onnxruntime - torch|" not in quiet.stderr
+    assert quiet.stderr.strip() == "" and load_package(out).thresholds == [float(t) for t in THRESHOLDS[1::2]]
+
+    both = CliRunner().invoke(cli, ["run", str(package), str(tmp_path / "x.npz"), "-q", "-v"])
+    assert both.exit_code == 2 and "contradict" in both.output

@@ -58,8 +58,12 @@ def _gap_thresholds(session: ExitSession, x: np.ndarray, policy: str, quantiles:
     return out
 
 
-def _never(policies: list[str]) -> list[float]:
-    return [1e300 if get_policy(p).direction == "higher" else -1e300 for p in policies[:-1]]
+def _never(policies: list[str]) -> list[None]:
+    return [None for _ in policies[:-1]]      # a disabled exit (a finite threshold no score passes is refused)
+
+
+def _always(policies: list[str]) -> list[float]:
+    return [-1e300 if get_policy(p).direction == "higher" else 1e300 for p in policies[:-1]]
 
 
 def _assert_same(compiled, stages) -> None:
@@ -114,7 +118,7 @@ def test_compiled_graph_agrees_with_the_stage_loop(packages, name):
     spread = _gap_thresholds(stages, x, policies[0], [0.5] * len(package.thresholds))
     never = _never(policies)
     used_every_exit = False
-    for thresholds in (None, never, [-t for t in never], spread):
+    for thresholds in (None, never, _always(policies), spread):
         for n in BATCHES:
             got, want = compiled.run(x[:n], thresholds=thresholds), stages.run(x[:n], thresholds=thresholds)
             _assert_same(got, want)
@@ -169,7 +173,7 @@ def test_nonfinite_inputs(packages):
         ExitSession(path).run(bad)      # refused before either engine runs
     compiled = ExitSession(path, engine="compiled", check_finite=False)
     stages = ExitSession(path, engine="stages", check_finite=False)
-    always = [-t for t in _never(load_package(path).policies)]
+    always = _always(load_package(path).policies)
     for thresholds in (None, always):
         got, want = compiled.run(bad, thresholds=thresholds), stages.run(bad, thresholds=thresholds)
         np.testing.assert_array_equal(got.exit_index, want.exit_index)

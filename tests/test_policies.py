@@ -350,3 +350,27 @@ def test_check_thresholds_returns_floats() -> None:
     assert got == [0.5, 1.0, 0.25]
     assert all(type(v) is float for v in got)
     assert check_thresholds(get_policy("confidence"), [], 0) == []
+
+
+@pytest.mark.parametrize(
+    ("policy", "thresholds", "fragment"),
+    [("entropy", 5, "thresholds must be a list"), ("entropy", "0.5", "thresholds must be a list"),
+     ("entropy", [10**400], "an integer of 401 digits"), ("entropy", [1e400], "is inf"),
+     ("entropy", [True], "must be a number, got True (bool)"), ("entropy", [np.bool_(False)], "(bool"),
+     ("confidence", [7.0], "could never fire"), ("margin", [1.5], "could never fire"),
+     ("entropy", [-5.0], "could never fire")],
+    ids=["int", "str", "huge-int", "1e400", "bool", "numpy-bool", "confidence-7", "margin-1.5", "entropy-neg"],
+)
+def test_thresholds_are_typed_numbers_some_score_can_pass(policy, thresholds, fragment):
+    with pytest.raises(ThresholdError) as info:
+        check_thresholds(get_policy(policy), thresholds, 1)
+    assert fragment in str(info.value)
+
+
+def test_thresholds_at_the_edges_of_the_score_range_are_kept():
+    # 1e300 / -1e300 always pass (forced exit paths); the search's "nobody exits" candidates sit a hair
+    # beyond the lowest or highest recorded score
+    assert check_thresholds(get_policy("entropy"), [1e300], 1) == [1e300]
+    assert check_thresholds(get_policy("entropy"), [-1e-9], 1) == [-1e-9]
+    assert check_thresholds(get_policy("confidence"), [np.float32(1.0)], 1) == [1.0]
+    assert check_thresholds(get_policy("margin"), [-1e300, None], 2, allow_disabled=True) == [-1e300, None]

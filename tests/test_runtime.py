@@ -15,6 +15,7 @@ from _models import (  # noqa: E402
     tiny_model,
 )
 
+from edgeexit.errors import ThresholdError  # noqa: E402
 from edgeexit.export import export_package  # noqa: E402
 from edgeexit.runtime import ExitSession  # noqa: E402
 
@@ -123,7 +124,9 @@ def test_extreme_thresholds_send_everything_to_one_exit(packages):
     sess = ExitSession(packages["confidence"][0])
     x = tiny_inputs(50)
     assert (sess.run(x, thresholds=[0.0, 0.0]).exit_index == 0).all()
-    assert (sess.run(x, thresholds=[1.01, 1.01]).exit_index == 2).all()
+    assert (sess.run(x, thresholds=[None, None]).exit_index == 2).all()     # None: that exit is disabled
+    with pytest.raises(ThresholdError, match="could never fire"):
+        sess.run(x, thresholds=[1.01, 1.01])      # above every confidence: refused, not silently disabled
 
 
 def test_run_all_exits_and_run_full_equal_torch(model, packages):

@@ -10,7 +10,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from edgeexit.errors import InputError, SessionError
+from edgeexit.errors import InputError, SessionError, ThresholdError
 from edgeexit.runtime import ExitSession
 
 X = np.random.default_rng(0).standard_normal((16, 4)).astype(np.float32) * 3
@@ -131,3 +131,19 @@ def test_damaged_or_forged_archives_are_refused(tiny_package, tmp_path):
         archive.writestr("stage0.onnx", b"y")
     with pytest.raises(ArchiveError, match="twice"):
         ExitSession(twice)
+
+
+def test_per_call_thresholds_are_checked_every_time_and_answer_like_a_fresh_session(tiny_package):
+    """A per-call override's plan is built once and reused; reuse must not change answers or skip checks."""
+    sess = ExitSession(tiny_package)
+    for thresholds in ([0.3], [0.9], [0.3], [None], [0.3]):
+        got = sess.run(X, thresholds=thresholds, engine="stages")
+        fresh = ExitSession(tiny_package).run(X, thresholds=thresholds, engine="stages")
+        np.testing.assert_array_equal(got.exit_index, fresh.exit_index)
+        np.testing.assert_array_equal(got.logits, fresh.logits)
+    with pytest.raises(ThresholdError):
+        sess.run(X, thresholds=[0.3, 0.3])          # one early exit: one threshold
+    with pytest.raises(ThresholdError):
+        sess.run(X, thresholds=[float("nan")])
+    by_array = sess.run(X, thresholds=np.array([0.3])).exit_index
+    np.testing.assert_array_equal(by_array, sess.run(X, thresholds=[0.3]).exit_index)

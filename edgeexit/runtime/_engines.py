@@ -76,19 +76,27 @@ class EngineTiming:
 
 
 def interleaved_ms(calls: Sequence[Callable[[Any], Any]], args: Sequence[Any], repeats: int = 1,
-                   warmup: int = 8) -> np.ndarray:
-    """ms of every call on every argument, shape (calls, repeats, args): the callables take turns
-    on each argument, the order rotating per argument and repeat, after ``warmup`` untimed rounds."""
+                   warmup: int = 8, block: int = 1) -> np.ndarray:
+    """ms of every call on every argument, shape (calls, repeats, args).
+
+    The callables take turns per block of ``block`` consecutive arguments (each runs the whole
+    block, then the next one does), the order rotating per block and repeat, after ``warmup``
+    untimed rounds.  ``block=1`` alternates on every call (each contender runs cold, as in an
+    app that calls it now and then); a larger block lets each run warm, as in a stream of
+    requests and as ``bench`` windows measure it.
+    """
     for arg in args[:warmup]:
         for call in calls:
             call(arg)
     times = np.zeros((len(calls), repeats, len(args)))
+    starts = range(0, len(args), max(1, block))
     for r in range(repeats):
-        for i, arg in enumerate(args):
-            for j in ((k + i + r) % len(calls) for k in range(len(calls))):
-                t0 = perf_counter_ns()
-                calls[j](arg)
-                times[j, r, i] = perf_counter_ns() - t0
+        for b, start in enumerate(starts):
+            for j in ((k + b + r) % len(calls) for k in range(len(calls))):
+                for i in range(start, min(start + max(1, block), len(args))):
+                    t0 = perf_counter_ns()
+                    calls[j](args[i])
+                    times[j, r, i] = perf_counter_ns() - t0
     return times / 1e6
 
 

@@ -192,6 +192,7 @@ class ExitSession:
         recorded = compiled_spec.engines if compiled_spec is not None and engine == "auto" else None
         self.engine_choice = {regime: (recorded or {}).get(regime, engine) for regime in ("batch1", "batch")}
         self._default_plan = self._make_plan(None, None)
+        self._plans: dict[tuple[Any, ...], _Plan] = {}
         never = tuple(never_threshold(p) for p in self._default_plan.policies[:-1])
         self._no_exit_plan = _Plan(self._default_plan.policies, never, disabled=True)
         self._full_session: ort.InferenceSession | None = None
@@ -235,6 +236,21 @@ class ExitSession:
         return _Plan(policies, tuple(values), compiled, np.array(values, dtype=np.float64),
                      disabled=bool(checked) and all(t is None for t in checked))
 
+    def _plan_for(self, thresholds: Sequence[float | None] | None, policy: str | None) -> _Plan:
+        """The plan of a per-call override, built once per distinct override (checking
+        thresholds costs as much as a small stage, and calibration passes the same few)."""
+        try:
+            key = (None if thresholds is None else tuple((type(t), t) for t in thresholds), policy)
+            plan = self._plans.get(key)
+        except TypeError:   # unhashable thresholds (an array): build the plan each time
+            return self._make_plan(thresholds, policy)
+        if plan is None:
+            plan = self._make_plan(thresholds, policy)
+            if len(self._plans) >= 64:
+                self._plans.clear()
+            self._plans[key] = plan
+        return plan
+
     # --- running ----------------------------------------------------------------
 
     @property
@@ -272,7 +288,7 @@ class ExitSession:
         elif thresholds is None and policy is None:
             plan = self._default_plan
         else:
-            plan = self._make_plan(thresholds, policy)
+            plan = self._plan_for(thresholds, policy)
         if engine is None or engine == "auto":   # the session's choice; the stage loop where it cannot serve
             use = self.engine_choice["batch1" if n == 1 else "batch"]
         elif engine in ENGINES:
