@@ -11,18 +11,17 @@ encryption.  Stdlib only.
 from __future__ import annotations
 
 import io
-import json
 import zipfile
 import zlib
 from collections.abc import Mapping
 from typing import Any
 
-from .errors import ArchiveError, ManifestParseError
+from ._manifest_json import MAX_MANIFEST_BYTES, decode_manifest
+from .errors import ArchiveError
 
 ARCHIVE_SUFFIX = ".eexit.zip"
 MANIFEST_NAME = "manifest.json"
 MAX_MEMBER_BYTES = 4 << 30          # per file, uncompressed
-MAX_MANIFEST_BYTES = 16 << 20
 _FIXED_TIME = (1980, 1, 1, 0, 0, 0)  # the same package packs to the same bytes
 
 
@@ -51,11 +50,7 @@ def read_archive(data: bytes, where: str) -> tuple[dict[str, Any], dict[str, byt
         members[name] = info
     if MANIFEST_NAME not in members:
         raise ArchiveError(f"{where} has no {MANIFEST_NAME}; it is not a packed exit package")
-    try:
-        manifest = json.loads(_read(archive, members[MANIFEST_NAME]).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ManifestParseError(
-            f"{where}: {MANIFEST_NAME} is not valid JSON ({exc}); pack the package again") from None
+    manifest = decode_manifest(_read(archive, members[MANIFEST_NAME]), f"{where}: {MANIFEST_NAME}")
     blobs = {name: _read(archive, info) for name, info in members.items() if name != MANIFEST_NAME}
     return manifest, blobs
 

@@ -22,9 +22,9 @@ from typing import Any
 
 from ._archive import archive_bytes, is_archive, read_archive
 from ._atomic import default_mode, fsync_dir, write_bytes_atomically
+from ._manifest_json import MAX_MANIFEST_BYTES, decode_manifest
 from .errors import (
     FileIntegrityError,
-    ManifestParseError,
     ManifestSchemaError,
     MissingFileError,
     PackageError,
@@ -47,6 +47,8 @@ MANIFEST_NAME = "manifest.json"
 KINDS = ("classifier", "seq2seq", "pipeline")
 DTYPES = ("float32", "float16", "float64", "int64", "int32", "int8", "uint8", "bool")
 
+
+MAX_DIM = 2**31 - 1   # a fixed input dimension beyond this is no real model's (onnxruntime would try to allocate it)
 
 @dataclass(frozen=True)
 class InputSpec:
@@ -199,10 +201,13 @@ def check_file_name(name: Any, root: Path, on_disk: bool = True) -> None:
         or "\\" in name
         or name in (".", "..")
         or ":" in name
+        or "\0" in name
+        or len(name.encode("utf-8", "surrogatepass")) > 255
     ):
         raise UnsafePathError(
-            f"package file {name!r} is not a plain file name inside {root}: absolute paths, "
-            "subfolders and '..' are refused so a package cannot read files outside itself. "
+            f"package file {name[:80]!r} is not a plain file name inside {root}: absolute paths, "
+            "subfolders, '..', NUL bytes and names over 255 bytes are refused so a package cannot read files "
+            "outside itself. "
             "Re-export the package so every file lies directly in its directory."
         )
     if on_disk and (root / name).is_symlink():
@@ -331,8 +336,8 @@ def parse_manifest(manifest: Mapping[str, Any], root: Path) -> Package:
         _schema(isinstance(iname, str), f"{where}.name", "a string", iname)
         _schema(dtype in DTYPES, f"{where}.dtype", f"one of {DTYPES}", dtype)
         _schema(isinstance(shape, list) and len(shape) >= 1 and all(
-            (isinstance(d, int) and not isinstance(d, bool) and d > 0) or isinstance(d, str) for d in shape),
-            f"{where}.shape", "a list of positive ints and axis names", shape)
+            (isinstance(d, int) and not isinstance(d, bool) and 0 < d <= MAX_DIM) or isinstance(d, str) for d in shape),
+            f"{where}.shape", f"a list of axis names and positive ints up to {MAX_DIM}", shape)
         _schema(isinstance(shape[0], str), f"{where}.shape[0]", "a symbolic batch axis name", shape[0])
         inputs.append(InputSpec(iname, dtype, tuple(shape)))
     _schema(len(inputs) >= 1, "inputs", "at least one input", inputs)
@@ -501,14 +506,9 @@ def read_manifest(path: str | os.PathLike[str]) -> tuple[Path, dict[str, Any]]:
             f"{root} has no {MANIFEST_NAME} (or it is not a regular file); this directory is not an "
             "exit package. Export one with `edgeexit export`."
         )
-    try:
-        text = mpath.read_text(encoding="utf-8")
-        manifest = json.loads(text)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ManifestParseError(
-            f"{mpath} is not valid JSON ({exc}); the file is corrupted. Re-export the package."
-        ) from None
-    return root, manifest
+    with open(mpath, "rb") as f:
+        data = f.read(MAX_MANIFEST_BYTES + 1)
+    return root, decode_manifest(data, str(mpath))
 
 
 def load_package(path: str | os.PathLike[str] | bytes, *, verify_hashes: bool = True,

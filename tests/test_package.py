@@ -10,6 +10,7 @@ import difflib
 import hashlib
 import json
 import os
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -317,7 +318,7 @@ REFUSALS: list[tuple[str, Callable[[Path], Path], type[Exception], list[str]]] =
     ("hash-mismatch", _damage_hash, FileIntegrityError,
      ["'stage1.onnx'", "has sha256", "the file was modified or corrupted"]),
     ("parent-dir", _damage_parent_dir, UnsafePathError,
-     ["package file '../x' is not a plain file name", "'..' are refused"]),
+     ["package file '../x' is not a plain file name", "'..', NUL bytes"]),
     ("absolute-path", _damage_absolute, UnsafePathError,
      ["outside.onnx' is not a plain file name", "absolute paths"]),
     ("subfolder", _damage_subfolder, UnsafePathError,
@@ -335,7 +336,7 @@ REFUSALS: list[tuple[str, Callable[[Path], Path], type[Exception], list[str]]] =
      ["manifest format is 'onnx-bundle', expected 'edgeexit'", "this is not an edgeexit package"]),
     ("manifest-not-json", _damage_not_json, ManifestParseError,
      ["manifest.json is not valid JSON", "Re-export the package"]),
-    ("manifest-not-utf8", _damage_not_utf8, ManifestParseError, ["is not valid JSON"]),
+    ("manifest-not-utf8", _damage_not_utf8, ManifestParseError, ["is not UTF-8 text"]),
     ("missing-manifest", _damage_missing_manifest, PackageNotFoundError,
      ["has no manifest.json", "this directory is not an exit package"]),
     ("manifest-symlink", _damage_manifest_symlink, PackageNotFoundError,
@@ -353,8 +354,8 @@ REFUSALS: list[tuple[str, Callable[[Path], Path], type[Exception], list[str]]] =
      ["stage 0 (stage0) has an early exit without a threshold", "only the last exit may omit it"]),
     ("threshold-not-a-number", _damage_threshold_type, ManifestSchemaError,
      ["manifest field stages[0].exit.threshold: expected a finite number or null, got 'high'"]),
-    ("threshold-nan", _damage_threshold_nan, ManifestSchemaError,  # json.loads reads a bare NaN
-     ["stages[0].exit.threshold: expected a finite number or null, got nan"]),
+    ("threshold-nan", _damage_threshold_nan, ManifestParseError,  # a bare NaN is not JSON
+     ["holds NaN (not JSON"]),
     ("format-version-list", _damage_format_version_list, UnsupportedFormatError,
      ["format_version [1] is not supported"]),
     ("format-version-float", _damage_format_version_float, UnsupportedFormatError,
@@ -748,3 +749,52 @@ def test_golden_manifest_parses(tmp_path: Path) -> None:
     assert sorted(package.files) == sorted(GOLDEN_FILES)
     assert "zéro".encode() in GOLDEN.read_bytes()
 
+
+
+def _version(manifest_text: str, value: str) -> str:
+    changed = re.sub(r'"format_version": \d+', lambda _m: '"format_version": ' + value, manifest_text, count=1)
+    assert changed != manifest_text
+    return changed
+
+
+def _raw_manifest(package: Path, text: str) -> None:
+    (package / "manifest.json").write_text(text, encoding="utf-8")
+
+
+@pytest.mark.parametrize(
+    ("make", "fragment"),
+    [(lambda m: "[" * 100_000 + "]" * 100_000, "nests 100000 levels deep"),
+     (lambda m: _version(m, "9" * 100_000), "an integer of 100000 digits"),
+     (lambda m: _version(m, "1e400"), "beyond float64"),
+     (lambda m: _version(m, "NaN"), "NaN (not JSON"),
+     (lambda m: _version(m, '1, "format_version": 1'), "'format_version' twice"),
+     (lambda m: m + " " * (16 << 20), "over the 16,777,216 a manifest may have")],
+    ids=["deep-nesting", "huge-int", "1e400", "nan", "duplicate-key", "oversized"],
+)
+def test_hostile_manifest_json_is_a_parse_error(tiny_package: Path, tmp_path: Path, make, fragment) -> None:
+    pkg = tmp_path / "p.eexit"
+    shutil.copytree(tiny_package, pkg)
+    original = (pkg / "manifest.json").read_text()
+    _raw_manifest(pkg, make(original))
+    with pytest.raises(ManifestParseError) as info:
+        load_package(pkg)
+    assert fragment in str(info.value)
+
+
+def test_unbounded_input_dims_and_long_file_names_are_schema_errors(tiny_package: Path, tmp_path: Path) -> None:
+    pkg = tmp_path / "p.eexit"
+    shutil.copytree(tiny_package, pkg)
+    edit_manifest(pkg, lambda m: m["inputs"][0].__setitem__("shape", ["batch", 2**40]))
+    with pytest.raises(ManifestSchemaError, match=r"inputs\[0\].shape"):
+        load_package(pkg)
+    shutil.rmtree(pkg)
+    shutil.copytree(tiny_package, pkg)
+    long = "s" * 300 + ".onnx"
+
+    def rename(m: dict[str, Any]) -> None:
+        old = m["stages"][0]["file"]
+        m["stages"][0]["file"] = long
+        m["files"][long] = m["files"].pop(old)
+    edit_manifest(pkg, rename)
+    with pytest.raises(UnsafePathError, match="names over 255 bytes"):
+        load_package(pkg)
