@@ -688,6 +688,13 @@ def test_a_package_with_its_exits_disabled_runs_as_the_full_model(tmp_path):
         assert out.engine == "full" and (out.exit_index == 2).all() and out.stage_ms == ()
         np.testing.assert_allclose(out.logits, sess.run_full(x[:n]))
         np.testing.assert_allclose(out.scores, policy_of("entropy").scores(out.logits))
+        # read lazily, the same answer as the stage loop running every stage with its exits disabled
+        loop = ExitSession(path, engine="stages").run(x[:n], thresholds=[None, None])
+        np.testing.assert_array_equal(out.predictions, out.logits.argmax(axis=1))
+        np.testing.assert_array_equal(out.predictions, loop.predictions)
+        assert out.exit_index.dtype == loop.exit_index.dtype and (out.exit_index == loop.exit_index).all()
+        np.testing.assert_allclose(out.scores, loop.scores, rtol=1e-5)
+        assert out.nonfinite_scores == loop.nonfinite_scores == 0 and out.exit_counts(3).tolist() == [0, 0, n]
     # explicit engines and per-call thresholds still run the exits
     stages, compiled = ExitSession(path, engine="stages"), ExitSession(path, engine="compiled")
     assert (stages.run(x[:7]).exit_index == 2).all() and (compiled.run(x[:7]).exit_index == 2).all()

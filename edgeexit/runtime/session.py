@@ -25,41 +25,9 @@ from ._engines import ENGINES, CompiledGraph, EngineTiming, calibrated_shares, f
 from ._inputs import InputChecker, synthetic_inputs
 from ._measure import Measurement
 from ._metadata import PackageArg, PackageMetadata, package_inputs, package_metadata, result_outputs
+from ._result import ExitResult
 from ._stage import Stage, binding_device, take
 from ._threads import ThreadSettings, explain_session_failure
-
-
-@dataclass(slots=True)
-class ExitResult:
-    """What ``ExitSession.run`` returns, every array in input order.
-
-    Attributes:
-        predictions: argmax of the logits of the exit each sample left at, shape (n,).
-        logits: those logits, shape (n, classes).
-        exit_index: which exit each sample left at (0 = first exit; the last exit is
-            ``num_exits - 1``), shape (n,).
-        scores: the policy score at that exit, float64, shape (n,).
-        stage_ms: onnxruntime time per stage for this call in ms (0.0 for stages that
-            did not run).
-        nonfinite_scores: how many scores were NaN/Inf (they never trigger an exit).
-        total_ms: wall time of the whole call in ms.
-        engine: ``"stages"`` (the stage loop), ``"compiled"`` (the package's compiled
-            graph, one onnxruntime call: ``stage_ms`` is then empty) or ``"full"`` (every
-            early exit disabled: the package's ``full.onnx``, one call).
-    """
-
-    predictions: np.ndarray
-    logits: np.ndarray
-    exit_index: np.ndarray
-    scores: np.ndarray
-    stage_ms: tuple[float, ...]
-    nonfinite_scores: int
-    total_ms: float
-    engine: str = "stages"
-
-    def exit_counts(self, num_exits: int) -> np.ndarray:
-        """Number of samples that left at each exit."""
-        return np.bincount(self.exit_index, minlength=num_exits)
 
 
 @dataclass(frozen=True)
@@ -333,18 +301,10 @@ class ExitSession:
             logits = session.run([full.logits], {name: feeds[name] for name in full.inputs})[0]
         except Exception as exc:  # onnxruntime raises bare RuntimeError/Fail subclasses
             raise SessionError(f"the full model {full.file} failed to run: {str(exc).strip()[:200]}") from None
-        policy = plan.policies[-1]
-        if n == 1:
-            score = policy.score_one(logits[0])
-            scores, nonfinite = np.array([score]), 0 if math.isfinite(score) else 1
-        else:
-            scores = policy.scores(logits)
-            nonfinite = int(np.count_nonzero(~np.isfinite(scores)))
-        return ExitResult(
-            predictions=logits.argmax(axis=1), logits=logits, exit_index=np.full(n, self.num_exits - 1),
-            scores=scores, stage_ms=(), nonfinite_scores=nonfinite, total_ms=(perf_counter_ns() - start) / 1e6,
-            engine="full",
-        )
+        # predictions, exit_index and scores are computed when first read: right after the onnxruntime
+        # call every Python step runs cold, and an app that reads only the logits should not pay for them
+        return ExitResult.of_full_model(logits, plan.policies[-1], self.num_exits - 1,
+                                        (perf_counter_ns() - start) / 1e6)
 
     def plain_full_model(self) -> tuple[Any, str]:
         """A call of the plain model as a user would ship it, and its label: ``full.onnx`` in a bare

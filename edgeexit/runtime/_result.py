@@ -1,0 +1,107 @@
+"""``ExitResult``: what ``ExitSession.run`` returns."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from ..policies import ExitPolicy
+
+
+class ExitResult:
+    """What ``ExitSession.run`` returns, every array in input order.
+
+    Attributes:
+        predictions: argmax of the logits of the exit each sample left at, shape (n,).
+        logits: those logits, shape (n, classes).
+        exit_index: which exit each sample left at (0 = first exit; the last exit is
+            ``num_exits - 1``), shape (n,).
+        scores: the policy score at that exit, float64, shape (n,).
+        stage_ms: onnxruntime time per stage for this call in ms (0.0 for stages that
+            did not run).
+        nonfinite_scores: how many scores were NaN/Inf (they never trigger an exit).
+        total_ms: wall time of the whole call in ms.
+        engine: ``"stages"`` (the stage loop), ``"compiled"`` (the package's compiled
+            graph, one onnxruntime call: ``stage_ms`` is then empty) or ``"full"`` (every
+            early exit disabled: the package's ``full.onnx``, one call; ``predictions``,
+            ``exit_index`` and ``scores`` are then computed when first read).
+
+    A result is not shared between calls; reading it from several threads is safe.
+    """
+
+    __slots__ = (
+        "_exit_index",
+        "_last_exit",
+        "_nonfinite",
+        "_policy",
+        "_predictions",
+        "_scores",
+        "engine",
+        "logits",
+        "stage_ms",
+        "total_ms",
+    )
+
+    def __init__(self, predictions: np.ndarray, logits: np.ndarray, exit_index: np.ndarray, scores: np.ndarray,
+                 stage_ms: tuple[float, ...], nonfinite_scores: int, total_ms: float, engine: str = "stages") -> None:
+        self.logits = logits
+        self.stage_ms = stage_ms
+        self.total_ms = total_ms
+        self.engine = engine
+        self._predictions: np.ndarray | None = predictions
+        self._exit_index: np.ndarray | None = exit_index
+        self._scores: np.ndarray | None = scores
+        self._nonfinite: int | None = nonfinite_scores
+        self._policy: ExitPolicy | None = None
+        self._last_exit = -1
+
+    @classmethod
+    def of_full_model(cls, logits: np.ndarray, policy: ExitPolicy, last_exit: int, total_ms: float) -> ExitResult:
+        """The answer of the single full graph: every sample at the last exit, scored when asked."""
+        result = cls.__new__(cls)
+        result.logits, result.stage_ms, result.total_ms, result.engine = logits, (), total_ms, "full"
+        result._predictions = result._exit_index = result._scores = None
+        result._nonfinite = None
+        result._policy, result._last_exit = policy, last_exit
+        return result
+
+    @property
+    def predictions(self) -> np.ndarray:
+        if self._predictions is None:
+            self._predictions = self.logits.argmax(axis=1)
+        return self._predictions
+
+    @property
+    def exit_index(self) -> np.ndarray:
+        if self._exit_index is None:
+            self._exit_index = np.full(self.logits.shape[0], self._last_exit, dtype=np.int64)
+        return self._exit_index
+
+    @property
+    def scores(self) -> np.ndarray:
+        if self._scores is None:
+            assert self._policy is not None
+            if self.logits.shape[0] == 1:   # the batch-1 score the stage loop computes, bit for bit
+                self._scores = np.array([self._policy.score_one(self.logits[0])])
+            else:
+                self._scores = self._policy.scores(self.logits)
+        return self._scores
+
+    @property
+    def nonfinite_scores(self) -> int:
+        if self._nonfinite is None:
+            scores = self.scores
+            self._nonfinite = (0 if math.isfinite(scores[0]) else 1) if scores.size == 1 else \
+                int(np.count_nonzero(~np.isfinite(scores)))
+        return self._nonfinite
+
+    def exit_counts(self, num_exits: int) -> np.ndarray:
+        """Number of samples that left at each exit."""
+        return np.bincount(self.exit_index, minlength=num_exits)
+
+    def __repr__(self) -> str:
+        fields: dict[str, Any] = {"predictions": self.predictions, "exit_index": self.exit_index,
+                                  "engine": self.engine, "total_ms": round(self.total_ms, 4)}
+        return "ExitResult(" + ", ".join(f"{k}={v!r}" for k, v in fields.items()) + ")"
