@@ -17,7 +17,7 @@ import click
 from . import __version__
 from ._logging import logger, logging_options
 from ._logging import quiet as _quiet
-from .errors import EdgeExitError, ModelSpecError
+from .errors import EdgeExitError, MissingExtraError, ModelSpecError, OutputError
 
 
 class _Group(click.Group):
@@ -29,6 +29,33 @@ class _Group(click.Group):
         except EdgeExitError as exc:
             click.echo(f"Error: {type(exc).__name__}: {exc}", err=True)
             ctx.exit(exc.exit_code)
+        except ModuleNotFoundError as exc:
+            missing = _missing_extra(exc)
+            click.echo(f"Error: {type(missing).__name__}: {missing}", err=True)
+            ctx.exit(missing.exit_code)
+        except OSError as exc:   # the OS refused a read or write that no check above foresaw
+            what = exc.filename or "a file"
+            click.echo(f"Error: OutputError: {what}: {exc.strerror or exc} (check the path, free space and "
+                       "permissions)", err=True)
+            ctx.exit(OutputError.exit_code)
+
+
+# the extra that provides each optional module the commands import
+_EXTRAS = {"torch": "export", "onnxscript": "export", "onnx": "onnx", "mlxtend": "data", "sklearn": "data",
+           "matplotlib": "dev", "onnxruntime": "(the runtime itself: pip install onnxruntime)"}
+
+
+def _missing_extra(exc: ModuleNotFoundError) -> MissingExtraError:
+    top = (exc.name or "").split(".")[0]
+    extra = _EXTRAS.get(top)
+    if extra is None:
+        return MissingExtraError(f"this command needs the Python module {exc.name!r}, which is not installed")
+    if extra.startswith("("):
+        return MissingExtraError(f"this command needs {top} {extra}")
+    first = "pip install torch==2.13.0 (the CPU build) && " if extra == "export" else ""
+    return MissingExtraError(
+        f"this command needs {top}, from the {extra!r} extra, which is not installed: {first}pip install "
+        f"'edgeexit[{extra}]' (from a checkout: pip install -e '.[{extra}]')")
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120})
@@ -63,9 +90,17 @@ def _emit_json(command: str, payload: dict[str, Any], as_json: bool, output: Pat
     if output is not None:
         _write_text_atomic(output, text)
         click.echo(f"wrote {output}", err=as_json)
+def _check_outputs(*paths: Path | None, folder: bool = False) -> None:
+    """Refuse an output that cannot be written before any work is done (OutputError, exit code 8)."""
+    from ._atomic import check_output_path
+
+    for path in paths:
+        if path is not None:
+            check_output_path(path, folder=folder)
 
 
 def _bar(label: str, length: int) -> Any:
+
     return click.progressbar(length=length, label=label, file=sys.stderr, show_eta=True, hidden=_quiet())
 
 
@@ -138,6 +173,7 @@ def export(model: str, output: Path, policy: str, thresholds: tuple[float, ...],
     For cbnet, --no-full-model exports the paper's CBNet (converter + light classifier only)
     instead of the pipeline with a fallback to the full LeNet on the original image.
     """
+    _check_outputs(output, folder=True)
     from .export import EarlyExitModel, export_package
     from .zoo import ZOO, example_images, get_model, load_weights, save_weights
 
@@ -267,6 +303,7 @@ def _quantize(src: Path, dst: Path, data_file: Path, force: bool, **options: Any
 def quantize(package: Path, output: Path, data_file: Path, mode: str, activation_type: str, per_channel: bool,
              max_calibration_samples: int, max_drop: float | None, force: bool) -> None:
     """Quantize PACKAGE's stage graphs to int8 with onnxruntime.quantization."""
+    _check_outputs(output, folder=True)
     _quantize(package, output, data_file, force, mode=mode, activation_type=activation_type,
               per_channel=per_channel, max_calibration_samples=max_calibration_samples,
               max_drop=None if max_drop is None else max_drop / 100)
@@ -285,6 +322,7 @@ def compile_command(package: Path, output: Path | None, bake_thresholds: bool) -
     Inputs: the package's inputs plus 'thresholds' (float64, one per early exit; the
     values are in the manifest). Outputs: logits, exit_index (int64), score (float64).
     """
+    _check_outputs(output)
     from .export.compile import compile_package
 
     if bake_thresholds and output is None:
@@ -299,6 +337,7 @@ def compile_command(package: Path, output: Path | None, bake_thresholds: bool) -
               help="The packed file to write (NAME.eexit.zip); ExitSession and every command take it as a package.")
 def pack(package: Path, output: Path) -> None:
     """Pack PACKAGE into one file, for apps that ship the model inside their bundle and load it from memory."""
+    _check_outputs(output)
     from .package import load_package, pack_package
 
     pack_package(package, output)
@@ -330,6 +369,7 @@ def run(package: Path, input_file: Path, output: Path | None, thresholds: tuple[
         batch_size: int, show: int, engine: str, device: str | None, threads: int | None,
         allow_fallback: bool, as_json: bool) -> None:
     """Run PACKAGE on INPUT (.npy, or .npz with arrays named after the inputs and optional labels)."""
+    _check_outputs(output)   # before any inference: a bad -o must not waste the run
     import numpy as np
 
     from .datafiles import load_input_file, save_results_atomic
@@ -387,6 +427,7 @@ def run(package: Path, input_file: Path, output: Path | None, thresholds: tuple[
 @click.option("--manifest", "raw", is_flag=True, help="Print the package's manifest.json as it is.")
 def inspect(package: Path, as_json: bool, output: Path | None, raw: bool) -> None:
     """Show a package's stages, shapes, exits, policies, thresholds, costs and hashes."""
+    _check_outputs(output)
     from .package import load_package
 
     pkg = load_package(package)
@@ -563,6 +604,7 @@ def calibrate(package: Path, data_file: Path | None, max_drop: float | None, tar
               latency_budget_ms: float | None, z: float, device: str, flops: bool, plot: Path | None,
               dry_run: bool, revert: bool, verbose: bool, as_json: bool) -> None:
     """Choose one threshold per early exit from labelled data, timed on this device."""
+    _check_outputs(plot)
     from .calibrate import revert_calibration
 
     if revert:
@@ -736,6 +778,7 @@ def bench(package: Path, data_file: Path | None, dataset: str | None, device: st
           meter_log: Path | None, meter_command: str | None, idle_seconds: float, allow_fallback: bool,
           as_json: bool, json_out: Path | None, csv_out: Path | None, threads: int | None) -> None:
     """Measure latency, throughput and energy of PACKAGE on this device."""
+    _check_outputs(json_out, csv_out)
     from .bench import BenchConfig, csv_rows, format_table, run_benchmark
     from .devices import create_meter, get_profile, measure_idle
     from .runtime import ExitSession
@@ -801,6 +844,7 @@ def _write_text_atomic(path: Path, text: str) -> None:
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="Write the JSON to this file.")
 def devices(device: str, as_json: bool, output: Path | None) -> None:
     """Show the detected device, its profile, providers and energy meters."""
+    _check_outputs(output)
     import dataclasses
 
     from .devices import available_providers, detect, detect_meters, get_profile
@@ -848,6 +892,7 @@ def devices(device: str, as_json: bool, output: Path | None) -> None:
               help="Accuracy drop (points) allowed when choosing the threshold on the calibration split.")
 def quickstart(model: str, epochs: int, seed: int, output: Path, max_drop: float) -> None:
     """Train a zoo model on MNIST-5k, export it, and compare early exit with the full model."""
+    _check_outputs(output, folder=True)
     if model == "cbnet":
         from .zoo.cbnet import run_cbnet_quickstart
 

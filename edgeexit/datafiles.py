@@ -20,13 +20,34 @@ from .errors import InputFileError
 LABELS_KEY = "labels"
 
 
+def _batch_array(array: np.ndarray, path: Path, name: str) -> np.ndarray:
+    if array.ndim == 0:
+        raise InputFileError(
+            f"{path}: {name!r} is a single number (a 0-d array); inputs have a leading batch axis, "
+            "e.g. np.save(path, x[None]) for one sample"
+        )
+    return array
+
+
 def load_input_file(
     path: str | os.PathLike[str], input_names: Sequence[str]
 ) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
     """Arrays keyed by input name, and the labels if the file has them."""
     p = Path(path)
+    if p.is_dir():
+        raise InputFileError(f"{p} is a folder; pass an .npy or .npz file")
     if not p.is_file():
         raise InputFileError(f"input file {p} does not exist")
+    try:
+        with open(p, "rb") as f:
+            magic = f.read(6)
+    except OSError as exc:
+        raise InputFileError(f"cannot read {p}: {exc.strerror or exc}") from None
+    if magic not in (b"\x93NUMPY",) and not magic.startswith(b"PK"):
+        raise InputFileError(
+            f"{p} is not an .npy or .npz file (it starts with {magic!r}, not numpy's b'\\x93NUMPY' or a zip's "
+            "b'PK'); save arrays with np.save / np.savez"
+        )
     try:
         data = np.load(p, allow_pickle=False)
     except ValueError as exc:
@@ -39,9 +60,14 @@ def load_input_file(
                 f"{p} holds one array but the package has inputs {list(input_names)}; save an .npz with "
                 "one array per input name (np.savez(path, **{name: array}))"
             )
-        return {input_names[0]: data}, None
-    with data:
-        arrays = {k: data[k] for k in data.files}
+        return {input_names[0]: _batch_array(data, p, input_names[0])}, None
+    try:
+        with data:
+            arrays = {k: data[k] for k in data.files}
+    except ValueError as exc:   # an object array needs pickle, which is never loaded
+        raise InputFileError(f"{p}: an array in it needs unpickling ({exc}); save numeric arrays only") from None
+    except Exception as exc:    # a damaged member: zlib/zipfile/format errors
+        raise InputFileError(f"{p} is a damaged .npz file: {exc}") from None
     labels = arrays.pop(LABELS_KEY, None)
     if set(arrays) == set(input_names):
         inputs = arrays
@@ -55,6 +81,7 @@ def load_input_file(
             f"(missing {missing}, unknown {unknown}); name the arrays after the inputs, plus optional "
             f"{LABELS_KEY!r}"
         )
+    inputs = {name: _batch_array(array, p, name) for name, array in inputs.items()}
     n = next(iter(inputs.values())).shape[0] if next(iter(inputs.values())).ndim else 0
     if labels is not None:
         if labels.ndim != 1 or labels.shape[0] != n:

@@ -145,3 +145,16 @@ class DataError(EdgeExitError, RuntimeError):
     """A dataset that must be installed locally is not available."""
 
     exit_code = 6
+
+
+class OutputError(EdgeExitError, OSError):
+    """An output cannot be written: its folder is missing or not a folder, the path is an
+    existing folder, the name is too long, or the filesystem is read-only, full or denies it."""
+
+    exit_code = 8
+
+
+class MissingExtraError(EdgeExitError, ImportError):
+    """A command needs an optional dependency (an extra) that is not installed."""
+
+    exit_code = 6

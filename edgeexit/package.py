@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ._archive import archive_bytes, is_archive, read_archive
-from ._atomic import default_mode, fsync_dir, write_bytes_atomically
+from ._atomic import default_mode, fsync_dir, output_errors, write_bytes_atomically
 from ._manifest_json import MAX_MANIFEST_BYTES, decode_manifest
 from .errors import (
     FileIntegrityError,
@@ -597,6 +597,12 @@ def write_package(
     is left untouched.  Returns the package path.
     """
     dest = Path(path)
+    with output_errors(dest):
+        return _write_package(dest, manifest, files, overwrite)
+
+
+def _write_package(dest: Path, manifest: Mapping[str, Any], files: Mapping[str, str | os.PathLike[str]],
+                   overwrite: bool) -> Path:
     dest.parent.mkdir(parents=True, exist_ok=True)
     if dest.exists() and not overwrite:
         raise PackageError(f"{dest} already exists; pass overwrite=True (CLI: --force) to replace it")
@@ -610,6 +616,9 @@ def write_package(
         table: dict[str, dict[str, Any]] = {}
         for name, src in files.items():
             check_file_name(name, tmp)
+            if not Path(src).is_file():
+                raise MissingFileError(f"cannot write {dest}: its file {name!r} should come from {src}, which does "
+                                       "not exist (the export that made it failed or was cleaned up)")
             target = tmp / name
             shutil.copyfile(src, target)
             with open(target, "rb+") as f:

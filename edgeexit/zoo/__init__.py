@@ -17,9 +17,25 @@ ZOO: dict[str, Callable[[], EarlyExitModel]] = {"blenet": blenet, "bresnet": bre
 
 def load_weights(model: EarlyExitModel, path: str) -> EarlyExitModel:
     """Load a state_dict saved with ``torch.save(model.state_dict(), path)``."""
+    import pickle
+
     import torch
 
-    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    from ..errors import InputFileError
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputFileError(
+            f"{path} is not a plain state_dict of tensors ({first[:160]}); loading it would run pickled code, "
+            "which edgeexit never does. Save weights with torch.save(model.state_dict(), path)"
+        ) from None
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputFileError(f"{path} does not fit this model: {first[:300]}") from None
     return model.eval()
 
 
