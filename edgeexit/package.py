@@ -20,8 +20,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from . import _leftovers as leftovers
 from ._archive import archive_bytes, is_archive, read_archive
-from ._atomic import default_mode, fsync_dir, output_errors, write_bytes_atomically
+from ._atomic import default_mode, exchange_paths, fsync_dir, output_errors, write_bytes_atomically
 from ._manifest_json import MAX_MANIFEST_BYTES, decode_manifest
 from .errors import (
     FileIntegrityError,
@@ -491,7 +492,7 @@ def _check_stage_wiring(stages: list[StageSpec], inputs: list[InputSpec], versio
 
 def read_manifest(path: str | os.PathLike[str]) -> tuple[Path, dict[str, Any]]:
     root = Path(path)
-    if not root.exists():
+    if not root.exists() and not leftovers.recover(root):
         raise PackageNotFoundError(
             f"no exit package at {root}; export one with `edgeexit export` or check the path"
         )
@@ -610,7 +611,7 @@ def _write_package(dest: Path, manifest: Mapping[str, Any], files: Mapping[str, 
         raise PackageError(
             f"{dest} exists and is not an exit package; refusing to replace it. Pick another path."
         )
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-{leftovers.tag()}-", dir=dest.parent))
     try:
         os.chmod(tmp, default_mode(directory=True))
         table: dict[str, dict[str, Any]] = {}
@@ -637,11 +638,19 @@ def _write_package(dest: Path, manifest: Mapping[str, Any], files: Mapping[str, 
 
 
 def _swap_into_place(tmp: Path, dest: Path) -> None:
-    # A directory cannot be replaced by rename in one step; the old one is moved aside
-    # first and only deleted once the new one is in place.
+    # A directory cannot be replaced by one rename.  Where the OS can exchange two paths in one
+    # step (Linux renameat2), the new package and the old one swap places and the old one, now
+    # at the temporary name, is deleted: there is no moment without a package at ``dest``.
+    # Elsewhere the old one is moved aside first; a crash between the two renames leaves it
+    # under .NAME.old-PID-*, which the next load of ``dest`` puts back (``leftovers.recover``).
+    if dest.exists() and exchange_paths(tmp, dest):
+        fsync_dir(dest.parent)
+        shutil.rmtree(tmp, ignore_errors=True)
+        leftovers.collect_siblings(dest)
+        return
     old = None
     if dest.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
+        old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-{leftovers.tag()}-", dir=dest.parent))
         old.rmdir()
         os.rename(dest, old)
     try:
@@ -653,6 +662,7 @@ def _swap_into_place(tmp: Path, dest: Path) -> None:
     fsync_dir(dest.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+    leftovers.collect_siblings(dest)
 
 
 def set_thresholds(path: str | os.PathLike[str], thresholds: Sequence[float | None]) -> Package:
@@ -684,4 +694,5 @@ def update_manifest(path: str | os.PathLike[str], change: Callable[[dict[str, An
     change(manifest)
     _verify_files(package.root, parse_manifest(manifest, package.root).files, verify_hashes=True)
     write_bytes_atomically(package.root / MANIFEST_NAME, manifest_bytes(manifest))
+    leftovers.collect_files(package.root)
     return load_package(package.root)

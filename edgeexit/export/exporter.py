@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .. import __version__
+from .. import _leftovers as leftovers
 from ..errors import CompileError, ExportError, ExportValidationError, ModelSpecError
 from ..package import DTYPES, FORMAT_NAME, FORMAT_VERSION, Package, load_package, read_manifest, write_package
 from ..policies import check_thresholds, get_policy
@@ -377,7 +378,8 @@ def _export(
         },
     }
 
-    with tempfile.TemporaryDirectory(prefix="edgeexit-export-") as tmp:
+    leftovers.collect_work_dirs("export")   # work folders of exports that were killed
+    with tempfile.TemporaryDirectory(prefix=f"edgeexit-export-{os.getpid()}-") as tmp:
         folder = Path(tmp)
         say(f"exporting {len(graphs)} graph(s) (opset {opset}, dynamo={dynamo})")
         paths = [_export_graph(g, folder, opset, dynamo) for g in graphs]

@@ -46,6 +46,7 @@ from onnxruntime.quantization import (
 )
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
+from .. import _leftovers as leftovers
 from ..errors import ExportError, InputShapeError, PackageError
 from ..package import FORMAT_VERSION, Package, load_package, read_manifest, update_manifest, write_package
 from ..runtime._inputs import InputChecker
@@ -392,7 +393,8 @@ def quantize_package(
     if full is not None:
         jobs.append(_Job("full", full.file, full.inputs, (full.logits,), {i: feeds[i] for i in full.inputs}))
 
-    with tempfile.TemporaryDirectory(prefix="edgeexit-quantize-") as tmp:
+    leftovers.collect_work_dirs("quantize")   # work folders of quantizes that were killed
+    with tempfile.TemporaryDirectory(prefix=f"edgeexit-quantize-{os.getpid()}-") as tmp:
         folder = Path(tmp)
         files: dict[str, Path] = {}
         entries: dict[str, dict[str, Any]] = {}
