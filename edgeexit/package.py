@@ -141,10 +141,14 @@ class Package:
         return self.root / name
 
     def read(self, name: str) -> bytes:
-        """A file's verified bytes if they were kept, else its bytes on disk."""
+        """A graph's verified bytes if they were kept, else its bytes on disk; refused
+        (``UnsafePathError``) when a tensor in it lives in another file."""
         if self.blobs is not None and name in self.blobs:
-            return self.blobs[name]
-        return self.file_path(name).read_bytes()
+            data = self.blobs[name]
+        else:
+            data = self.file_path(name).read_bytes()
+        refuse_external_data(data, name, self.root)
+        return data
 
     @property
     def exit_stages(self) -> list[int]:
@@ -215,6 +219,24 @@ def check_file_name(name: Any, root: Path, on_disk: bool = True) -> None:
         raise UnsafePathError(
             f"package file {name!r} in {root} is a symbolic link; links are refused because they "
             "can point outside the package. Replace it with the real file (cp -L) and re-verify."
+        )
+
+
+def refuse_external_data(data: bytes, name: str, root: Path) -> None:
+    """A package's ONNX graphs hold every byte themselves: onnxruntime would read a tensor's
+    external file relative to the model (or, for bytes, to the current directory), unhashed."""
+    from ._onnx_scan import ScanError, external_locations
+
+    try:
+        outside = external_locations(data)
+    except ScanError as exc:
+        raise FileIntegrityError(f"{name!r} in {root} is not a well-formed ONNX file ({exc}); re-export the "
+                                 "package") from None
+    if outside:
+        raise UnsafePathError(
+            f"{name!r} in {root} keeps tensor data in other file(s) {sorted(set(outside))[:5]}, which no hash in the "
+            "manifest covers and which could be any file the process can read; packages refuse external data. "
+            "Re-export, or save the graph with onnx.save(model, path, save_as_external_data=False)"
         )
 
 

@@ -173,10 +173,9 @@ class ExitSession:
 
     def _build(self, file: str, what: str) -> ort.InferenceSession:
         settings = self.thread_settings
+        graph = self.package.read(file)   # the verified bytes; a graph with external data is refused here
         try:
-            session = ort.InferenceSession(
-                self.package.read(file), self._sess_options or settings.options(), providers=self.providers,
-            )
+            session = ort.InferenceSession(graph, self._sess_options or settings.options(), providers=self.providers)
         except Exception as exc:  # onnxruntime raises bare RuntimeError/Fail subclasses
             reason = explain_session_failure(exc) or str(exc).strip().splitlines()[0]
             raise SessionError(f"cannot build the onnxruntime session for {what}: {reason}") from None
