@@ -11,10 +11,10 @@ import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
+from conftest import TINY_MANIFEST, write_tiny_sources
 from onnx import TensorProto, helper, numpy_helper
 from onnx.external_data_helper import _get_all_tensors, set_external_data, uses_external_data
 
-from conftest import TINY_MANIFEST, write_tiny_sources
 from edgeexit._onnx_scan import ScanError, external_locations
 from edgeexit.cli import cli
 from edgeexit.errors import UnsafePathError
