@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from ..errors import SessionError
 from ..package import StageSpec
 
 # Providers whose carries can stay in device memory between stages, and the device name
@@ -49,9 +50,26 @@ class Stage:
         self.run = self._run_plain if device is None else self._run_bound
 
     def _run_plain(self, tensors: dict[str, Any]) -> list[Any]:
-        return self.session.run(self.outputs, {name: tensors[name] for name in self.inputs})
+        try:
+            return self.session.run(self.outputs, {name: tensors[name] for name in self.inputs})
+        except Exception as exc:  # onnxruntime raises bare RuntimeError/Fail/InvalidArgument
+            raise self.failure(exc) from None
+
+    def failure(self, exc: Exception) -> SessionError:
+        """An onnxruntime failure of this stage as a typed error naming the stage."""
+        text = str(exc).strip()
+        first = text.splitlines()[0] if text else type(exc).__name__
+        shapes = ", ".join(f"{n}" for n in self.inputs)
+        return SessionError(f"stage {self.spec.name!r} ({self.spec.file}) failed in onnxruntime on inputs "
+                            f"[{shapes}]: {first[:300]}")
 
     def _run_bound(self, tensors: dict[str, Any]) -> list[Any]:
+        try:
+            return self._run_bound_unchecked(tensors)
+        except Exception as exc:
+            raise self.failure(exc) from None
+
+    def _run_bound_unchecked(self, tensors: dict[str, Any]) -> list[Any]:
         io = self.session.io_binding()
         for name in self.inputs:
             value = tensors[name]

@@ -18,9 +18,10 @@ from ..devices.energy import EnergyMeter, EstimateMeter
 from ..devices.meters import meter_for_profile
 from ..devices.profiles import DeviceProfile, get_profile
 from ..devices.providers import ProviderSpec, check_session_providers, resolve_providers
-from ..errors import GraphMismatchError, InputError, SessionError
-from ..package import Package, StageSpec, load_package
+from ..errors import InputError, SessionError
+from ..package import Package, load_package
 from ..policies import ExitPolicy, check_thresholds, get_policy, never_threshold
+from ._contract import check_stage_graphs
 from ._engines import ENGINES, CompiledGraph, EngineTiming, calibrated_shares, forced_paths, time_interleaved
 from ._inputs import InputChecker, synthetic_inputs
 from ._measure import Measurement
@@ -136,12 +137,11 @@ class ExitSession:
             available |= set(spec.carry)
             later = set().union(*(s.inputs for s in stages[k + 1:]))
             keep_after.append(tuple(sorted(available & later)))
-        self._stages: list[Stage] = []
-        for k, spec in enumerate(self.package.stages):
-            session = self._build(spec.file, f"stage {k} ({spec.name})")
-            _check_graph_names(session, spec)
-            number = self.exit_stages.index(k) if spec.exit else None
-            self._stages.append(Stage(spec, session, number, keep_after[k], device))
+        sessions = [self._build(spec.file, f"stage {k} ({spec.name})") for k, spec in enumerate(stages)]
+        check_stage_graphs(self.package, sessions)   # names, types, ranks, batch axes, classes: now, not mid-run
+        self._stages: list[Stage] = [
+            Stage(spec, session, self.exit_stages.index(k) if spec.exit else None, keep_after[k], device)
+            for k, (spec, session) in enumerate(zip(stages, sessions))]
         self._compiled: CompiledGraph | None = None
         compiled_spec = self.package.compiled
         if engine == "compiled" and compiled_spec is None:
@@ -561,19 +561,6 @@ class ExitSession:
             return self.run(inputs, early_exits=False).logits
         feeds, _ = self._checker.feeds(inputs)
         return self._full().run([full.logits], {n: feeds[n] for n in full.inputs})[0]  # type: ignore[no-any-return]
-
-
-def _check_graph_names(session: ort.InferenceSession, spec: StageSpec) -> None:
-    graph_inputs = [i.name for i in session.get_inputs()]
-    graph_outputs = {o.name for o in session.get_outputs()}
-    wanted_outputs = list(spec.carry) + ([spec.exit.logits] if spec.exit else [])
-    missing = [o for o in wanted_outputs if o not in graph_outputs]
-    if sorted(graph_inputs) != sorted(spec.inputs) or missing:
-        raise GraphMismatchError(
-            f"stage {spec.name!r} ({spec.file}): the manifest declares inputs {list(spec.inputs)} and "
-            f"outputs {wanted_outputs}, the graph has inputs {graph_inputs} and outputs "
-            f"{sorted(graph_outputs)}; the manifest and graph come from different exports. Re-export."
-        )
 
 
 def describe(session: ExitSession) -> dict[str, Any]:
