@@ -11,9 +11,9 @@ from typing import Any
 import numpy as np
 import onnx
 import pytest
+from conftest import TINY_IR_VERSION, TINY_MANIFEST, TINY_OPSET, TINY_W0, TINY_W1
 from onnx import TensorProto, helper, numpy_helper
 
-from conftest import TINY_IR_VERSION, TINY_MANIFEST, TINY_OPSET, TINY_W0, TINY_W1
 from edgeexit.errors import GraphMismatchError, SessionError
 from edgeexit.package import write_package
 from edgeexit.runtime import ExitSession
