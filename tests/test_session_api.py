@@ -147,3 +147,43 @@ def test_per_call_thresholds_are_checked_every_time_and_answer_like_a_fresh_sess
         sess.run(X, thresholds=[float("nan")])
     by_array = sess.run(X, thresholds=np.array([0.3])).exit_index
     np.testing.assert_array_equal(by_array, sess.run(X, thresholds=[0.3]).exit_index)
+
+
+def test_measure_is_per_thread_and_holds_under_concurrency(tiny_package):
+    """8 threads, each in its own measure() block, each making its own number of calls at once:
+    every block counts exactly its thread's calls and samples, and the estimate never fails."""
+    import threading
+
+    from edgeexit.devices.energy import EstimateMeter
+
+    sess = ExitSession(tiny_package)
+    barrier = threading.Barrier(8)
+    results: dict[int, tuple[int, int, float, float]] = {}
+    errors: list[BaseException] = []
+
+    def work(t: int) -> None:
+        try:
+            barrier.wait()
+            with sess.measure(EstimateMeter(20.0, 5.0, source="test figures")) as m:
+                for _ in range(5 + 3 * t):
+                    sess.run(X[: t + 1])
+            results[t] = (m.calls, m.samples, m.inference_ms, m.latency_ms)
+            assert m.energy_kind == "estimated" and m.energy_j > 0
+        except BaseException as exc:   # noqa: BLE001  (reported below)
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(8)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors, errors
+    for t, (calls, samples, inference_ms, latency_ms) in results.items():
+        assert calls == 5 + 3 * t and samples == calls * (t + 1)
+        assert 0 < inference_ms <= latency_ms
+    with sess.measure() as outer:
+        with pytest.raises(SessionError, match="nested in one thread"):
+            with sess.measure():
+                pass
+        sess.run(X)
+    assert outer.calls == 1 and outer.samples == len(X)

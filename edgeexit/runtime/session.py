@@ -6,6 +6,7 @@ import contextlib
 import functools
 import math
 import os
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from time import perf_counter_ns
@@ -72,7 +73,10 @@ class ExitSession:
 
     Thread safety: ``run``, ``run_full`` and ``run_all_exits`` may be called from several
     threads at once on one session: onnxruntime sessions are thread-safe, and each call
-    keeps its tensors, plan and result to itself.  ``measure``, ``tune_engines`` and
+    keeps its tensors, plan and result to itself.  ``measure()`` is per thread: a block
+    counts the ``run`` calls its own thread makes, blocks in different threads may overlap,
+    and each needs its own meter (the default makes one per block); a whole-device meter's
+    energy then covers every thread's work during the block.  ``tune_engines`` and
     ``close`` change the session: call them when no other thread is using it.
     Sessions are closed by ``close()`` or by leaving a ``with ExitSession(...)`` block.
 
@@ -165,7 +169,9 @@ class ExitSession:
         self._no_exit_plan = _Plan(self._default_plan.policies, never, disabled=True)
         self._full_session: ort.InferenceSession | None = None
         self._plain_session: ort.InferenceSession | None = None
-        self._measuring: Measurement | None = None
+        self._measures = threading.local()   # the measure() block open in each thread, if any
+        self._measures_open = 0              # how many threads have one open (run() looks only then)
+        self._measures_lock = threading.Lock()
         if self._default_plan.disabled and self._full_when_disabled:
             self._full()   # a package with its exits disabled runs as the full model: build it now
 
@@ -272,8 +278,10 @@ class ExitSession:
             result = self._run_one(feeds, plan, start)
         else:
             result = self._run_batch(feeds, n, plan, start)
-        if self._measuring is not None:
-            self._measuring.record(n, result.total_ms)
+        if self._measures_open:
+            current = getattr(self._measures, "block", None)
+            if current is not None:
+                current.record(n, result.total_ms)
         return result
 
     def _run_compiled(self, feeds: dict[str, np.ndarray], n: int, plan: _Plan, start: int) -> ExitResult:
@@ -442,11 +450,12 @@ class ExitSession:
 
     def _timed_run(self, feeds: dict[str, np.ndarray], engine: str,
                    thresholds: Sequence[float | None] | None = None) -> None:
-        measuring, self._measuring = self._measuring, None   # tuning calls are not the caller's inferences
+        measuring = getattr(self._measures, "block", None)
+        self._measures.block = None   # tuning calls are not the caller's inferences
         try:
             self.run(feeds, engine=engine, thresholds=thresholds)
         finally:
-            self._measuring = measuring
+            self._measures.block = measuring
 
     def _run_batch(self, tensors: dict[str, np.ndarray], n: int, plan: _Plan, start: int) -> ExitResult:
         stage_ms = [0.0] * len(self._stages)
@@ -508,7 +517,10 @@ class ExitSession:
 
     @contextlib.contextmanager
     def measure(self, meter: EnergyMeter | None = None) -> Iterator[Measurement]:
-        """Measure latency and energy of the ``run`` calls made inside the block.
+        """Measure latency and energy of the ``run`` calls this thread makes inside the block.
+
+        Per thread: calls from other threads are not counted, and other threads may hold
+        blocks of their own at the same time (not nested within one thread).
 
         Args:
             meter: an energy meter; default: the first readable meter of the session's
@@ -519,21 +531,26 @@ class ExitSession:
             ...     sess.run(x)
             >>> m.latency_ms, m.energy_j, m.energy_kind            # doctest: +SKIP
         """
-        if self._measuring is not None:
-            raise SessionError("measure() blocks cannot be nested on one session")
+        if getattr(self._measures, "block", None) is not None:
+            raise SessionError("measure() blocks cannot be nested in one thread; end the first block before "
+                               "opening another (blocks in different threads may overlap)")
         if meter is None:
             meter, _ = meter_for_profile(self.profile or get_profile("cpu"))
         m = Measurement()
         meter.start()
-        self._measuring = m
+        self._measures.block = m
+        with self._measures_lock:
+            self._measures_open += 1
         t0 = perf_counter_ns()
         try:
             yield m
         finally:
-            self._measuring = None
             m.latency_ms = (perf_counter_ns() - t0) / 1e6
-            reading = meter.stop(busy_seconds=m.inference_ms / 1e3) if isinstance(meter, EstimateMeter) \
-                else meter.stop()
+            self._measures.block = None
+            with self._measures_lock:
+                self._measures_open -= 1
+            reading = meter.stop(busy_seconds=min(m.inference_ms, m.latency_ms) / 1e3) \
+                if isinstance(meter, EstimateMeter) else meter.stop()
             m.energy_j, m.energy_kind = reading.joules, reading.kind
             m.energy_source, m.energy_note = reading.source, reading.note
 
