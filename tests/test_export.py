@@ -156,3 +156,78 @@ def test_batchnorm_model_exports_in_eval_mode_and_keeps_its_state(tmp_path, trai
         want = [t.numpy() for t in model(torch.from_numpy(x))]
     for got, ref in zip(ExitSession(pkg.root).run_all_exits(x), want, strict=True):
         np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
+
+
+class _SplitStage(torch.nn.Module):
+    """Stage 0 of a model with a skip tensor: returns (features, skip)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 8)
+
+    def forward(self, x):
+        h = torch.relu(self.lin(x))
+        return h, h * 2 - 1
+
+
+class _UsesFirstOnly(torch.nn.Module):
+    """Stage 1 receives (h, skip) but reads only h: the exporter drops the unused graph input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(8, 8)
+
+    def forward(self, h, skip):
+        return torch.relu(self.lin(h))
+
+
+class _Head(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(8, 3)
+
+    def forward(self, h, *rest):
+        return self.lin(h)
+
+
+class _TupleTaker(torch.nn.Module):
+    """The wrong convention: takes the carry tuple as one argument."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(8, 8)
+
+    def forward(self, carry):
+        return self.lin(carry[0])
+
+
+def test_a_stage_that_ignores_part_of_its_carry_exports_and_runs_like_torch(tmp_path):
+    import onnxruntime as ort
+
+    from edgeexit.export import EarlyExitModel
+    from edgeexit.runtime import ExitSession
+
+    torch.manual_seed(0)
+    model = EarlyExitModel([_SplitStage(), _UsesFirstOnly()], [_Head(), _Head()]).eval()
+    package = export_package(model, {"x": torch.randn(4, 4)}, tmp_path / "skip.eexit", thresholds=[0.9], log=None)
+    stage1 = ort.InferenceSession(str(package.root / "stage1.onnx"), providers=["CPUExecutionProvider"])
+    assert [i.name for i in stage1.get_inputs()] == ["carry0_0", "carry0_1"] == list(package.stages[1].inputs)
+    x = torch.randn(33, 4)
+    with torch.no_grad():
+        h, skip = model.stages[0](x)
+        logits = [model.exit_at(0)(h, skip), model.exit_at(1)(model.stages[1](h, skip))]
+    for engine in ("stages", "compiled"):
+        for thresholds in ([None], [10.0]):   # every sample to the last exit; every sample at exit 0
+            out = ExitSession(package.root).run(x.numpy(), thresholds=thresholds, engine=engine)
+            want = logits[1] if thresholds == [None] else logits[0]
+            np.testing.assert_allclose(out.logits, want.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_a_forward_that_takes_the_carry_tuple_as_one_argument_is_a_model_spec_error(tmp_path):
+    from edgeexit.errors import ModelSpecError
+    from edgeexit.export import EarlyExitModel
+
+    model = EarlyExitModel([_SplitStage(), _TupleTaker()], [_Head(), _Head()])
+    with pytest.raises(ModelSpecError, match=r"a tuple carry \(a, b\) arrives as forward\(self, a, b\)"):
+        export_package(model, {"x": torch.randn(4, 4)}, tmp_path / "t.eexit", thresholds=[0.5], log=None)
+    assert not (tmp_path / "t.eexit").exists()

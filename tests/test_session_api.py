@@ -169,7 +169,7 @@ def test_measure_is_per_thread_and_holds_under_concurrency(tiny_package):
                     sess.run(X[: t + 1])
             results[t] = (m.calls, m.samples, m.inference_ms, m.latency_ms)
             assert m.energy_kind == "estimated" and m.energy_j > 0
-        except BaseException as exc:   # noqa: BLE001  (reported below)
+        except BaseException as exc:
             errors.append(exc)
 
     threads = [threading.Thread(target=work, args=(t,)) for t in range(8)]

@@ -150,11 +150,47 @@ def _export_graph(graph: _Graph, folder: Path, opset: int, dynamo: bool) -> Path
             )
     except Exception as exc:
         raise ExportError(f"torch.onnx.export failed for {graph.name}: {exc}") from exc
+    _restore_dropped_inputs(path, graph)
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except Exception as exc:
         raise ExportError(f"onnx.checker refused the graph of {graph.name}: {exc}") from exc
     return path
+
+
+def _restore_dropped_inputs(path: Path, graph: _Graph) -> None:
+    """Put back graph inputs the exporter pruned because nothing reads them (a skip tensor only
+    some stages use): the manifest and the runtime feed every declared input, in order."""
+    model = onnx.load(str(path))
+    present = {i.name: i for i in model.graph.input}
+    if all(name in present for name in graph.input_names):
+        return
+    rebuilt = []
+    for name, example in zip(graph.input_names, graph.example):
+        if name in present:
+            rebuilt.append(present[name])
+            continue
+        elem = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(_dtype_name(example)))
+        rebuilt.append(onnx.helper.make_tensor_value_info(name, elem, ["batch", *example.shape[1:]]))
+    extra = [i for n, i in present.items() if n not in graph.input_names]   # initializers listed as inputs
+    del model.graph.input[:]
+    model.graph.input.extend(rebuilt + extra)
+    onnx.save_model(model, str(path))
+
+
+def _call(module: nn.Module, args: Sequence[torch.Tensor], what: str) -> Any:
+    """``module(*args)``, with a forward that does not take the carry the documented way explained."""
+    try:
+        return module(*args)
+    except TypeError as exc:
+        if "positional argument" not in str(exc) and "takes" not in str(exc):
+            raise
+        raise ModelSpecError(
+            f"{what} ({type(module).__name__}) cannot be called with the {len(args)} tensor(s) it receives: {exc}. "
+            "A stage receives the previous carry unpacked, one positional argument per tensor (a tuple carry "
+            "(a, b) arrives as forward(self, a, b)); the model inputs for stage 0, in example_inputs order; an exit "
+            "receives its stage's carry the same way. Write forward(self, a, b) (or forward(self, *carry))."
+        ) from None
 
 
 def _validate(
@@ -300,11 +336,11 @@ def _export(
             source = model.reads[k]
             reads = input_names if source == "inputs" else carry_names[source]  # type: ignore[index]
             with FlopCounter([stage]) as stage_flops:
-                one = as_tuple(stage(*(t[:1] for t in args)))
+                one = as_tuple(_call(stage, [t[:1] for t in args], f"stage {k}"))
             exit_flops = 0
             if head is not None:
                 with FlopCounter([head]) as counter:
-                    head(*one)
+                    _call(head, one, f"the exit of stage {k}")
                 exit_flops = counter.total
             carries.append(as_tuple(stage(*args)))
             emit = k in read_later
