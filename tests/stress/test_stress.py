@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import TINY_MANIFEST, write_tiny_sources
+
 from edgeexit.package import write_package
 from edgeexit.runtime import ExitSession
 
