@@ -42,7 +42,8 @@ FORMAT_NAME = "edgeexit"
 # threshold be null: that exit is disabled (not calibrated yet, or slower than the full
 # model on the device it was calibrated on).  Versions 1-3 load unchanged.
 FORMAT_VERSION = 4
-SUPPORTED_FORMAT_VERSIONS = frozenset({1, 2, 3, 4})
+SUPPORTED_FORMAT_VERSIONS = frozenset({1, 2, 3, 4, 5})
+SEQ2SEQ_VERSION = 5   # adds kind "seq2seq" (the `seq2seq` object); classifiers are still written as 4
 DISABLED_EXITS_VERSION = 4
 MANIFEST_NAME = "manifest.json"
 KINDS = ("classifier", "seq2seq", "pipeline")
@@ -98,6 +99,31 @@ class FullModelSpec:
 COMPILED_OUTPUTS = ("logits", "exit_index", "score")
 
 
+
+@dataclass(frozen=True)
+class Seq2SeqSpec:
+    """A seq2seq package's graphs and generation settings (format version 5, FORMAT.md section 3.5)."""
+
+    vocab: tuple[str, ...]
+    pad: int
+    bos: int
+    eos: int
+    max_answer: int
+    heads: int
+    head_dim: int
+    width: int
+    modalities: tuple[Mapping[str, Any], ...]   # name, input, embed (file), tokens, threshold
+    encoder: tuple[str, ...]
+    encoder_norm: str
+    embed_answer: str
+    decoder: tuple[Mapping[str, str], ...]      # step, kv (files)
+    head: str
+    decoder_threshold: float | None
+
+    def graph_files(self) -> list[str]:
+        return ([m["embed"] for m in self.modalities] + list(self.encoder) + [self.encoder_norm, self.embed_answer]
+                + [f for d in self.decoder for f in (d["step"], d["kv"])] + [self.head])
+
 @dataclass(frozen=True)
 class CompiledSpec:
     """Optional single graph of the whole early-exit model that decides its exits in-graph.
@@ -133,6 +159,7 @@ class Package:
     calibration: Mapping[str, Any] | None = None
     quantization: Mapping[str, Any] | None = None
     compiled: CompiledSpec | None = None
+    seq2seq: Seq2SeqSpec | None = None
     # The verified bytes of each file, when loaded with keep_bytes=True or from an archive:
     # sessions are built from these, so the bytes that were hashed are the bytes that run.
     blobs: dict[str, bytes] | None = field(default=None, repr=False, compare=False)
@@ -369,9 +396,11 @@ def parse_manifest(manifest: Mapping[str, Any], root: Path) -> Package:
     if labels is not None:
         labels = _str_list(labels, "labels")
 
+    seq2seq = _parse_seq2seq(manifest, kind, version, inputs) if kind == "seq2seq" else None
     stages = []
     raw_stages = _field(manifest, "stages", "manifest")
-    _schema(isinstance(raw_stages, list) and len(raw_stages) > 0, "stages", "a non-empty list", raw_stages)
+    _schema(isinstance(raw_stages, list) and (len(raw_stages) > 0 or seq2seq is not None), "stages",
+            "a non-empty list", raw_stages)
     for i, raw in enumerate(raw_stages):
         where = f"stages[{i}]"
         _schema(isinstance(raw, Mapping), where, "an object", raw)
@@ -389,7 +418,8 @@ def parse_manifest(manifest: Mapping[str, Any], root: Path) -> Package:
                 cost=dict(cost),
             )
         )
-    _check_stage_wiring(stages, inputs, version)
+    if stages:
+        _check_stage_wiring(stages, inputs, version)
 
     full = manifest.get("full_model")
     full_spec = None
@@ -410,7 +440,7 @@ def parse_manifest(manifest: Mapping[str, Any], root: Path) -> Package:
     _schema(compiled is None or full_spec is None or compiled.file != full_spec.file, "compiled.file",
             "a file name of its own (not the full model's)", compiled and compiled.file)
     referenced = [s.file for s in stages] + ([full_spec.file] if full_spec else []) + \
-        ([compiled.file] if compiled else [])
+        ([compiled.file] if compiled else []) + (seq2seq.graph_files() if seq2seq else [])
     for ref in referenced:
         check_file_name(ref, root)
         if ref not in files:
@@ -435,8 +465,52 @@ def parse_manifest(manifest: Mapping[str, Any], root: Path) -> Package:
         root=root, format_version=version, kind=kind, name=name, inputs=tuple(inputs),
         labels=labels, stages=tuple(stages), full_model=full_spec, files=dict(files),
         producer=dict(producer), manifest=manifest, calibration=calibration, quantization=quantization,
-        compiled=compiled,
+        compiled=compiled, seq2seq=seq2seq,
     )
+
+
+def _parse_seq2seq(manifest: Mapping[str, Any], kind: str, version: int, inputs: list[InputSpec]) -> Seq2SeqSpec:
+    _schema(version >= SEQ2SEQ_VERSION, "format_version", f"{SEQ2SEQ_VERSION} or later for kind 'seq2seq'",
+            version)
+    raw = _field(manifest, "seq2seq", "manifest")
+    _schema(isinstance(raw, Mapping), "seq2seq", "an object", raw)
+    vocab = _str_list(_field(raw, "vocab", "seq2seq"), "seq2seq.vocab")
+    ints = {}
+    for key in ("pad", "bos", "eos", "max_answer", "heads", "head_dim", "width"):
+        value = _field(raw, key, "seq2seq")
+        _schema(type(value) is int and 0 <= value <= MAX_DIM, f"seq2seq.{key}", "a non-negative integer", value)
+        ints[key] = value
+    for key in ("pad", "bos", "eos"):
+        _schema(ints[key] < len(vocab), f"seq2seq.{key}", f"a token id below the vocabulary size {len(vocab)}",
+                ints[key])
+    names = {i.name for i in inputs}
+    modalities = _field(raw, "modalities", "seq2seq")
+    _schema(isinstance(modalities, list) and len(modalities) >= 1, "seq2seq.modalities", "a non-empty list",
+            modalities)
+    for j, m in enumerate(modalities):
+        where = f"seq2seq.modalities[{j}]"
+        _schema(isinstance(m, Mapping) and isinstance(m.get("name"), str) and m.get("input") in names
+                and isinstance(m.get("embed"), str), where, "an object with name, input (a model input) and embed",
+                m)
+        _threshold_field(m.get("threshold"), f"{where}.threshold")
+    encoder = _str_list(_field(raw, "encoder", "seq2seq"), "seq2seq.encoder")
+    decoder = _field(raw, "decoder", "seq2seq")
+    _schema(isinstance(decoder, list) and len(decoder) >= 1 and all(
+        isinstance(d, Mapping) and isinstance(d.get("step"), str) and isinstance(d.get("kv"), str) for d in decoder),
+        "seq2seq.decoder", "a non-empty list of {step, kv} file names", decoder)
+    files = {key: _field(raw, key, "seq2seq") for key in ("encoder_norm", "embed_answer", "head")}
+    for key, value in files.items():
+        _schema(isinstance(value, str), f"seq2seq.{key}", "a file name", value)
+    _schema(raw.get("policy", "similarity") == "similarity", "seq2seq.policy", "'similarity'", raw.get("policy"))
+    _threshold_field(raw.get("decoder_threshold"), "seq2seq.decoder_threshold")
+    return Seq2SeqSpec(vocab=vocab, modalities=tuple(dict(m) for m in modalities), encoder=encoder,
+                       decoder=tuple(dict(d) for d in decoder), decoder_threshold=raw.get("decoder_threshold"),
+                       **files, **ints)
+
+
+def _threshold_field(value: Any, where: str) -> None:
+    _schema(value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)
+                              and math.isfinite(value)), where, "a finite number or null", value)
 
 
 def _parse_compiled(raw: Any, version: int, inputs: list[InputSpec], stages: list[StageSpec],

@@ -87,3 +87,116 @@ def test_copy_hidden_keys_are_the_layer_projections_of_the_exited_state(model):
     h = layer.norm1(x)
     torch.testing.assert_close(k, layer.self_attn.split(layer.self_attn.k(h)))
     torch.testing.assert_close(v, layer.self_attn.split(layer.self_attn.v(h)))
+
+
+# --- export and generation ---------------------------------------------------------------
+
+
+def _torch_generate(model, image, question, limit, thresholds=None, kv="drop"):  # type: ignore[no-untyped-def]
+    """Reference: greedy decoding in torch with MuE's exits (cosine similarity), per sample."""
+    from edgeexit.zoo.mue_task import BOS as bos
+    from edgeexit.zoo.mue_task import EOS as eos
+
+    thresholds = thresholds or {}
+    out = []
+    with torch.no_grad():
+        for i in range(len(image)):
+            img = model.embed_image(image[i:i + 1])
+            q = question[i:i + 1]
+            txt, txt_valid = model.embed_text(q), q != 0
+            for name, h, valid in (("image", img, torch.ones(img.shape[:2], dtype=torch.bool)),
+                                   ("text", txt, txt_valid)):
+                bias = model.key_bias(valid)
+                for layer in model.encoder:
+                    new = layer(h, bias)
+                    m = valid[:, :, None].double()
+                    a, b = (new.double() * m).flatten(), (h.double() * m).flatten()
+                    sim = float(a @ b / (a.norm() * b.norm()))
+                    h = new
+                    if thresholds.get(name) is not None and sim > thresholds[name]:
+                        break
+                if name == "image":
+                    img = h
+                else:
+                    txt = h
+            memory = model.encoder_norm(torch.cat([img, txt], 1))
+            mem_bias = model.key_bias(torch.cat([torch.ones(1, img.shape[1], dtype=torch.bool), txt_valid], 1))
+            c = model.config
+            keys = [[] for _ in model.decoder]
+            values = [[] for _ in model.decoder]
+            token, tokens = bos, []
+            for t in range(limit):
+                x = model.embed_answer(torch.tensor([[token]]), torch.tensor([[t]]))
+                for k, layer in enumerate(model.decoder):
+                    pk = torch.cat(keys[k], 2) if keys[k] else torch.zeros(1, c.heads, 0, c.width // c.heads)
+                    pv = torch.cat(values[k], 2) if values[k] else torch.zeros(1, c.heads, 0, c.width // c.heads)
+                    new, kk, vv = layer(x, pk, pv, torch.zeros(1, 1, 1, pk.shape[2] + 1), memory, mem_bias)
+                    keys[k].append(kk[:, :, -1:])
+                    values[k].append(vv[:, :, -1:])
+                    sim = float((new.double().flatten() @ x.double().flatten())
+                                / (new.double().norm() * x.double().norm()))
+                    x = new
+                    if k < len(model.decoder) - 1 and thresholds.get("decoder") is not None \
+                            and sim > thresholds["decoder"]:
+                        if kv == "copy_hidden":
+                            for j in range(k + 1, len(model.decoder)):
+                                kj, vj = model.decoder[j].self_kv(x)
+                                keys[j].append(kj)
+                                values[j].append(vj)
+                        break
+                token = int(model.head(x)[0, 0].argmax())
+                tokens.append(token)
+                if token == eos:
+                    break
+            out.append(tokens)
+    return out
+
+
+@pytest.fixture(scope="module")
+def exported(model, tmp_path_factory):
+    from edgeexit.export.seq2seq import export_mue
+
+    return export_mue(model, tmp_path_factory.mktemp("mue") / "mue.eexit", log=None)
+
+
+def _inputs(n: int = 6):
+    rng = np.random.default_rng(7)
+    kinds = list(QUESTIONS)
+    return {"image": rng.random((n, 1, 28, 28), dtype=np.float32),
+            "question": np.stack([encode(QUESTIONS[kinds[i % len(kinds)]], 5) for i in range(n)])}
+
+
+def test_exported_graphs_generate_what_torch_generates_with_exits_disabled(model, exported):
+    from edgeexit.runtime import ExitSession
+
+    assert exported.kind == "seq2seq" and exported.format_version == 5 and exported.seq2seq is not None
+    feeds = _inputs()
+    sess = ExitSession(exported.root)
+    want = _torch_generate(model, torch.from_numpy(feeds["image"]), torch.from_numpy(feeds["question"]), 8)
+    for kv in ("drop", "copy_hidden"):
+        got = sess.generate(feeds, max_new_tokens=8, kv=kv)
+        assert got.tokens == want
+        assert all((got.encoder_layers[m] == 2).all() for m in ("image", "text"))
+        assert all(d == [3] * len(t) for d, t in zip(got.decoder_layers, got.tokens))
+    one = sess.generate({k: v[2:3] for k, v in feeds.items()}, max_new_tokens=8)
+    assert one.tokens == want[2:3]                  # batch 1 equals the same sample in a batch
+
+
+@pytest.mark.parametrize("kv", ["drop", "copy_hidden"])
+def test_exits_in_the_runtime_match_the_torch_reference(model, exported, kv):
+    from edgeexit.runtime import ExitSession
+
+    feeds = _inputs(8)
+    sess = ExitSession(exported.root)
+    # thresholds at the median similarity of this untrained model: some samples and tokens exit early
+    probe = sess.generate(feeds, max_new_tokens=6, thresholds={"image": -1.0, "text": -1.0, "decoder": -1.0}, kv=kv)
+    assert all((probe.encoder_layers[m] == 1).all() for m in ("image", "text"))
+    assert all(set(d) == {1} for d in probe.decoder_layers)
+    for thresholds in ({"image": 0.9, "text": 0.9, "decoder": 0.9}, {"image": 0.99, "text": 0.5, "decoder": 0.97}):
+        got = sess.generate(feeds, max_new_tokens=6, thresholds=thresholds, kv=kv)
+        want = _torch_generate(model, torch.from_numpy(feeds["image"]), torch.from_numpy(feeds["question"]), 6,
+                               thresholds, kv)
+        assert got.tokens == want, thresholds
+        if thresholds["decoder"] == 0.9:    # tokens leave at layers 1, 2 and 3: ragged caches, compaction
+            assert {layer for d in got.decoder_layers for layer in d} == {1, 2, 3}
+            assert (got.encoder_layers["text"] == 1).all() and (got.encoder_layers["image"] == 2).all()

@@ -30,6 +30,7 @@ from ._metadata import PackageArg, PackageMetadata, package_inputs, package_meta
 from ._result import ExitResult
 from ._stage import Stage, binding_device, take
 from ._threads import ThreadSettings, explain_session_failure
+from .seq2seq import Generation, Seq2SeqRunner
 
 
 @dataclass(frozen=True)
@@ -129,6 +130,17 @@ class ExitSession:
         self.exit_stages = self.package.exit_stages
         self.num_exits = len(self.exit_stages)
 
+        self._seq2seq: Seq2SeqRunner | None = None
+        self._stages: list[Stage] = []
+        self._compiled: CompiledGraph | None = None
+        self._full_session: ort.InferenceSession | None = None
+        self._plain_session: ort.InferenceSession | None = None
+        if self.package.kind == "seq2seq":   # an encoder-decoder: generate(), not run()
+            self._measures, self._measures_open, self._measures_lock = threading.local(), 0, threading.Lock()
+            self.engine_choice, self.io_binding_device = {}, None
+            self._seq2seq = Seq2SeqRunner(self.package, self._build)
+            return
+
         device = binding_device(self.providers)
         if io_binding is not None:
             device = (device or "cpu") if io_binding else None
@@ -143,10 +155,9 @@ class ExitSession:
             keep_after.append(tuple(sorted(available & later)))
         sessions = [self._build(spec.file, f"stage {k} ({spec.name})") for k, spec in enumerate(stages)]
         check_stage_graphs(self.package, sessions)   # names, types, ranks, batch axes, classes: now, not mid-run
-        self._stages: list[Stage] = [
+        self._stages = [
             Stage(spec, session, self.exit_stages.index(k) if spec.exit else None, keep_after[k], device)
             for k, (spec, session) in enumerate(zip(stages, sessions))]
-        self._compiled: CompiledGraph | None = None
         compiled_spec = self.package.compiled
         if engine == "compiled" and compiled_spec is None:
             raise SessionError(
@@ -167,8 +178,6 @@ class ExitSession:
         self._plans: dict[tuple[Any, ...], _Plan] = {}
         never = tuple(never_threshold(p) for p in self._default_plan.policies[:-1])
         self._no_exit_plan = _Plan(self._default_plan.policies, never, disabled=True)
-        self._full_session: ort.InferenceSession | None = None
-        self._plain_session: ort.InferenceSession | None = None
         self._measures = threading.local()   # the measure() block open in each thread, if any
         self._measures_open = 0              # how many threads have one open (run() looks only then)
         self._measures_lock = threading.Lock()
@@ -255,6 +264,8 @@ class ExitSession:
         start = perf_counter_ns()
         if self._closed:
             raise SessionError(f"this ExitSession of {self.package.root} was closed; open a new one")
+        if self._seq2seq is not None:
+            raise InputError(f"{self.package.root} is a seq2seq package: use generate(inputs, ...)")
         feeds, n = self._checker.feeds(inputs)
         if not early_exits:
             plan = self._no_exit_plan
@@ -553,6 +564,25 @@ class ExitSession:
                 if isinstance(meter, EstimateMeter) else meter.stop()
             m.energy_j, m.energy_kind = reading.joules, reading.kind
             m.energy_source, m.energy_note = reading.source, reading.note
+
+    def generate(self, inputs: dict[str, np.ndarray], *, max_new_tokens: int | None = None,
+                 thresholds: dict[str, float | None] | None = None, kv: str = "drop") -> Generation:
+        """Generate answers with a seq2seq package (MuE's exits; see ``edgeexit.runtime.seq2seq``).
+
+        Args:
+            inputs: ``{name: array}`` for every package input (e.g. image and question ids).
+            max_new_tokens: tokens to generate at most (default: the answer length trained).
+            thresholds: overrides, by modality name (``"image"``, ``"text"``) and ``"decoder"``;
+                None disables that exit.  Default: the package's.
+            kv: what skipped decoder layers keep for a token: ``"drop"`` or ``"copy_hidden"``.
+        """
+        if self._closed:
+            raise SessionError(f"this ExitSession of {self.package.root} was closed; open a new one")
+        if self._seq2seq is None:
+            raise InputError(f"{self.package.root} is a {self.package.kind} package: use run(); generate() is for "
+                             "seq2seq packages")
+        feeds, _n = self._checker.feeds(inputs)
+        return self._seq2seq.generate(feeds, max_new_tokens=max_new_tokens, thresholds=thresholds, kv=kv)
 
     def run_all_exits(self, inputs: np.ndarray | dict[str, np.ndarray]) -> list[np.ndarray]:
         """Logits of every exit for every sample (no early stopping), in exit order.

@@ -1,0 +1,206 @@
+"""Export MuE's encoder-decoder as a ``seq2seq`` exit package (format version 5): one graph per
+encoder layer (run once per modality), one per decoder layer with its key/value cache, one
+shared head, and the small graphs around them.
+
+Graphs (every axis named ``batch``, ``tokens``, ``past`` or ``memory`` is dynamic):
+
+- ``embed_image.onnx``  image (batch, 1, 28, 28) -> hidden (batch, 16, width)
+- ``embed_text.onnx``   question (batch, tokens) int64 -> hidden (batch, tokens, width)
+- ``encoder{k}.onnx``   hidden, bias (batch, 1, 1, tokens) -> hidden_out; shared by both modalities
+- ``encoder_norm.onnx`` hidden (batch, memory, width) -> memory
+- ``embed_answer.onnx`` token, position (batch, 1) int64 -> hidden (batch, 1, width)
+- ``decoder{k}.onnx``   hidden (batch, 1, width), past_key, past_value (batch, heads, past, head_dim),
+  self_bias (batch, 1, 1, past + 1), memory, memory_bias (batch, 1, 1, memory)
+  -> hidden_out, key, value (the new position's key and value, (batch, heads, 1, head_dim))
+- ``decoder{k}_kv.onnx`` hidden (batch, 1, width) -> key, value: this layer's projections of a
+  hidden state, for ``kv="copy_hidden"``
+- ``head.onnx``          hidden (batch, 1, width) -> logits (batch, 1, vocab)
+
+Each graph is checked with ``onnx.checker`` and against torch on fresh inputs of two sizes.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from torch import nn
+
+from .. import __version__
+from .. import _leftovers as leftovers
+from ..errors import ExportError, ExportValidationError
+from ..package import Package, load_package, write_package
+from ..zoo.mue import IMAGE_TOKENS, MuEModel
+from ..zoo.mue_task import BOS, EOS, PAD, VOCAB
+
+SEQ2SEQ_VERSION = 5
+
+
+class _Call(nn.Module):
+    """A function of ``owner``'s parameters as a module (so tracing sees them as weights)."""
+
+    def __init__(self, owner: nn.Module, fn: Callable[..., Any]) -> None:
+        super().__init__()
+        self.owner = owner
+        self.fn = fn
+
+    def forward(self, *args: torch.Tensor) -> Any:
+        return self.fn(*args)
+
+
+def _graphs(model: MuEModel) -> list[tuple[str, nn.Module, list[str], list[str], Callable[[int, int], tuple]]]:
+    """(file, module, input names, output names, example(batch, length) -> args) for every graph."""
+    c = model.config
+    dh = c.width // c.heads
+
+    def g(seed: int) -> torch.Generator:
+        return torch.Generator().manual_seed(seed)
+
+    def hidden(b: int, t: int, seed: int = 0) -> torch.Tensor:
+        return torch.randn(b, t, c.width, generator=g(seed))
+
+    def bias(b: int, t: int, seed: int = 1) -> torch.Tensor:
+        valid = torch.rand(b, t, generator=g(seed)) > 0.2
+        valid[:, 0] = True
+        return model.key_bias(valid)
+
+    out: list[tuple[str, nn.Module, list[str], list[str], Callable[[int, int], tuple]]] = [
+        ("embed_image.onnx", _Call(model, model.embed_image), ["image"], ["hidden"],
+         lambda b, t: (torch.rand(b, 1, 28, 28, generator=g(2)),)),
+        ("embed_text.onnx", _Call(model, model.embed_text), ["question"], ["hidden"],
+         lambda b, t: (torch.randint(0, c.vocab, (b, c.question_len), generator=g(3)),)),
+    ]
+    for k, layer in enumerate(model.encoder):
+        out.append((f"encoder{k}.onnx", layer, ["hidden", "bias"], ["hidden_out"],
+                    lambda b, t: (hidden(b, t + 2), bias(b, t + 2))))
+    out.append(("encoder_norm.onnx", model.encoder_norm, ["hidden"], ["memory"],
+                lambda b, t: (hidden(b, IMAGE_TOKENS + t),)))
+    out.append(("embed_answer.onnx", _Call(model, model.embed_answer), ["token", "position"], ["hidden"],
+                lambda b, t: (torch.randint(0, c.vocab, (b, 1), generator=g(4)),
+                              torch.randint(0, c.answer_len, (b, 1), generator=g(5)))))
+
+    def step(layer: nn.Module) -> Callable[..., Any]:
+        def run(x, pk, pv, sb, mem, mb):  # type: ignore[no-untyped-def]
+            out_x, key, value = layer(x, pk, pv, sb, mem, mb)
+            return out_x, key[:, :, -1:], value[:, :, -1:]
+        return run
+
+    for k, layer in enumerate(model.decoder):
+        out.append((f"decoder{k}.onnx", _Call(layer, step(layer)),
+                    ["hidden", "past_key", "past_value", "self_bias", "memory", "memory_bias"],
+                    ["hidden_out", "key", "value"],
+                    lambda b, t: (hidden(b, 1), torch.randn(b, c.heads, t, dh, generator=g(6)),
+                                  torch.randn(b, c.heads, t, dh, generator=g(7)), bias(b, t + 1),
+                                  hidden(b, IMAGE_TOKENS + c.question_len, 8),
+                                  bias(b, IMAGE_TOKENS + c.question_len, 9))))
+        out.append((f"decoder{k}_kv.onnx", _Call(layer, layer.self_kv), ["hidden"], ["key", "value"],  # type: ignore[arg-type]
+                    lambda b, t: (hidden(b, 1),)))
+    out.append(("head.onnx", _Call(model, model.head), ["hidden"], ["logits"], lambda b, t: (hidden(b, 1),)))
+    return out
+
+
+_DYNAMIC = {"image": {0: "batch"}, "question": {0: "batch", 1: "tokens"}, "hidden": {0: "batch", 1: "tokens"},
+            "hidden_out": {0: "batch", 1: "tokens"}, "bias": {0: "batch", 3: "tokens"},
+            "memory": {0: "batch", 1: "memory"}, "memory_bias": {0: "batch", 3: "memory"},
+            "token": {0: "batch"}, "position": {0: "batch"}, "past_key": {0: "batch", 2: "past"},
+            "past_value": {0: "batch", 2: "past"}, "self_bias": {0: "batch", 3: "past_and_new"},
+            "key": {0: "batch"}, "value": {0: "batch"}, "logits": {0: "batch"}}
+
+
+def _export_one(module: nn.Module, args: tuple, names: list[str], outputs: list[str], path: Path,
+                opset: int) -> None:
+    axes = {n: _DYNAMIC[n] for n in names + outputs if n in _DYNAMIC}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(module, args, str(path), input_names=names, output_names=outputs,
+                              dynamic_axes=axes, opset_version=opset, do_constant_folding=True, dynamo=False,
+                              external_data=False)
+        onnx.checker.check_model(str(path), full_check=True)
+    except Exception as exc:
+        raise ExportError(f"exporting {path.name} failed: {exc}") from exc
+
+
+def _validate(graphs, folder: Path, atol: float, log: Callable[[str], None]) -> None:  # type: ignore[no-untyped-def]
+    failures = []
+    for file, module, names, outputs, make in graphs:
+        session = ort.InferenceSession(str(folder / file), providers=["CPUExecutionProvider"])
+        worst = 0.0
+        for b, t in ((1, 3), (4, 6)):
+            args = make(b, t)
+            with torch.no_grad():
+                want = module(*args)
+            want = want if isinstance(want, tuple) else (want,)
+            got = session.run(outputs, {n: a.numpy() for n, a in zip(names, args)})
+            for w, o in zip(want, got):
+                if tuple(w.shape) != o.shape:
+                    worst = float("inf")
+                else:
+                    worst = max(worst, float(np.max(np.abs(w.numpy() - o))))
+        log(f"  {file:<20} max |onnxruntime - torch| = {worst:.2e}")
+        if not worst <= atol:
+            failures.append(f"{file}: {worst:.3e}")
+    if failures:
+        raise ExportValidationError(f"onnxruntime differs from torch beyond {atol}: {'; '.join(failures)}")
+
+
+def export_mue(model: MuEModel, path: str | os.PathLike[str], *, name: str = "mue", opset: int = 18,
+               atol: float = 1e-4, encoder_thresholds: Sequence[float | None] = (None, None),
+               decoder_threshold: float | None = None, log: Callable[[str], None] | None = print) -> Package:
+    """Write ``model`` as a seq2seq exit package at ``path`` (replaced atomically) and load it back.
+
+    Thresholds are MuE's cosine-similarity thresholds: ``encoder_thresholds`` one per modality
+    (image, text), ``decoder_threshold`` for every decoder layer; None leaves that exit disabled.
+    """
+    say = log or (lambda _line: None)
+    model = model.eval()
+    c = model.config
+    graphs = _graphs(model)
+    leftovers.collect_work_dirs("export")
+    with tempfile.TemporaryDirectory(prefix=f"edgeexit-export-{os.getpid()}-") as tmp:
+        folder = Path(tmp)
+        say(f"exporting {len(graphs)} graph(s) (opset {opset})")
+        for file, module, names, outputs, make in graphs:
+            _export_one(module, make(2, 3), names, outputs, folder / file, opset)
+        _validate(graphs, folder, atol, say)
+        manifest = {
+            "format": "edgeexit", "format_version": SEQ2SEQ_VERSION, "kind": "seq2seq", "name": name,
+            "inputs": [{"name": "image", "dtype": "float32", "shape": ["batch", 1, 28, 28]},
+                       {"name": "question", "dtype": "int64", "shape": ["batch", c.question_len]}],
+            "labels": None,
+            "stages": [],
+            "seq2seq": {
+                "vocab": list(VOCAB), "pad": PAD, "bos": BOS, "eos": EOS, "max_answer": c.answer_len,
+                "width": c.width, "heads": c.heads, "head_dim": c.width // c.heads,
+                "modalities": [
+                    {"name": "image", "input": "image", "embed": "embed_image.onnx", "tokens": IMAGE_TOKENS,
+                     "threshold": encoder_thresholds[0]},
+                    {"name": "text", "input": "question", "embed": "embed_text.onnx", "tokens": c.question_len,
+                     "threshold": encoder_thresholds[1]},
+                ],
+                "encoder": [f"encoder{k}.onnx" for k in range(c.encoder_layers)],
+                "encoder_norm": "encoder_norm.onnx",
+                "embed_answer": "embed_answer.onnx",
+                "decoder": [{"step": f"decoder{k}.onnx", "kv": f"decoder{k}_kv.onnx"}
+                            for k in range(c.decoder_layers)],
+                "head": "head.onnx",
+                "policy": "similarity",
+                "decoder_threshold": decoder_threshold,
+                "config": c.to_dict(),
+            },
+            "full_model": None, "preprocessing": {"layout": "NCHW", "pixel_scale": 1 / 255},
+            "producer": {"edgeexit": __version__, "torch": torch.__version__.split("+")[0],
+                         "onnx": onnx.__version__, "onnxruntime": ort.__version__, "opset": opset,
+                         "exporter": "torchscript"},
+        }
+        write_package(path, manifest, {file: folder / file for file, *_ in graphs})
+    say(f"wrote {path}")
+    return load_package(path)

@@ -1,0 +1,217 @@
+"""Generation with MuE's exits for a ``seq2seq`` package (numpy + onnxruntime, no torch).
+
+Encoder: each modality (image patches, question tokens) runs through the shared encoder
+layers on its own; after each layer, the cosine similarity between the layer's output and
+its input (per sample, over the whole flattened tensor, padding left out) is compared with
+that modality's threshold, and a sample whose similarity exceeds it stops there for that
+modality.  The outputs are joined and normalised into the decoder's memory.
+
+Decoder: per generated token, the same test after each layer; a token that exits goes
+through the shared head from there.  The key/values a skipped layer would have kept for that
+position are handled by ``kv``:
+
+- ``"drop"``: the layer has no entry for that position (MuE's code); its later tokens attend
+  only to the positions it ran for, so each sample's cache has its own length and the
+  decoder graphs take a self-attention bias that masks the missing ones;
+- ``"copy_hidden"``: the skipped layer's own key/value projections are run on the exited
+  hidden state (CALM's propagation), so every layer keeps every position.
+
+Samples finish independently (``<eos>`` or ``max_new_tokens``); only unfinished samples, and
+at each layer only the samples still in it, are run (batch compaction).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from time import perf_counter_ns
+from typing import Any
+
+import numpy as np
+
+from ..errors import InputError, SessionError
+from ..package import Package, Seq2SeqSpec
+
+NEG = np.float32(-1e9)
+KV_MODES = ("drop", "copy_hidden")
+
+
+@dataclass
+class Generation:
+    """What ``ExitSession.generate`` returns.
+
+    Attributes:
+        tokens: generated ids per sample (without <bos>, up to and including <eos>), int64 lists.
+        text: the generated words per sample (up to <eos>).
+        encoder_layers: per modality name, the encoder layers each sample ran (n,).
+        decoder_layers: per sample, the decoder layers run for each generated token.
+        step_ms: wall time of each decoding step (all samples), ms; encoder_ms: the encoder's.
+    """
+
+    tokens: list[list[int]]
+    text: list[str]
+    encoder_layers: dict[str, np.ndarray]
+    decoder_layers: list[list[int]]
+    encoder_ms: float
+    step_ms: list[float] = field(default_factory=list)
+
+    @property
+    def total_ms(self) -> float:
+        return self.encoder_ms + sum(self.step_ms)
+
+
+def cosine(a: np.ndarray, b: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
+    """Per-sample cosine similarity of two (n, t, d) tensors over all valid positions (float64)."""
+    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    if valid is not None:
+        a64, b64 = a64 * valid[:, :, None], b64 * valid[:, :, None]
+    a2, b2 = a64.reshape(len(a64), -1), b64.reshape(len(b64), -1)
+    den = np.linalg.norm(a2, axis=1) * np.linalg.norm(b2, axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, (a2 * b2).sum(1) / np.where(den > 0, den, 1.0), 0.0)
+
+
+def _passes(similarity: np.ndarray, threshold: float | None) -> np.ndarray:
+    if threshold is None:
+        return np.zeros(similarity.shape, dtype=bool)
+    return np.isfinite(similarity) & (similarity > threshold)
+
+
+class Seq2SeqRunner:
+    """The generation loop over a seq2seq package's graphs (built by ``ExitSession``)."""
+
+    def __init__(self, package: Package, build: Callable[[str, str], Any]) -> None:
+        assert package.seq2seq is not None
+        self.spec: Seq2SeqSpec = package.seq2seq
+        s = self.spec
+        self.embed = {m["name"]: build(m["embed"], f"{m['name']} embedding") for m in s.modalities}
+        self.encoder = [build(f, f"encoder layer {k}") for k, f in enumerate(s.encoder)]
+        self.encoder_norm = build(s.encoder_norm, "encoder norm")
+        self.embed_answer = build(s.embed_answer, "answer embedding")
+        self.decoder = [build(d["step"], f"decoder layer {k}") for k, d in enumerate(s.decoder)]
+        self.decoder_kv = [build(d["kv"], f"decoder layer {k} key/value") for k, d in enumerate(s.decoder)]
+        self.head = build(s.head, "head")
+
+    @staticmethod
+    def _run(session: Any, feeds: dict[str, np.ndarray], what: str) -> list[np.ndarray]:
+        try:
+            return session.run(None, feeds)  # type: ignore[no-any-return]
+        except Exception as exc:  # onnxruntime raises bare RuntimeError/Fail subclasses
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise SessionError(f"{what} failed in onnxruntime: {first[:300]}") from None
+
+    def _thresholds(self, thresholds: dict[str, Any] | None) -> tuple[dict[str, float | None], float | None]:
+        enc = {m["name"]: m.get("threshold") for m in self.spec.modalities}
+        dec = self.spec.decoder_threshold
+        for key, value in (thresholds or {}).items():
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not np.isfinite(value)):
+                raise InputError(f"threshold {key!r} must be a finite number or None, got {value!r}")
+            if key == "decoder":
+                dec = value
+            elif key in enc:
+                enc[key] = value
+            else:
+                raise InputError(f"unknown threshold {key!r}; this package has {sorted(enc)} and 'decoder'")
+        return enc, dec
+
+    def encode(self, feeds: dict[str, np.ndarray], thresholds: dict[str, float | None]
+               ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+        """Memory (n, m, d), its validity (n, m) and the encoder layers each modality ran per sample."""
+        outs, valids, layers = [], [], {}
+        for m in self.spec.modalities:
+            x = feeds[m["input"]]
+            n = len(x)
+            h = self._run(self.embed[m["name"]], {m["input"]: x}, f"the {m['name']} embedding")[0]
+            valid = (x != self.spec.pad) if x.dtype.kind in "iu" and x.ndim == 2 else np.ones(h.shape[:2], bool)
+            bias = np.where(valid, np.float32(0), NEG)[:, None, None, :].astype(np.float32)
+            ran = np.zeros(n, dtype=np.int64)
+            active = np.arange(n)
+            for k, session in enumerate(self.encoder):
+                if active.size == 0:
+                    break
+                out = self._run(session, {"hidden": h[active], "bias": bias[active]}, f"encoder layer {k}")[0]
+                similarity = cosine(out, h[active], valid[active])
+                h[active] = out
+                ran[active] += 1
+                active = active[~_passes(similarity, thresholds[m["name"]])]
+            outs.append(h)
+            valids.append(valid)
+            layers[m["name"]] = ran
+        joined = np.concatenate(outs, axis=1)
+        memory = self._run(self.encoder_norm, {"hidden": joined}, "the encoder norm")[0]
+        return memory, np.concatenate(valids, axis=1), layers
+
+    def generate(self, feeds: dict[str, np.ndarray], *, max_new_tokens: int | None = None,
+                 thresholds: dict[str, Any] | None = None, kv: str = "drop") -> Generation:
+        s = self.spec
+        if kv not in KV_MODES:
+            raise InputError(f"kv={kv!r} is not one of {KV_MODES}")
+        limit = s.max_answer - 1 if max_new_tokens is None else max_new_tokens
+        if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= s.max_answer - 1:
+            raise InputError(f"max_new_tokens must be an integer from 1 to {s.max_answer - 1} (the answer "
+                             f"positions the model was trained with), got {max_new_tokens!r}")
+        enc_thr, dec_thr = self._thresholds(thresholds)
+        t0 = perf_counter_ns()
+        memory, mem_valid, enc_layers = self.encode(feeds, enc_thr)
+        encoder_ms = (perf_counter_ns() - t0) / 1e6
+        n, layers = memory.shape[0], len(self.decoder)
+        mem_bias = np.where(mem_valid, np.float32(0), NEG)[:, None, None, :].astype(np.float32)
+        cache_k = np.zeros((layers, n, s.heads, limit, s.head_dim), np.float32)
+        cache_v = np.zeros_like(cache_k)
+        has = np.zeros((layers, n, limit), dtype=bool)          # which positions each layer holds
+        tokens = np.full(n, s.bos, dtype=np.int64)
+        generated: list[list[int]] = [[] for _ in range(n)]
+        dec_layers: list[list[int]] = [[] for _ in range(n)]
+        alive = np.arange(n)
+        step_ms = []
+        for t in range(limit):
+            if alive.size == 0:
+                break
+            start = perf_counter_ns()
+            x = self._run(self.embed_answer, {"token": tokens[alive, None], "position": np.full((alive.size, 1), t,
+                                                                                               np.int64)},
+                          "the answer embedding")[0]
+            exited_at = np.full(alive.size, layers - 1)
+            active = np.arange(alive.size)          # rows of `alive` still in the decoder
+            hidden = x.copy()
+            for k in range(layers):
+                rows = alive[active]
+                past = has[k, rows, :t]
+                self_bias = np.concatenate([np.where(past, np.float32(0), NEG), np.zeros((rows.size, 1),
+                                                                                        np.float32)], axis=1)
+                out, key, value = self._run(self.decoder[k], {
+                    "hidden": hidden[active], "past_key": cache_k[k, rows, :, :t],
+                    "past_value": cache_v[k, rows, :, :t], "self_bias": self_bias[:, None, None, :],
+                    "memory": memory[rows], "memory_bias": mem_bias[rows]}, f"decoder layer {k}")
+                cache_k[k, rows, :, t], cache_v[k, rows, :, t] = key[:, :, 0], value[:, :, 0]
+                has[k, rows, t] = True
+                leave = _passes(cosine(out, hidden[active]), dec_thr) if k < layers - 1 else np.ones(rows.size,
+                                                                                                      bool)
+                hidden[active] = out
+                exited_at[active[leave]] = k
+                if kv == "copy_hidden" and k < layers - 1 and leave.any():
+                    self._propagate(k, alive[active[leave]], hidden[active[leave]], t, cache_k, cache_v, has)
+                active = active[~leave]
+                if active.size == 0:
+                    break
+            logits = self._run(self.head, {"hidden": hidden}, "the head")[0][:, 0]
+            chosen = logits.argmax(axis=1).astype(np.int64)
+            for j, row in enumerate(alive):
+                generated[row].append(int(chosen[j]))
+                dec_layers[row].append(int(exited_at[j]) + 1)
+            tokens[alive] = chosen
+            alive = alive[chosen != s.eos]
+            step_ms.append((perf_counter_ns() - start) / 1e6)
+        specials = {s.pad, s.bos, s.eos}
+        text = [" ".join(s.vocab[i] for i in (g[:g.index(s.eos)] if s.eos in g else g) if i not in specials)
+                for g in generated]
+        return Generation(generated, text, enc_layers, dec_layers, encoder_ms, step_ms)
+
+    def _propagate(self, k: int, rows: np.ndarray, hidden: np.ndarray, t: int, cache_k: np.ndarray,
+                   cache_v: np.ndarray, has: np.ndarray) -> None:
+        """CALM's propagation: layers after ``k`` get keys/values of the exited hidden state at position t."""
+        for j in range(k + 1, len(self.decoder)):
+            key, value = self._run(self.decoder_kv[j], {"hidden": hidden}, f"decoder layer {j} key/value")
+            cache_k[j, rows, :, t], cache_v[j, rows, :, t] = key[:, :, 0], value[:, :, 0]
+            has[j, rows, t] = True
