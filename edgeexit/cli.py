@@ -90,6 +90,15 @@ def _emit_json(command: str, payload: dict[str, Any], as_json: bool, output: Pat
     if output is not None:
         _write_text_atomic(output, text)
         click.echo(f"wrote {output}", err=as_json)
+def _classifier_only(package: Path, command: str) -> None:
+    """Refuse a seq2seq package in a command that works on classifiers and pipelines only."""
+    from .package import load_package
+
+    if load_package(package).kind == "seq2seq":
+        raise click.UsageError(f"`edgeexit {command}` works on classifier and pipeline packages; {package} is a "
+                               "seq2seq package (run it with `edgeexit run`, or ExitSession.generate from Python)")
+
+
 def _check_outputs(*paths: Path | None, folder: bool = False) -> None:
     """Refuse an output that cannot be written before any work is done (OutputError, exit code 8)."""
     from ._atomic import check_output_path
@@ -141,7 +150,8 @@ def _load_user_model(spec: str) -> tuple[Any, dict[str, Any], list[str] | None]:
 @click.option("--weights", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="state_dict (.pt) for a zoo model.")
 @click.option("--train", is_flag=True, help="Train the zoo model on MNIST-5k first (train split).")
-@click.option("--epochs", default=20, show_default=True, type=click.IntRange(min=1), help="Epochs for --train.")
+@click.option("--epochs", default=None, type=click.IntRange(min=1),
+              help="Epochs for --train (default: 20; mue: 12).")
 @click.option("--seed", default=0, show_default=True,
               help="Seed of the data split, the initial weights and the example inputs.")
 @click.option("--full-model/--no-full-model", default=True, show_default=True,
@@ -165,10 +175,10 @@ def _load_user_model(spec: str) -> tuple[Any, dict[str, Any], list[str] | None]:
               help="Relative tolerance (times max |torch output|) of the same check.")
 @click.option("--force", is_flag=True, help="Replace an existing package at --output.")
 def export(model: str, output: Path, policy: str, thresholds: tuple[float, ...], weights: Path | None,
-           train: bool, epochs: int, seed: int, full_model: bool, dynamo: bool, compile_graph: bool,
+           train: bool, epochs: int | None, seed: int, full_model: bool, dynamo: bool, compile_graph: bool,
            quantize: str | None, cal_data: Path | None, calibrate_data: Path | None, max_drop: float,
            name: str | None, opset: int, atol: float, rtol: float, force: bool) -> None:
-    """Export MODEL (a zoo name: blenet, bresnet, cbnet; or module.path:factory) as an exit package.
+    """Export MODEL (a zoo name: blenet, bresnet, cbnet, mue; or module.path:factory) as an exit package.
 
     For cbnet, --no-full-model exports the paper's CBNet (converter + light classifier only)
     instead of the pipeline with a fallback to the full LeNet on the original image.
@@ -187,6 +197,14 @@ def export(model: str, output: Path, policy: str, thresholds: tuple[float, ...],
         raise click.UsageError(f"--calibrate-data {calibrate_data}: no such file")
     labels = None
     preprocessing = None
+    if model == "mue":
+        from ._seq2seq_cli import export_mue_cli
+
+        if quantize is not None or calibrate_data is not None:
+            raise click.UsageError("mue: --quantize and --calibrate-data are not supported yet")
+        export_mue_cli(output, weights, train, epochs, seed, thresholds)
+        return
+    epochs = epochs or 20
     if model == "cbnet":
         if quantize is not None:
             raise click.UsageError("--quantize is not supported for cbnet yet; run `edgeexit quantize` afterwards")
@@ -304,6 +322,7 @@ def quantize(package: Path, output: Path, data_file: Path, mode: str, activation
              max_calibration_samples: int, max_drop: float | None, force: bool) -> None:
     """Quantize PACKAGE's stage graphs to int8 with onnxruntime.quantization."""
     _check_outputs(output, folder=True)
+    _classifier_only(package, "quantize")
     _quantize(package, output, data_file, force, mode=mode, activation_type=activation_type,
               per_channel=per_channel, max_calibration_samples=max_calibration_samples,
               max_drop=None if max_drop is None else max_drop / 100)
@@ -323,6 +342,7 @@ def compile_command(package: Path, output: Path | None, bake_thresholds: bool) -
     values are in the manifest). Outputs: logits, exit_index (int64), score (float64).
     """
     _check_outputs(output)
+    _classifier_only(package, "compile")
     from .export.compile import compile_package
 
     if bake_thresholds and output is None:
@@ -376,6 +396,14 @@ def run(package: Path, input_file: Path, output: Path | None, thresholds: tuple[
     from .runtime import ExitSession
 
     session = ExitSession(package, engine=engine, device=device, threads=threads, allow_fallback=allow_fallback)
+    if session.package.kind == "seq2seq":
+        from ._seq2seq_cli import run_seq2seq
+
+        if thresholds or policy:
+            raise click.UsageError("--threshold/--policy apply to classifier packages; seq2seq thresholds are "
+                                   "in the package (ExitSession.generate(thresholds=...) from Python)")
+        run_seq2seq(session, input_file, output, batch_size, show, as_json, _emit_json, _write_text_atomic)
+        return
     inputs, labels = load_input_file(input_file, session.input_names)
     n = next(iter(inputs.values())).shape[0]
     parts = []
@@ -445,6 +473,9 @@ def inspect(package: Path, as_json: bool, output: Path | None, raw: bool) -> Non
         click.echo(f"input {inp.name}: {inp.dtype} ({', '.join(str(d) for d in inp.shape)})")
     if pkg.labels:
         click.echo(f"labels: {len(pkg.labels)} ({', '.join(pkg.labels[:10])}{'…' if len(pkg.labels) > 10 else ''})")
+    if pkg.seq2seq is not None:
+        _inspect_seq2seq(pkg)
+        return
     w = max(8, *(len(s.name) + 2 for s in pkg.stages))
     r = max(18, *(len(",".join(s.inputs)) + 2 for s in pkg.stages))
     c = max(14, *(len(",".join(s.carry)) + 2 for s in pkg.stages))
@@ -583,6 +614,27 @@ def _save_frontier_plot(result: Any, path: Path) -> None:
     plt.close(fig)
 
 
+
+
+def _inspect_seq2seq(pkg: Any) -> None:
+    spec = pkg.seq2seq
+
+    def state(t: float | None) -> str:
+        return "disabled" if t is None else f"exits when similarity > {t:g}"
+
+    click.echo(f"seq2seq (MuE exits, cosine similarity of each layer's output and input): vocabulary "
+               f"{len(spec.vocab)}, answers up to {spec.max_answer - 1} tokens, width {spec.width}, "
+               f"{spec.heads} heads")
+    for m in spec.modalities:
+        click.echo(f"encoder, {m['name']} ({m['input']}, {m['tokens']} tokens): {len(spec.encoder)} shared layers, "
+                   f"{state(m.get('threshold'))}")
+    click.echo(f"decoder: {len(spec.decoder)} layers with a key/value cache, shared head; per token "
+               f"{state(spec.decoder_threshold)}")
+    click.echo(f"{'file':<22}{'bytes':>10}  sha256")
+    for name in spec.graph_files():
+        meta = pkg.files[name]
+        click.echo(f"{name:<22}{meta['size']:>10,}  {meta['sha256'][:16]}…")
+
 @cli.command()
 @click.argument("package", type=click.Path(path_type=Path))
 @click.option("--data", "data_file", type=click.Path(path_type=Path),
@@ -605,6 +657,7 @@ def calibrate(package: Path, data_file: Path | None, max_drop: float | None, tar
               dry_run: bool, revert: bool, verbose: bool, as_json: bool) -> None:
     """Choose one threshold per early exit from labelled data, timed on this device."""
     _check_outputs(plot)
+    _classifier_only(package, "calibrate")
     from .calibrate import revert_calibration
 
     if revert:
@@ -779,6 +832,7 @@ def bench(package: Path, data_file: Path | None, dataset: str | None, device: st
           as_json: bool, json_out: Path | None, csv_out: Path | None, threads: int | None) -> None:
     """Measure latency, throughput and energy of PACKAGE on this device."""
     _check_outputs(json_out, csv_out)
+    _classifier_only(package, "bench")
     from .bench import BenchConfig, csv_rows, format_table, run_benchmark
     from .devices import create_meter, get_profile, measure_idle
     from .runtime import ExitSession

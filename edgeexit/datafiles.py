@@ -30,9 +30,10 @@ def _batch_array(array: np.ndarray, path: Path, name: str) -> np.ndarray:
 
 
 def load_input_file(
-    path: str | os.PathLike[str], input_names: Sequence[str]
+    path: str | os.PathLike[str], input_names: Sequence[str], ignore: Sequence[str] = ()
 ) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
-    """Arrays keyed by input name, and the labels if the file has them."""
+    """Arrays keyed by input name, and the labels if the file has them (arrays named in
+    ``ignore`` are left out, e.g. a seq2seq file's reference answers)."""
     p = Path(path)
     if p.is_dir():
         raise InputFileError(f"{p} is a folder; pass an .npy or .npz file")
@@ -69,6 +70,8 @@ def load_input_file(
     except Exception as exc:    # a damaged member: zlib/zipfile/format errors
         raise InputFileError(f"{p} is a damaged .npz file: {exc}") from None
     labels = arrays.pop(LABELS_KEY, None)
+    for key in ignore:
+        arrays.pop(key, None)
     if set(arrays) == set(input_names):
         inputs = arrays
     elif len(input_names) == 1 and len(arrays) == 1:

@@ -1,0 +1,110 @@
+"""The CLI's seq2seq side (MuE): export the zoo model, run a package on image + question data."""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+
+from ._logging import logger
+from .errors import InputFileError
+
+MUE_EPOCHS = 12
+
+
+def export_mue_cli(output: Path, weights: Path | None, train: bool, epochs: int | None, seed: int,
+                   thresholds: tuple[float, ...]) -> None:
+    """``edgeexit export mue``: the zoo's MuE model, trained here or from --weights."""
+    import torch
+
+    from .export.seq2seq import export_mue
+    from .zoo import save_weights
+    from .zoo.mue import MuEConfig, MuEModel, train_mue
+    from .zoo.mue_task import mnist_qa_splits
+
+    if thresholds and len(thresholds) != 3:
+        raise click.UsageError("mue takes three --threshold values (image, text, decoder similarity), or none: "
+                               "the exits then stay disabled")
+    torch.manual_seed(seed)
+    model = MuEModel(MuEConfig())
+    if weights is not None:
+        from .zoo import load_weights
+
+        load_weights(model, str(weights))   # type: ignore[arg-type]
+    elif train:
+        splits = mnist_qa_splits(seed)
+        logger.info(f"training mue on {len(splits.train):,} question-answer pairs ({epochs or MUE_EPOCHS} epochs)")
+        history = train_mue(model, splits, epochs=epochs or MUE_EPOCHS, seed=seed)
+        logger.info(f"training loss per epoch: {', '.join(f'{h:.3f}' for h in history)}")
+        weights_file = save_weights(model, output.parent / f"{output.name.removesuffix('.eexit')}.pt")  # type: ignore[arg-type]
+        click.echo(f"saved the trained weights to {weights_file} (export again with --weights {weights_file})")
+    else:
+        raise click.UsageError("zoo model 'mue' needs weights: pass --weights FILE.pt or --train")
+    enc = (thresholds[0], thresholds[1]) if thresholds else (None, None)
+    export_mue(model, output, encoder_thresholds=enc, decoder_threshold=thresholds[2] if thresholds else None,
+               log=logger.info)
+
+
+def load_seq2seq_data(path: Path, input_names: tuple[str, ...]) -> tuple[dict[str, np.ndarray], list[str] | None]:
+    """The package's inputs from an .npz, and reference answers ('answers', strings) if present."""
+    from .datafiles import load_input_file
+
+    inputs, _ = load_input_file(path, input_names, ignore=("answers",))   # checks the file first
+    with np.load(path, allow_pickle=False) as data:
+        if "answers" not in data.files:
+            return inputs, None
+        raw = data["answers"]
+    if raw.dtype.kind != "U" or raw.ndim != 1:
+        raise InputFileError(f"{path}: 'answers' must be a 1-D array of strings, got {raw.dtype} {raw.shape}")
+    answers = [str(a) for a in raw]
+    n = next(iter(inputs.values())).shape[0]
+    if len(answers) != n:
+        raise InputFileError(f"{path}: 'answers' holds {len(answers)} strings for {n} samples; give one per sample")
+    return inputs, answers
+
+
+def run_seq2seq(session: Any, input_file: Path, output: Path | None, batch_size: int, show: int,
+                as_json: bool, emit_json: Any, write_text: Any) -> None:
+    """``edgeexit run`` on a seq2seq package: generate an answer per sample, report exact matches."""
+    inputs, answers = load_seq2seq_data(input_file, session.input_names)
+    n = next(iter(inputs.values())).shape[0]
+    texts: list[str] = []
+    decoder_layers: list[float] = []
+    encoder_layers: dict[str, list[int]] = {}
+    for start in range(0, n, batch_size):
+        out = session.generate({k: v[start:start + batch_size] for k, v in inputs.items()})
+        texts += out.text
+        decoder_layers += [float(np.mean(d)) for d in out.decoder_layers]
+        for name, layers in out.encoder_layers.items():
+            encoder_layers.setdefault(name, []).extend(int(v) for v in layers)
+    correct = [t == a for t, a in zip(texts, answers)] if answers is not None else None
+    if as_json or (output is not None and output.suffix.lower() == ".json"):
+        emit_json("run", {"package": str(session.package.root), "samples": n, "answers": texts,
+                          "encoder_layers": encoder_layers, "decoder_layers_per_token": decoder_layers,
+                          "exact_match": None if correct is None else float(np.mean(correct))},
+                  as_json, output if output is not None and output.suffix.lower() == ".json" else None)
+        if as_json:
+            return
+    for i in range(min(show, n)):
+        mark = "" if correct is None else ("  ok" if correct[i] else f"  (expected: {answers[i]})")  # type: ignore[index]
+        click.echo(f"sample {i:>5}: {texts[i]!r}{mark}")
+    if n > show:
+        click.echo(f"... {n - show} more")
+    means = ", ".join(f"{name} {np.mean(v):.2f}" for name, v in encoder_layers.items())
+    click.echo(f"{n} samples; encoder layers per modality (mean): {means}; decoder layers per token (mean): "
+               f"{np.mean(decoder_layers):.2f}")
+    if correct is not None:
+        click.echo(f"exact match: {np.mean(correct):.2%} ({sum(correct)}/{n})")
+    if output is not None and output.suffix.lower() != ".json":
+        buf = io.StringIO()
+        writer = csv.writer(buf)
+        writer.writerow(["sample", "answer", "decoder_layers_per_token"] + [f"encoder_layers_{m}" for m in
+                                                                            encoder_layers])
+        for i in range(n):
+            writer.writerow([i, texts[i], f"{decoder_layers[i]:.3f}"] + [encoder_layers[m][i] for m in encoder_layers])
+        write_text(output, buf.getvalue())
+        click.echo(f"wrote {output}")

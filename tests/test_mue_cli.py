@@ -1,0 +1,84 @@
+"""The MuE command line: export the zoo model from weights, inspect it, run it on image +
+question data with reference answers, as text, CSV and JSON."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from edgeexit.cli import cli
+
+torch = pytest.importorskip("torch")
+
+from edgeexit.zoo.mue import MuEConfig, MuEModel  # noqa: E402
+from edgeexit.zoo.mue_task import QUESTIONS, answer, encode  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def package(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("mue-cli")
+    torch.manual_seed(0)
+    torch.save(MuEModel(MuEConfig()).state_dict(), folder / "w.pt")
+    result = CliRunner().invoke(cli, ["export", "mue", "--weights", str(folder / "w.pt"), "-o",
+                                      str(folder / "mue.eexit"), "--threshold", "0.99", "--threshold", "0.99",
+                                      "--threshold", "0.9"])
+    assert result.exit_code == 0, result.output
+    return folder / "mue.eexit"
+
+
+def test_export_inspect_and_run_a_seq2seq_package(package, tmp_path):
+    inspect = CliRunner().invoke(cli, ["inspect", str(package)])
+    assert inspect.exit_code == 0, inspect.output
+    assert "seq2seq 'mue', format version 5" in inspect.output and "exits when similarity > 0.9" in inspect.output
+    rng = np.random.default_rng(0)
+    kinds = list(QUESTIONS)
+    digits = rng.integers(0, 10, 12)
+    data = tmp_path / "qa.npz"
+    np.savez(data, image=rng.random((12, 1, 28, 28), dtype=np.float32),
+             question=np.stack([encode(QUESTIONS[kinds[i % 5]], 5) for i in range(12)]),
+             answers=np.array([answer(kinds[i % 5], int(d)) for i, d in enumerate(digits)]))
+    result = CliRunner().invoke(cli, ["run", str(package), str(data), "-o", str(tmp_path / "out.csv"),
+                                      "--batch-size", "5"])
+    assert result.exit_code == 0, result.output
+    assert "12 samples; encoder layers per modality (mean): image" in result.output
+    assert "exact match:" in result.output
+    rows = list(csv.DictReader((tmp_path / "out.csv").read_text().splitlines()))
+    assert len(rows) == 12 and set(rows[0]) == {"sample", "answer", "decoder_layers_per_token",
+                                                 "encoder_layers_image", "encoder_layers_text"}
+    as_json = CliRunner().invoke(cli, ["run", str(package), str(data), "--json", "-q"])
+    assert as_json.exit_code == 0, as_json.output
+    payload = json.loads(as_json.stdout)
+    assert payload["schema"] == "edgeexit.run/1" and len(payload["answers"]) == 12
+    assert [r["answer"] for r in rows] == payload["answers"]
+    assert 0 <= payload["exact_match"] <= 1 and 1 <= min(payload["decoder_layers_per_token"]) <= 6
+
+
+def test_seq2seq_packages_refuse_classifier_options_and_run(package, tmp_path):
+    from edgeexit.errors import InputError
+    from edgeexit.runtime import ExitSession
+
+    np.savez(tmp_path / "qa.npz", image=np.zeros((2, 1, 28, 28), np.float32),
+             question=np.stack([encode(QUESTIONS["digit"], 5)] * 2))
+    result = CliRunner().invoke(cli, ["run", str(package), str(tmp_path / "qa.npz"), "--threshold", "0.5"])
+    assert result.exit_code == 2 and "seq2seq thresholds are in the package" in result.output
+    sess = ExitSession(package)
+    with pytest.raises(InputError, match="use generate"):
+        sess.run({"image": np.zeros((1, 1, 28, 28), np.float32), "question": np.zeros((1, 5), np.int64)})
+    with pytest.raises(InputError, match="max_new_tokens"):
+        sess.generate({"image": np.zeros((1, 1, 28, 28), np.float32), "question": np.zeros((1, 5), np.int64)},
+                      max_new_tokens=50)
+    with pytest.raises(InputError, match="unknown threshold"):
+        sess.generate({"image": np.zeros((1, 1, 28, 28), np.float32), "question": np.zeros((1, 5), np.int64)},
+                      thresholds={"audio": 0.5})
+    bad = CliRunner().invoke(cli, ["export", "mue", "--weights", str(package.parent / "w.pt"), "-o",
+                                   str(tmp_path / "x.eexit"), "--threshold", "0.5"])
+    assert bad.exit_code == 2 and "three --threshold values" in bad.output
+    for command in (["compile"], ["calibrate", "--data", str(tmp_path / "qa.npz"), "--max-drop", "1"],
+                    ["bench", "--data", str(tmp_path / "qa.npz")], ["quantize", "-o", str(tmp_path / "q.eexit"),
+                                                                     "--data", str(tmp_path / "qa.npz")]):
+        refused = CliRunner().invoke(cli, [command[0], str(package), *command[1:]])
+        assert refused.exit_code == 2 and "is a seq2seq package" in refused.output, (command, refused.output)
