@@ -200,3 +200,48 @@ def test_exits_in_the_runtime_match_the_torch_reference(model, exported, kv):
         if thresholds["decoder"] == 0.9:    # tokens leave at layers 1, 2 and 3: ragged caches, compaction
             assert {layer for d in got.decoder_layers for layer in d} == {1, 2, 3}
             assert (got.encoder_layers["text"] == 1).all() and (got.encoder_layers["image"] == 2).all()
+
+
+def _plain_generate(encoder, decoder, feeds, layers, heads, head_dim, limit):  # type: ignore[no-untyped-def]
+    """Greedy decoding with the plain graphs, as an app without exits would run them."""
+    from edgeexit.zoo.mue_task import BOS as bos
+    from edgeexit.zoo.mue_task import EOS as eos
+
+    memory, memory_bias = encoder.run(None, feeds)
+    n = len(memory)
+    keys = np.zeros((layers, n, heads, 0, head_dim), np.float32)
+    values = keys.copy()
+    token = np.full((n, 1), bos, np.int64)
+    out = [[] for _ in range(n)]
+    done = np.zeros(n, bool)
+    for t in range(limit):
+        logits, keys, values = decoder.run(None, {"token": token, "position": np.full((n, 1), t, np.int64),
+                                                  "past_key": keys, "past_value": values, "memory": memory,
+                                                  "memory_bias": memory_bias})
+        token = logits[:, 0].argmax(1)[:, None].astype(np.int64)
+        for i in range(n):
+            if not done[i]:
+                out[i].append(int(token[i, 0]))
+                done[i] = token[i, 0] == eos
+        if done.all():
+            break
+    return out
+
+
+def test_the_plain_baseline_and_the_joint_encoder_ablation(model, exported, tmp_path):
+    import onnxruntime as ort
+
+    from edgeexit.export.seq2seq import export_plain_mue
+    from edgeexit.runtime import ExitSession
+
+    feeds = _inputs(6)
+    enc_path, dec_path = export_plain_mue(model, tmp_path)
+    enc, dec = (ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]) for p in (enc_path, dec_path))
+    c = model.config
+    plain = _plain_generate(enc, dec, feeds, c.decoder_layers, c.heads, c.width // c.heads, 8)
+    sess = ExitSession(exported.root)
+    assert plain == sess.generate(feeds, max_new_tokens=8).tokens
+    never = sess.generate(feeds, max_new_tokens=8, thresholds={"encoder": 2.0}, encoder_exit="joint")
+    assert never.tokens == plain and all((v == 2).all() for v in never.encoder_layers.values())
+    first = sess.generate(feeds, max_new_tokens=8, thresholds={"encoder": -1.0}, encoder_exit="joint")
+    assert all((v == 1).all() for v in first.encoder_layers.values())

@@ -204,3 +204,69 @@ def export_mue(model: MuEModel, path: str | os.PathLike[str], *, name: str = "mu
         write_package(path, manifest, {file: folder / file for file, *_ in graphs})
     say(f"wrote {path}")
     return load_package(path)
+
+
+class _PlainEncoder(nn.Module):
+    def __init__(self, model: MuEModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, image: torch.Tensor, question: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        memory, valid = self.model.encode(image, question)
+        return memory, self.model.key_bias(valid)
+
+
+class _PlainDecoderStep(nn.Module):
+    """One generated token through every decoder layer, with the whole cache as two tensors."""
+
+    def __init__(self, model: MuEModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, token: torch.Tensor, position: torch.Tensor, past_key: torch.Tensor, past_value: torch.Tensor,
+                memory: torch.Tensor, memory_bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x = self.model.embed_answer(token, position)
+        bias = torch.zeros(x.shape[0], 1, 1, past_key.shape[3] + 1)
+        keys, values = [], []
+        for k, layer in enumerate(self.model.decoder):
+            x, key, value = layer(x, past_key[k], past_value[k], bias, memory, memory_bias)
+            keys.append(key)
+            values.append(value)
+        return self.model.head(x), torch.stack(keys), torch.stack(values)
+
+
+def export_plain_mue(model: MuEModel, folder: str | os.PathLike[str], opset: int = 18) -> tuple[Path, Path]:
+    """The plain model with the same weights, as an app without exits would ship it: one encoder
+    graph (image, question -> memory, memory_bias) and one decoder-step graph over all layers
+    with the key/value cache as ``(layers, batch, heads, past, head_dim)`` tensors."""
+    c = model.config
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(0)
+    image, question = torch.rand(2, 1, 28, 28, generator=g), torch.randint(3, c.vocab, (2, c.question_len), generator=g)
+    encoder = folder / "plain_encoder.onnx"
+    decoder = folder / "plain_decoder.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(_PlainEncoder(model).eval(), (image, question), str(encoder),
+                          input_names=["image", "question"], output_names=["memory", "memory_bias"],
+                          dynamic_axes={"image": {0: "batch"}, "question": {0: "batch"}, "memory": {0: "batch"},
+                                        "memory_bias": {0: "batch"}}, opset_version=opset, dynamo=False)
+        dh = c.width // c.heads
+        past = torch.randn(c.decoder_layers, 2, c.heads, 3, dh, generator=g)
+        with torch.no_grad():
+            memory, memory_bias = _PlainEncoder(model)(image, question)
+        torch.onnx.export(_PlainDecoderStep(model).eval(),
+                          (torch.randint(3, c.vocab, (2, 1), generator=g), torch.full((2, 1), 3), past, past.clone(),
+                           memory, memory_bias), str(decoder),
+                          input_names=["token", "position", "past_key", "past_value", "memory", "memory_bias"],
+                          output_names=["logits", "present_key", "present_value"],
+                          dynamic_axes={"token": {0: "batch"}, "position": {0: "batch"},
+                                        "past_key": {1: "batch", 3: "past"}, "past_value": {1: "batch", 3: "past"},
+                                        "memory": {0: "batch"}, "memory_bias": {0: "batch"},
+                                        "logits": {0: "batch"}, "present_key": {1: "batch", 3: "past"},
+                                        "present_value": {1: "batch", 3: "past"}},
+                          opset_version=opset, dynamo=False)
+    for path in (encoder, decoder):
+        onnx.checker.check_model(str(path), full_check=True)
+    return encoder, decoder

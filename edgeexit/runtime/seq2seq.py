@@ -115,35 +115,54 @@ class Seq2SeqRunner:
                 raise InputError(f"unknown threshold {key!r}; this package has {sorted(enc)} and 'decoder'")
         return enc, dec
 
-    def encode(self, feeds: dict[str, np.ndarray], thresholds: dict[str, float | None]
-               ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
-        """Memory (n, m, d), its validity (n, m) and the encoder layers each modality ran per sample."""
-        outs, valids, layers = [], [], {}
+    def encode(self, feeds: dict[str, np.ndarray], thresholds: dict[str, float | None], joint: float | None = None,
+               joint_exit: bool = False) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+        """Memory (n, m, d), its validity (n, m) and the encoder layers each modality ran per sample.
+
+        ``joint_exit``: MuE's ablation without modality decomposition: the modalities go through
+        each layer together and leave together, on one similarity over all their tokens and one
+        threshold (``joint``)."""
+        hs, valids, biases = [], [], []
         for m in self.spec.modalities:
             x = feeds[m["input"]]
-            n = len(x)
             h = self._run(self.embed[m["name"]], {m["input"]: x}, f"the {m['name']} embedding")[0]
             valid = (x != self.spec.pad) if x.dtype.kind in "iu" and x.ndim == 2 else np.ones(h.shape[:2], bool)
-            bias = np.where(valid, np.float32(0), NEG)[:, None, None, :].astype(np.float32)
-            ran = np.zeros(n, dtype=np.int64)
-            active = np.arange(n)
-            for k, session in enumerate(self.encoder):
-                if active.size == 0:
-                    break
-                out = self._run(session, {"hidden": h[active], "bias": bias[active]}, f"encoder layer {k}")[0]
-                similarity = cosine(out, h[active], valid[active])
-                h[active] = out
-                ran[active] += 1
-                active = active[~_passes(similarity, thresholds[m["name"]])]
-            outs.append(h)
+            hs.append(h)
             valids.append(valid)
-            layers[m["name"]] = ran
-        joined = np.concatenate(outs, axis=1)
-        memory = self._run(self.encoder_norm, {"hidden": joined}, "the encoder norm")[0]
+            biases.append(np.where(valid, np.float32(0), NEG)[:, None, None, :].astype(np.float32))
+        n = len(hs[0])
+        ran = [np.zeros(n, dtype=np.int64) for _ in hs]
+        active = [np.arange(n) for _ in hs]
+        for k, session in enumerate(self.encoder):
+            if all(a.size == 0 for a in active):
+                break
+            similarities: list[tuple[np.ndarray, np.ndarray, np.ndarray] | None] = []
+            for j, (h, valid, bias) in enumerate(zip(hs, valids, biases)):
+                rows = active[j]
+                if rows.size == 0:
+                    similarities.append(None)
+                    continue
+                out = self._run(session, {"hidden": h[rows], "bias": bias[rows]}, f"encoder layer {k}")[0]
+                similarities.append((out, h[rows], valid[rows]))
+                h[rows] = out
+                ran[j][rows] += 1
+            if joint_exit:
+                pairs = [p for p in similarities if p is not None]
+                sim = cosine(np.concatenate([p[0] for p in pairs], 1), np.concatenate([p[1] for p in pairs], 1),
+                             np.concatenate([p[2] for p in pairs], 1))
+                keep = ~_passes(sim, joint)
+                active = [a[keep] for a in active]
+            else:
+                for j, (m, pair) in enumerate(zip(self.spec.modalities, similarities)):
+                    if pair is not None:
+                        active[j] = active[j][~_passes(cosine(*pair), thresholds[m["name"]])]
+        memory = self._run(self.encoder_norm, {"hidden": np.concatenate(hs, axis=1)}, "the encoder norm")[0]
+        layers = {m["name"]: r for m, r in zip(self.spec.modalities, ran)}
         return memory, np.concatenate(valids, axis=1), layers
 
     def generate(self, feeds: dict[str, np.ndarray], *, max_new_tokens: int | None = None,
-                 thresholds: dict[str, Any] | None = None, kv: str = "drop") -> Generation:
+                 thresholds: dict[str, Any] | None = None, kv: str = "drop",
+                 encoder_exit: str = "per_modality") -> Generation:
         s = self.spec
         if kv not in KV_MODES:
             raise InputError(f"kv={kv!r} is not one of {KV_MODES}")
@@ -151,9 +170,12 @@ class Seq2SeqRunner:
         if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= s.max_answer - 1:
             raise InputError(f"max_new_tokens must be an integer from 1 to {s.max_answer - 1} (the answer "
                              f"positions the model was trained with), got {max_new_tokens!r}")
-        enc_thr, dec_thr = self._thresholds(thresholds)
+        if encoder_exit not in ("per_modality", "joint"):
+            raise InputError(f"encoder_exit={encoder_exit!r} is not 'per_modality' or 'joint'")
+        joint = (thresholds or {}).get("encoder")
+        enc_thr, dec_thr = self._thresholds({k: v for k, v in (thresholds or {}).items() if k != "encoder"})
         t0 = perf_counter_ns()
-        memory, mem_valid, enc_layers = self.encode(feeds, enc_thr)
+        memory, mem_valid, enc_layers = self.encode(feeds, enc_thr, joint, encoder_exit == "joint")
         encoder_ms = (perf_counter_ns() - t0) / 1e6
         n, layers = memory.shape[0], len(self.decoder)
         mem_bias = np.where(mem_valid, np.float32(0), NEG)[:, None, None, :].astype(np.float32)

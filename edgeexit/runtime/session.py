@@ -566,7 +566,8 @@ class ExitSession:
             m.energy_source, m.energy_note = reading.source, reading.note
 
     def generate(self, inputs: dict[str, np.ndarray], *, max_new_tokens: int | None = None,
-                 thresholds: dict[str, float | None] | None = None, kv: str = "drop") -> Generation:
+                 thresholds: dict[str, float | None] | None = None, kv: str = "drop",
+                 encoder_exit: str = "per_modality") -> Generation:
         """Generate answers with a seq2seq package (MuE's exits; see ``edgeexit.runtime.seq2seq``).
 
         Args:
@@ -575,6 +576,8 @@ class ExitSession:
             thresholds: overrides, by modality name (``"image"``, ``"text"``) and ``"decoder"``;
                 None disables that exit.  Default: the package's.
             kv: what skipped decoder layers keep for a token: ``"drop"`` or ``"copy_hidden"``.
+            encoder_exit: ``"per_modality"`` (MuE) or ``"joint"`` (the ablation: one similarity over
+                all tokens, one threshold, ``thresholds["encoder"]``).
         """
         if self._closed:
             raise SessionError(f"this ExitSession of {self.package.root} was closed; open a new one")
@@ -582,7 +585,8 @@ class ExitSession:
             raise InputError(f"{self.package.root} is a {self.package.kind} package: use run(); generate() is for "
                              "seq2seq packages")
         feeds, _n = self._checker.feeds(inputs)
-        return self._seq2seq.generate(feeds, max_new_tokens=max_new_tokens, thresholds=thresholds, kv=kv)
+        return self._seq2seq.generate(feeds, max_new_tokens=max_new_tokens, thresholds=thresholds, kv=kv,
+                                      encoder_exit=encoder_exit)
 
     def run_all_exits(self, inputs: np.ndarray | dict[str, np.ndarray]) -> list[np.ndarray]:
         """Logits of every exit for every sample (no early stopping), in exit order.
