@@ -32,7 +32,7 @@ import numpy as np
 from _common import BENCH_DIR, log, machine_info, table, write_json
 
 DEFAULT_JSON = BENCH_DIR / "results" / "bench_mue.json"
-GRID = [0.5, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 0.99, 0.995, 0.998, 0.999]
+GRID = [0.0, 0.3, 0.5, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 0.99, 0.995, 0.998, 0.999]
 EPOCHS = 12
 
 
