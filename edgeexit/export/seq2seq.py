@@ -11,7 +11,10 @@ Graphs (every axis named ``batch``, ``tokens``, ``past`` or ``memory`` is dynami
 - ``embed_answer.onnx`` token, position (batch, 1) int64 -> hidden (batch, 1, width)
 - ``decoder{k}.onnx``   hidden (batch, 1, width), past_key, past_value (batch, heads, past, head_dim),
   self_bias (batch, 1, 1, past + 1), memory, memory_bias (batch, 1, 1, memory)
-  -> hidden_out, key, value (the new position's key and value, (batch, heads, 1, head_dim))
+  -> hidden_out, key, value (the new position's key and value, (batch, heads, 1, head_dim)) and
+  logits (the shared head on hidden_out, so a token that leaves here needs no further call);
+  ``decoder0.onnx`` takes token and position instead of hidden (the answer embedding folded
+  in) and also returns that embedding as ``hidden``
 - ``decoder{k}_kv.onnx`` hidden (batch, 1, width) -> key, value: this layer's projections of a
   hidden state, for ``kv="copy_hidden"``
 - ``head.onnx``          hidden (batch, 1, width) -> logits (batch, 1, vocab)
@@ -90,17 +93,31 @@ def _graphs(model: MuEModel) -> list[tuple[str, nn.Module, list[str], list[str],
     def step(layer: nn.Module) -> Callable[..., Any]:
         def run(x, pk, pv, sb, mem, mb):  # type: ignore[no-untyped-def]
             out_x, key, value = layer(x, pk, pv, sb, mem, mb)
-            return out_x, key[:, :, -1:], value[:, :, -1:]
+            return out_x, key[:, :, -1:], value[:, :, -1:], model.head(out_x)
         return run
 
+    def first_step(layer: nn.Module) -> Callable[..., Any]:
+        def run(token, position, pk, pv, sb, mem, mb):  # type: ignore[no-untyped-def]
+            x = model.embed_answer(token, position)
+            out_x, key, value = layer(x, pk, pv, sb, mem, mb)
+            return x, out_x, key[:, :, -1:], value[:, :, -1:], model.head(out_x)
+        return run
+
+    def cache(b: int, t: int) -> tuple:
+        return (torch.randn(b, c.heads, t, dh, generator=g(6)), torch.randn(b, c.heads, t, dh, generator=g(7)),
+                bias(b, t + 1), hidden(b, IMAGE_TOKENS + c.question_len, 8),
+                bias(b, IMAGE_TOKENS + c.question_len, 9))
+
+    rest = ["past_key", "past_value", "self_bias", "memory", "memory_bias"]
     for k, layer in enumerate(model.decoder):
-        out.append((f"decoder{k}.onnx", _Call(layer, step(layer)),
-                    ["hidden", "past_key", "past_value", "self_bias", "memory", "memory_bias"],
-                    ["hidden_out", "key", "value"],
-                    lambda b, t: (hidden(b, 1), torch.randn(b, c.heads, t, dh, generator=g(6)),
-                                  torch.randn(b, c.heads, t, dh, generator=g(7)), bias(b, t + 1),
-                                  hidden(b, IMAGE_TOKENS + c.question_len, 8),
-                                  bias(b, IMAGE_TOKENS + c.question_len, 9))))
+        if k == 0:   # the answer embedding folded in: one onnxruntime call for a token that leaves here
+            out.append(("decoder0.onnx", _Call(model, first_step(layer)), ["token", "position", *rest],
+                        ["hidden", "hidden_out", "key", "value", "logits"],
+                        lambda b, t: (torch.randint(0, c.vocab, (b, 1), generator=g(4)),
+                                      torch.randint(0, c.answer_len, (b, 1), generator=g(5)), *cache(b, t))))
+        else:
+            out.append((f"decoder{k}.onnx", _Call(model, step(layer)), ["hidden", *rest],
+                        ["hidden_out", "key", "value", "logits"], lambda b, t: (hidden(b, 1), *cache(b, t))))
         out.append((f"decoder{k}_kv.onnx", _Call(layer, layer.self_kv), ["hidden"], ["key", "value"],  # type: ignore[arg-type]
                     lambda b, t: (hidden(b, 1),)))
     out.append(("head.onnx", _Call(model, model.head), ["hidden"], ["logits"], lambda b, t: (hidden(b, 1),)))

@@ -6,8 +6,10 @@ its input (per sample, over the whole flattened tensor, padding left out) is com
 that modality's threshold, and a sample whose similarity exceeds it stops there for that
 modality.  The outputs are joined and normalised into the decoder's memory.
 
-Decoder: per generated token, the same test after each layer; a token that exits goes
-through the shared head from there.  The key/values a skipped layer would have kept for that
+Decoder: per generated token, the same test after each layer; a token that exits takes the
+logits of the shared head from there (each decoder layer graph returns them, and the first
+one embeds the token itself, so a token that leaves at layer 1 costs one onnxruntime call).
+The key/values a skipped layer would have kept for that
 position are handled by ``kv``:
 
 - ``"drop"``: the layer has no entry for that position (MuE's code); its later tokens attend
@@ -87,10 +89,8 @@ class Seq2SeqRunner:
         self.embed = {m["name"]: build(m["embed"], f"{m['name']} embedding") for m in s.modalities}
         self.encoder = [build(f, f"encoder layer {k}") for k, f in enumerate(s.encoder)]
         self.encoder_norm = build(s.encoder_norm, "encoder norm")
-        self.embed_answer = build(s.embed_answer, "answer embedding")
         self.decoder = [build(d["step"], f"decoder layer {k}") for k, d in enumerate(s.decoder)]
         self.decoder_kv = [build(d["kv"], f"decoder layer {k} key/value") for k, d in enumerate(s.decoder)]
-        self.head = build(s.head, "head")
 
     @staticmethod
     def _run(session: Any, feeds: dict[str, np.ndarray], what: str) -> list[np.ndarray]:
@@ -191,33 +191,36 @@ class Seq2SeqRunner:
             if alive.size == 0:
                 break
             start = perf_counter_ns()
-            x = self._run(self.embed_answer, {"token": tokens[alive, None], "position": np.full((alive.size, 1), t,
-                                                                                               np.int64)},
-                          "the answer embedding")[0]
             exited_at = np.full(alive.size, layers - 1)
             active = np.arange(alive.size)          # rows of `alive` still in the decoder
-            hidden = x.copy()
+            hidden = np.empty((alive.size, 1, s.width), np.float32)
+            logits = np.empty((alive.size, len(s.vocab)), np.float32)
             for k in range(layers):
                 rows = alive[active]
                 past = has[k, rows, :t]
                 self_bias = np.concatenate([np.where(past, np.float32(0), NEG), np.zeros((rows.size, 1),
                                                                                         np.float32)], axis=1)
-                out, key, value = self._run(self.decoder[k], {
-                    "hidden": hidden[active], "past_key": cache_k[k, rows, :, :t],
-                    "past_value": cache_v[k, rows, :, :t], "self_bias": self_bias[:, None, None, :],
-                    "memory": memory[rows], "memory_bias": mem_bias[rows]}, f"decoder layer {k}")
+                feeds = {"past_key": cache_k[k, rows, :, :t], "past_value": cache_v[k, rows, :, :t],
+                         "self_bias": self_bias[:, None, None, :], "memory": memory[rows],
+                         "memory_bias": mem_bias[rows]}
+                if k == 0:   # layer 0 embeds the token itself and returns that embedding
+                    feeds.update(token=tokens[rows, None], position=np.full((rows.size, 1), t, np.int64))
+                    entering, out, key, value, layer_logits = self._run(self.decoder[0], feeds, "decoder layer 0")
+                else:
+                    entering = hidden[active]
+                    feeds["hidden"] = entering
+                    out, key, value, layer_logits = self._run(self.decoder[k], feeds, f"decoder layer {k}")
                 cache_k[k, rows, :, t], cache_v[k, rows, :, t] = key[:, :, 0], value[:, :, 0]
                 has[k, rows, t] = True
-                leave = _passes(cosine(out, hidden[active]), dec_thr) if k < layers - 1 else np.ones(rows.size,
-                                                                                                      bool)
+                leave = _passes(cosine(out, entering), dec_thr) if k < layers - 1 else np.ones(rows.size, bool)
                 hidden[active] = out
+                logits[active[leave]] = layer_logits[leave, 0]
                 exited_at[active[leave]] = k
                 if kv == "copy_hidden" and k < layers - 1 and leave.any():
-                    self._propagate(k, alive[active[leave]], hidden[active[leave]], t, cache_k, cache_v, has)
+                    self._propagate(k, alive[active[leave]], out[leave], t, cache_k, cache_v, has)
                 active = active[~leave]
                 if active.size == 0:
                     break
-            logits = self._run(self.head, {"hidden": hidden}, "the head")[0][:, 0]
             chosen = logits.argmax(axis=1).astype(np.int64)
             for j, row in enumerate(alive):
                 generated[row].append(int(chosen[j]))
