@@ -112,7 +112,7 @@ class Seq2SeqSpec:
     heads: int
     head_dim: int
     width: int
-    modalities: tuple[Mapping[str, Any], ...]   # name, input, embed (file), tokens, threshold
+    modalities: tuple[Mapping[str, Any], ...]   # name, input, embed and first (files), tokens, threshold
     encoder: tuple[str, ...]
     encoder_norm: str
     embed_answer: str
@@ -121,7 +121,8 @@ class Seq2SeqSpec:
     decoder_threshold: float | None
 
     def graph_files(self) -> list[str]:
-        return ([m["embed"] for m in self.modalities] + list(self.encoder) + [self.encoder_norm, self.embed_answer]
+        return ([m["embed"] for m in self.modalities] + [m["first"] for m in self.modalities if "first" in m]
+                + list(self.encoder) + [self.encoder_norm, self.embed_answer]
                 + [f for d in self.decoder for f in (d["step"], d["kv"])] + [self.head])
 
 @dataclass(frozen=True)
@@ -490,8 +491,8 @@ def _parse_seq2seq(manifest: Mapping[str, Any], kind: str, version: int, inputs:
     for j, m in enumerate(modalities):
         where = f"seq2seq.modalities[{j}]"
         _schema(isinstance(m, Mapping) and isinstance(m.get("name"), str) and m.get("input") in names
-                and isinstance(m.get("embed"), str), where, "an object with name, input (a model input) and embed",
-                m)
+                and isinstance(m.get("embed"), str) and isinstance(m.get("first", ""), str), where,
+                "an object with name, input (a model input), embed and first (file names)", m)
         _threshold_field(m.get("threshold"), f"{where}.threshold")
     encoder = _str_list(_field(raw, "encoder", "seq2seq"), "seq2seq.encoder")
     decoder = _field(raw, "decoder", "seq2seq")

@@ -6,7 +6,11 @@ Graphs (every axis named ``batch``, ``tokens``, ``past`` or ``memory`` is dynami
 
 - ``embed_image.onnx``  image (batch, 1, 28, 28) -> hidden (batch, 16, width)
 - ``embed_text.onnx``   question (batch, tokens) int64 -> hidden (batch, tokens, width)
-- ``encoder{k}.onnx``   hidden, bias (batch, 1, 1, tokens) -> hidden_out; shared by both modalities
+- ``encoder{k}.onnx``   hidden, bias (batch, 1, 1, tokens) -> hidden_out and memory (the encoder
+  norm of hidden_out: LayerNorm works per token, so the joined memory is the join of these);
+  shared by both modalities
+- ``encoder0_{modality}.onnx`` the modality's input, bias -> hidden (its embedding), hidden_out,
+  memory: layer 0 with the embedding folded in
 - ``encoder_norm.onnx`` hidden (batch, memory, width) -> memory
 - ``embed_answer.onnx`` token, position (batch, 1) int64 -> hidden (batch, 1, width)
 - ``decoder{k}.onnx``   hidden (batch, 1, width), past_key, past_value (batch, heads, past, head_dim),
@@ -81,9 +85,30 @@ def _graphs(model: MuEModel) -> list[tuple[str, nn.Module, list[str], list[str],
         ("embed_text.onnx", _Call(model, model.embed_text), ["question"], ["hidden"],
          lambda b, t: (torch.randint(0, c.vocab, (b, c.question_len), generator=g(3)),)),
     ]
+    def layer_and_norm(layer: nn.Module) -> Callable[..., Any]:
+        def run(h, b):  # type: ignore[no-untyped-def]
+            out_h = layer(h, b)
+            return out_h, model.encoder_norm(out_h)   # LayerNorm is per token: norm(join) = join(norms)
+        return run
+
+    def first_layer(embed: Callable[..., Any]) -> Callable[..., Any]:
+        def run(x, b):  # type: ignore[no-untyped-def]
+            h = embed(x)
+            out_h = model.encoder[0](h, b)
+            return h, out_h, model.encoder_norm(out_h)
+        return run
+
     for k, layer in enumerate(model.encoder):
-        out.append((f"encoder{k}.onnx", layer, ["hidden", "bias"], ["hidden_out"],
-                    lambda b, t: (hidden(b, t + 2), bias(b, t + 2))))
+        out.append((f"encoder{k}.onnx", _Call(model, layer_and_norm(layer)), ["hidden", "bias"],
+                    ["hidden_out", "memory"], lambda b, t: (hidden(b, t + 2), bias(b, t + 2))))
+    # layer 0 with each modality's embedding folded in: one call for a modality leaving at layer 1
+    out.append(("encoder0_image.onnx", _Call(model, first_layer(model.embed_image)), ["image", "bias"],
+                ["hidden", "hidden_out", "memory"],
+                lambda b, t: (torch.rand(b, 1, 28, 28, generator=g(2)), torch.zeros(b, 1, 1, IMAGE_TOKENS))))
+    out.append(("encoder0_text.onnx", _Call(model, first_layer(model.embed_text)), ["question", "bias"],
+                ["hidden", "hidden_out", "memory"],
+                lambda b, t: (torch.randint(0, c.vocab, (b, c.question_len), generator=g(3)),
+                              bias(b, c.question_len))))
     out.append(("encoder_norm.onnx", model.encoder_norm, ["hidden"], ["memory"],
                 lambda b, t: (hidden(b, IMAGE_TOKENS + t),)))
     out.append(("embed_answer.onnx", _Call(model, model.embed_answer), ["token", "position"], ["hidden"],
@@ -198,10 +223,10 @@ def export_mue(model: MuEModel, path: str | os.PathLike[str], *, name: str = "mu
                 "vocab": list(VOCAB), "pad": PAD, "bos": BOS, "eos": EOS, "max_answer": c.answer_len,
                 "width": c.width, "heads": c.heads, "head_dim": c.width // c.heads,
                 "modalities": [
-                    {"name": "image", "input": "image", "embed": "embed_image.onnx", "tokens": IMAGE_TOKENS,
-                     "threshold": encoder_thresholds[0]},
-                    {"name": "text", "input": "question", "embed": "embed_text.onnx", "tokens": c.question_len,
-                     "threshold": encoder_thresholds[1]},
+                    {"name": "image", "input": "image", "embed": "embed_image.onnx", "first": "encoder0_image.onnx",
+                     "tokens": IMAGE_TOKENS, "threshold": encoder_thresholds[0]},
+                    {"name": "text", "input": "question", "embed": "embed_text.onnx", "first": "encoder0_text.onnx",
+                     "tokens": c.question_len, "threshold": encoder_thresholds[1]},
                 ],
                 "encoder": [f"encoder{k}.onnx" for k in range(c.encoder_layers)],
                 "encoder_norm": "encoder_norm.onnx",

@@ -86,9 +86,8 @@ class Seq2SeqRunner:
         assert package.seq2seq is not None
         self.spec: Seq2SeqSpec = package.seq2seq
         s = self.spec
-        self.embed = {m["name"]: build(m["embed"], f"{m['name']} embedding") for m in s.modalities}
+        self.first = {m["name"]: build(m["first"], f"encoder layer 0 ({m['name']})") for m in s.modalities}
         self.encoder = [build(f, f"encoder layer {k}") for k, f in enumerate(s.encoder)]
-        self.encoder_norm = build(s.encoder_norm, "encoder norm")
         self.decoder = [build(d["step"], f"decoder layer {k}") for k, d in enumerate(s.decoder)]
         self.decoder_kv = [build(d["kv"], f"decoder layer {k} key/value") for k, d in enumerate(s.decoder)]
 
@@ -122,41 +121,50 @@ class Seq2SeqRunner:
         ``joint_exit``: MuE's ablation without modality decomposition: the modalities go through
         each layer together and leave together, on one similarity over all their tokens and one
         threshold (``joint``)."""
-        hs, valids, biases = [], [], []
-        for m in self.spec.modalities:
+        hs, valids, biases, memories = [], [], [], []
+        similarities: list[tuple[np.ndarray, np.ndarray, np.ndarray] | None] = []
+        for m in self.spec.modalities:    # layer 0 embeds the modality itself: one call per modality
             x = feeds[m["input"]]
-            h = self._run(self.embed[m["name"]], {m["input"]: x}, f"the {m['name']} embedding")[0]
-            valid = (x != self.spec.pad) if x.dtype.kind in "iu" and x.ndim == 2 else np.ones(h.shape[:2], bool)
+            valid = (x != self.spec.pad) if x.dtype.kind in "iu" and x.ndim == 2 else \
+                np.ones((len(x), int(m["tokens"])), bool)
+            bias = np.where(valid, np.float32(0), NEG)[:, None, None, :].astype(np.float32)
+            entering, h, normed = self._run(self.first[m["name"]], {m["input"]: x, "bias": bias},
+                                            f"encoder layer 0 ({m['name']})")
+            similarities.append((h, entering, valid))
             hs.append(h)
             valids.append(valid)
-            biases.append(np.where(valid, np.float32(0), NEG)[:, None, None, :].astype(np.float32))
+            biases.append(bias)
+            memories.append(normed)
         n = len(hs[0])
-        ran = [np.zeros(n, dtype=np.int64) for _ in hs]
+        ran = [np.ones(n, dtype=np.int64) for _ in hs]
         active = [np.arange(n) for _ in hs]
-        for k, session in enumerate(self.encoder):
-            if all(a.size == 0 for a in active):
-                break
-            similarities: list[tuple[np.ndarray, np.ndarray, np.ndarray] | None] = []
-            for j, (h, valid, bias) in enumerate(zip(hs, valids, biases)):
-                rows = active[j]
-                if rows.size == 0:
-                    similarities.append(None)
-                    continue
-                out = self._run(session, {"hidden": h[rows], "bias": bias[rows]}, f"encoder layer {k}")[0]
-                similarities.append((out, h[rows], valid[rows]))
-                h[rows] = out
-                ran[j][rows] += 1
+        for k in range(len(self.encoder)):
+            # the exit test on the layer just run, then the next layer for those who stay
             if joint_exit:
-                pairs = [p for p in similarities if p is not None]
-                sim = cosine(np.concatenate([p[0] for p in pairs], 1), np.concatenate([p[1] for p in pairs], 1),
-                             np.concatenate([p[2] for p in pairs], 1))
+                sim = cosine(np.concatenate([p[0] for p in similarities if p is not None], 1),
+                             np.concatenate([p[1] for p in similarities if p is not None], 1),
+                             np.concatenate([p[2] for p in similarities if p is not None], 1))
                 keep = ~_passes(sim, joint)
                 active = [a[keep] for a in active]
             else:
                 for j, (m, pair) in enumerate(zip(self.spec.modalities, similarities)):
                     if pair is not None:
                         active[j] = active[j][~_passes(cosine(*pair), thresholds[m["name"]])]
-        memory = self._run(self.encoder_norm, {"hidden": np.concatenate(hs, axis=1)}, "the encoder norm")[0]
+            if k + 1 == len(self.encoder) or all(a.size == 0 for a in active):
+                break
+            session = self.encoder[k + 1]
+            similarities = []
+            for j, (h, valid, bias) in enumerate(zip(hs, valids, biases)):
+                rows = active[j]
+                if rows.size == 0:
+                    similarities.append(None)
+                    continue
+                out, normed = self._run(session, {"hidden": h[rows], "bias": bias[rows]}, f"encoder layer {k + 1}")
+                similarities.append((out, h[rows], valid[rows]))
+                h[rows] = out
+                memories[j][rows] = normed
+                ran[j][rows] += 1
+        memory = np.concatenate(memories, axis=1)
         layers = {m["name"]: r for m, r in zip(self.spec.modalities, ran)}
         return memory, np.concatenate(valids, axis=1), layers
 
