@@ -936,17 +936,36 @@ def devices(device: str, as_json: bool, output: Path | None) -> None:
 
 @cli.command()
 @logging_options()
-@click.option("--model", type=click.Choice(["blenet", "bresnet", "cbnet"]), default="blenet", show_default=True,
-              help="Zoo model to train, export and compare with its full model.")
-@click.option("--epochs", default=20, show_default=True, type=click.IntRange(min=1), help="Training epochs.")
+@click.option("--model", type=click.Choice(["blenet", "bresnet", "cbnet", "mue"]), default="blenet", show_default=True,
+              help="Zoo model to train, export and compare with its full model (mue: the digit QA task).")
+@click.option("--epochs", default=None, type=click.IntRange(min=1),
+              help="Training epochs (default: 20; mue: 12).")
+@click.option("--json", "as_json", is_flag=True,
+              help="mue: print the comparison as one JSON object on stdout (keys in docs/MUE.md).")
 @click.option("--seed", default=0, show_default=True, help="Seed of the data split and the training.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("edgeexit-quickstart"),
               show_default=True, help="Folder for the package and the trained weights.")
 @click.option("--max-drop", default=0.3, show_default=True,
               help="Accuracy drop (points) allowed when choosing the threshold on the calibration split.")
-def quickstart(model: str, epochs: int, seed: int, output: Path, max_drop: float) -> None:
+def quickstart(model: str, epochs: int | None, seed: int, output: Path, max_drop: float, as_json: bool) -> None:
     """Train a zoo model on MNIST-5k, export it, and compare early exit with the full model."""
     _check_outputs(output, folder=True)
+    if model == "mue":
+        from .zoo.mue_quickstart import EPOCHS, run_mue_quickstart
+
+        mue_report = run_mue_quickstart(output, epochs=epochs or EPOCHS, seed=seed, floor=1 - max_drop / 100,
+                                    log=logger.info)
+        if as_json:
+            _emit_json("quickstart", mue_report.to_dict(), True, None)
+            return
+        click.echo("")
+        for line in mue_report.lines():
+            click.echo(line)
+        click.echo(f"package: {mue_report.package}")
+        return
+    if as_json:
+        raise click.UsageError("--json is for --model mue; the other quickstarts print their table")
+    epochs = epochs or 20
     if model == "cbnet":
         from .zoo.cbnet import run_cbnet_quickstart
 

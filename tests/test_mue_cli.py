@@ -82,3 +82,33 @@ def test_seq2seq_packages_refuse_classifier_options_and_run(package, tmp_path):
                                                                      "--data", str(tmp_path / "qa.npz")]):
         refused = CliRunner().invoke(cli, [command[0], str(package), *command[1:]])
         assert refused.exit_code == 2 and "is a seq2seq package" in refused.output, (command, refused.output)
+
+
+def test_compare_chooses_writes_and_reports_every_contender(tmp_path):
+    """The quickstart's comparison (what `edgeexit quickstart --model mue` and bench_mue.py print) on a
+    small untrained model and a few real-shaped samples: thresholds land in the package, every
+    contender is scored, counted and timed, and the JSON has the documented keys."""
+    from edgeexit.export.seq2seq import export_mue
+    from edgeexit.package import load_package
+    from edgeexit.zoo.mue_quickstart import EXITS_OFF, PLAIN, compare
+    from edgeexit.zoo.mue_task import make_splits
+
+    torch.manual_seed(0)
+    model = MuEModel(MuEConfig(width=32, heads=4, ff=64, encoder_layers=2, decoder_layers=2)).eval()
+    package = export_mue(model, tmp_path / "m.eexit", log=None).root
+    rng = np.random.default_rng(0)
+    images, digits = rng.random((40, 1, 28, 28), dtype=np.float32), rng.integers(0, 10, 40)
+    order = rng.permutation(40)
+    splits = make_splits(images, digits, order[20:], order[10:20], order[:10], seed=0)
+    report = compare(model, package, tmp_path / "plain", splits, timed_samples=5, passes=1, log=lambda _l: None)
+    spec = load_package(package).seq2seq
+    assert [m["threshold"] for m in spec.modalities] == [report.thresholds["image"], report.thresholds["text"]]
+    assert spec.decoder_threshold == report.thresholds["decoder"]
+    payload = json.loads(json.dumps(report.to_dict()))
+    assert set(payload) == {"package", "thresholds", "joint_encoder_threshold", "calibration_full_accuracy",
+                            "test_pairs", "timed_samples", "passes", "seconds", "contenders"}
+    assert len(payload["contenders"]) == 5 and payload["test_pairs"] == 10
+    assert payload["contenders"][PLAIN]["accuracy"] == payload["contenders"][EXITS_OFF]["accuracy"]
+    for row in payload["contenders"].values():
+        assert row["mean_ms"] > 0 and 0 <= row["accuracy"] <= 1
+    assert len(report.lines()) == 2 + 5
