@@ -245,3 +245,36 @@ def test_the_plain_baseline_and_the_joint_encoder_ablation(model, exported, tmp_
     assert never.tokens == plain and all((v == 2).all() for v in never.encoder_layers.values())
     first = sess.generate(feeds, max_new_tokens=8, thresholds={"encoder": -1.0}, encoder_exit="joint")
     assert all((v == 1).all() for v in first.encoder_layers.values())
+
+
+def test_similarity_is_the_cosine_of_the_flattened_valid_positions():
+    from edgeexit.runtime.seq2seq import cosine
+
+    rng = np.random.default_rng(3)
+    a, b = rng.standard_normal((4, 5, 8)), rng.standard_normal((4, 5, 8))
+    valid = rng.random((4, 5)) > 0.3
+    for i in range(4):
+        x, y = a[i][valid[i]].ravel(), b[i][valid[i]].ravel()
+        assert cosine(a, b, valid)[i] == pytest.approx(x @ y / np.linalg.norm(x) / np.linalg.norm(y))
+    assert cosine(a, a)[0] == pytest.approx(1.0) and cosine(a, np.zeros_like(a))[0] == 0.0
+
+
+def test_thresholds_at_one_equal_the_full_model_and_bad_inputs_are_typed(model, exported):
+    from edgeexit.errors import InputError, InputShapeError
+    from edgeexit.runtime import ExitSession
+
+    feeds = _inputs(5)
+    sess = ExitSession(exported.root)
+    full = sess.generate(feeds, max_new_tokens=8)
+    ones = sess.generate(feeds, max_new_tokens=8, thresholds={"image": 1.0, "text": 1.0, "decoder": 1.0})
+    assert ones.tokens == full.tokens and ones.decoder_layers == full.decoder_layers
+    with pytest.raises(InputShapeError):                     # a prompt longer than the 5 question positions
+        sess.generate({**feeds, "question": np.zeros((5, 9), np.int64) + 3})
+    with pytest.raises(InputShapeError):                     # the image at the wrong size
+        sess.generate({**feeds, "image": np.zeros((5, 1, 8, 8), np.float32)})
+    with pytest.raises(InputError, match="only padding"):
+        sess.generate({**feeds, "question": np.zeros((5, 5), np.int64)})
+    with pytest.raises(InputError, match="outside the vocabulary"):
+        sess.generate({**feeds, "question": np.full((5, 5), 999, np.int64)})
+    with pytest.raises(InputError, match="kv="):
+        sess.generate(feeds, kv="keep")

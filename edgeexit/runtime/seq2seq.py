@@ -178,6 +178,16 @@ class Seq2SeqRunner:
         if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= s.max_answer - 1:
             raise InputError(f"max_new_tokens must be an integer from 1 to {s.max_answer - 1} (the answer "
                              f"positions the model was trained with), got {max_new_tokens!r}")
+        for m in s.modalities:
+            x = feeds[m["input"]]
+            if x.dtype.kind in "iu" and x.ndim == 2:
+                if ((x < 0) | (x >= len(s.vocab))).any():
+                    raise InputError(f"input {m['input']!r} holds token ids outside the vocabulary (0 to "
+                                     f"{len(s.vocab) - 1})")
+                empty = np.flatnonzero((x == s.pad).all(axis=1))
+                if empty.size:
+                    raise InputError(f"input {m['input']!r}: sample(s) {empty[:10].tolist()} hold only padding; "
+                                     "every question needs at least one token")
         if encoder_exit not in ("per_modality", "joint"):
             raise InputError(f"encoder_exit={encoder_exit!r} is not 'per_modality' or 'joint'")
         joint = (thresholds or {}).get("encoder")
