@@ -66,14 +66,13 @@ def test_seq2seq_packages_refuse_classifier_options_and_run(package, tmp_path):
     result = CliRunner().invoke(cli, ["run", str(package), str(tmp_path / "qa.npz"), "--threshold", "0.5"])
     assert result.exit_code == 2 and "seq2seq thresholds are in the package" in result.output
     sess = ExitSession(package)
+    one = {"image": np.zeros((1, 1, 28, 28), np.float32), "question": encode(QUESTIONS["digit"], 5)[None]}
     with pytest.raises(InputError, match="use generate"):
-        sess.run({"image": np.zeros((1, 1, 28, 28), np.float32), "question": np.zeros((1, 5), np.int64)})
+        sess.run(one)
     with pytest.raises(InputError, match="max_new_tokens"):
-        sess.generate({"image": np.zeros((1, 1, 28, 28), np.float32), "question": np.zeros((1, 5), np.int64)},
-                      max_new_tokens=50)
+        sess.generate(one, max_new_tokens=50)
     with pytest.raises(InputError, match="unknown threshold"):
-        sess.generate({"image": np.zeros((1, 1, 28, 28), np.float32), "question": np.zeros((1, 5), np.int64)},
-                      thresholds={"audio": 0.5})
+        sess.generate(one, thresholds={"audio": 0.5})
     bad = CliRunner().invoke(cli, ["export", "mue", "--weights", str(package.parent / "w.pt"), "-o",
                                    str(tmp_path / "x.eexit"), "--threshold", "0.5"])
     assert bad.exit_code == 2 and "three --threshold values" in bad.output
