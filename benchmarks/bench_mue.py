@@ -64,8 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--floor", type=float, default=0.99, help="accuracy to keep, as a fraction of the full model's")
     args = ap.parse_args(argv)
 
+    from edgeexit.calibrate_seq2seq import GRID
     from edgeexit.export.seq2seq import export_mue
-    from edgeexit.zoo.mue_quickstart import EPOCHS, EXITS_OFF, GRID, compare
+    from edgeexit.zoo.mue_quickstart import EPOCHS, EXITS_OFF, compare
     from edgeexit.zoo.mue_task import mnist_qa_splits
 
     started = time.time()

@@ -108,3 +108,31 @@ def run_seq2seq(session: Any, input_file: Path, output: Path | None, batch_size:
             writer.writerow([i, texts[i], f"{decoder_layers[i]:.3f}"] + [encoder_layers[m][i] for m in encoder_layers])
         write_text(output, buf.getvalue())
         click.echo(f"wrote {output}")
+
+
+def calibrate_seq2seq_cli(package: Path, data_file: Path, max_drop: float, dry_run: bool, as_json: bool,
+                          emit_json: Any) -> None:
+    """``edgeexit calibrate`` on a seq2seq package: the loosest MuE thresholds that keep at least
+    (100 - max_drop) % of the exact match the package reaches with every exit off."""
+    from .calibrate_seq2seq import choose_thresholds, write_thresholds
+    from .runtime import ExitSession
+
+    if not 0 <= max_drop < 100:
+        raise click.UsageError(f"--max-drop is in accuracy points, from 0 to under 100; got {max_drop}")
+    session = ExitSession(package)
+    inputs, answers = load_seq2seq_data(data_file, session.input_names)
+    if answers is None:
+        raise InputFileError(f"{data_file} has no 'answers' (one reference answer string per sample); calibration "
+                             "needs them to count exact matches")
+    chosen, joint, full_acc = choose_thresholds(session, inputs, answers, 1 - max_drop / 100,
+                                                log=logger.info)
+    say = (lambda _line: None) if as_json else click.echo
+    say(f"{len(answers)} samples; exact match with every exit off: {full_acc:.2%}; thresholds keeping "
+        f">= {100 - max_drop:g}% of it: {chosen} (one joint encoder exit: {joint})")
+    if not dry_run:
+        write_thresholds(package, chosen)
+        say(f"wrote the thresholds into {package}")
+    if as_json:
+        emit_json("calibrate", {"package": str(package), "samples": len(answers), "full_accuracy": full_acc,
+                                "thresholds": chosen, "joint_encoder_threshold": joint, "written": not dry_run},
+                  True, None)

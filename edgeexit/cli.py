@@ -657,7 +657,17 @@ def calibrate(package: Path, data_file: Path | None, max_drop: float | None, tar
               dry_run: bool, revert: bool, verbose: bool, as_json: bool) -> None:
     """Choose one threshold per early exit from labelled data, timed on this device."""
     _check_outputs(plot)
-    _classifier_only(package, "calibrate")
+    from .package import load_package
+
+    if load_package(package).kind == "seq2seq":
+        from ._seq2seq_cli import calibrate_seq2seq_cli
+
+        if data_file is None or max_drop is None or target_accuracy is not None or latency_budget_ms is not None \
+                or revert or plot is not None or flops:
+            raise click.UsageError("a seq2seq package calibrates with --data QA.npz (with 'answers') and --max-drop "
+                                   "POINTS only")
+        calibrate_seq2seq_cli(package, data_file, max_drop, dry_run, as_json, _emit_json)
+        return
     from .calibrate import revert_calibration
 
     if revert:

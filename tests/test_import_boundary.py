@@ -28,7 +28,8 @@ RUNTIME_MODULES = (
     "edgeexit.devices",
 )
 # Light (numpy-only) modules that are newer or still being written: checked when they exist.
-OTHER_LIGHT_MODULES = ("edgeexit.calibrate", "edgeexit.datasets", "edgeexit.datafiles", "edgeexit.measure")
+OTHER_LIGHT_MODULES = ("edgeexit.calibrate", "edgeexit.calibrate_seq2seq", "edgeexit.datasets", "edgeexit.datafiles",
+                       "edgeexit.measure")
 
 
 def _exists(module: str) -> bool:

@@ -76,8 +76,7 @@ def test_seq2seq_packages_refuse_classifier_options_and_run(package, tmp_path):
     bad = CliRunner().invoke(cli, ["export", "mue", "--weights", str(package.parent / "w.pt"), "-o",
                                    str(tmp_path / "x.eexit"), "--threshold", "0.5"])
     assert bad.exit_code == 2 and "three --threshold values" in bad.output
-    for command in (["compile"], ["calibrate", "--data", str(tmp_path / "qa.npz"), "--max-drop", "1"],
-                    ["bench", "--data", str(tmp_path / "qa.npz")], ["quantize", "-o", str(tmp_path / "q.eexit"),
+    for command in (["compile"], ["bench", "--data", str(tmp_path / "qa.npz")], ["quantize", "-o", str(tmp_path / "q.eexit"),
                                                                      "--data", str(tmp_path / "qa.npz")]):
         refused = CliRunner().invoke(cli, [command[0], str(package), *command[1:]])
         assert refused.exit_code == 2 and "is a seq2seq package" in refused.output, (command, refused.output)
@@ -111,3 +110,34 @@ def test_compare_chooses_writes_and_reports_every_contender(tmp_path):
     for row in payload["contenders"].values():
         assert row["mean_ms"] > 0 and 0 <= row["accuracy"] <= 1
     assert len(report.lines()) == 2 + 5
+
+
+def test_calibrate_a_seq2seq_package_from_answers(package, tmp_path):
+    """`edgeexit calibrate` on a seq2seq package: thresholds chosen against the package's own answers
+    with every exit off (used as the reference here, so exits keep 100 % of them at --max-drop 0)."""
+    import shutil
+
+    from edgeexit.package import load_package
+    from edgeexit.runtime import ExitSession
+
+    work = tmp_path / "m.eexit"
+    shutil.copytree(package, work)
+    rng = np.random.default_rng(1)
+    feeds = {"image": rng.random((10, 1, 28, 28), dtype=np.float32),
+             "question": np.stack([encode(QUESTIONS[k], 5) for k in list(QUESTIONS) * 2])}
+    reference = ExitSession(work).generate(feeds, thresholds={"image": None, "text": None, "decoder": None}).text
+    np.savez(tmp_path / "cal.npz", **feeds, answers=np.array(reference))
+    result = CliRunner().invoke(cli, ["calibrate", str(work), "--data", str(tmp_path / "cal.npz"), "--max-drop",
+                                      "0", "--json", "-q"])
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    assert payload["full_accuracy"] == 1.0 and payload["written"] is True
+    spec = load_package(work).seq2seq
+    assert [m["threshold"] for m in spec.modalities] == [payload["thresholds"]["image"], payload["thresholds"]["text"]]
+    assert spec.decoder_threshold == payload["thresholds"]["decoder"]
+    again = ExitSession(work).generate(feeds)          # the written thresholds keep every answer
+    assert again.text == reference
+    no_answers = tmp_path / "x.npz"
+    np.savez(no_answers, **feeds)
+    refused = CliRunner().invoke(cli, ["calibrate", str(work), "--data", str(no_answers), "--max-drop", "1"])
+    assert refused.exit_code == 2 and "no 'answers'" in refused.output

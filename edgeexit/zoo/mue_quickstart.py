@@ -1,9 +1,7 @@
 """MuE end to end: train, export, choose thresholds on the calibration split, compare on the test split.
 
 Used by ``edgeexit quickstart --model mue`` and ``benchmarks/bench_mue.py``.  Thresholds are
-chosen one at a time, each modality's encoder threshold and then the decoder's, as the
-loosest value of ``GRID`` (lower similarity thresholds exit sooner) that keeps the exact-match
-accuracy on the calibration split at or above ``floor`` times the full model's.  On the test
+chosen on the calibration split by ``edgeexit.calibrate_seq2seq.choose_thresholds``.  On the test
 split every contender is scored for exact match and layers executed (encoder layers per
 modality plus decoder layers per token, as MuE counts them), and timed at batch 1,
 interleaved per sample, against the plain model: one encoder graph and one decoder-step
@@ -20,7 +18,15 @@ from typing import Any
 
 import numpy as np
 
-GRID = [0.0, 0.3, 0.5, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 0.99, 0.995, 0.998, 0.999]
+from ..calibrate_seq2seq import (
+    accuracy,
+    choose_thresholds,
+    feeds_of,
+    generate_all,
+    layer_counts,
+    write_thresholds,
+)
+
 EPOCHS = 12
 PLAIN = "plain model (encoder graph + decoder-step graph)"
 EXITS_OFF = "full model, per-layer graphs (exits off)"
@@ -59,54 +65,6 @@ class MuEReport:
         return out
 
 
-def accuracy(texts: list[str], answers: list[str]) -> float:
-    return float(np.mean([t == a for t, a in zip(texts, answers)]))
-
-
-def generate_all(sess: Any, split: Any, batch: int = 100, **options: Any) -> tuple[list[str], Any]:
-    """Generate for a whole split in batches; (texts, one merged Generation)."""
-    from ..runtime.seq2seq import Generation
-
-    parts = [sess.generate({"image": split.image[s:s + batch], "question": split.question[s:s + batch]}, **options)
-             for s in range(0, len(split), batch)]
-    merged = Generation(
-        tokens=[t for p in parts for t in p.tokens], text=[t for p in parts for t in p.text],
-        encoder_layers={k: np.concatenate([p.encoder_layers[k] for p in parts]) for k in parts[0].encoder_layers},
-        decoder_layers=[d for p in parts for d in p.decoder_layers], encoder_ms=0.0)
-    return merged.text, merged
-
-
-def layer_counts(gen: Any, encoder_layers: int, decoder_layers: int) -> tuple[float, float]:
-    """(layers run, layers the full model runs), summed over samples."""
-    run = full = 0.0
-    for i, tokens in enumerate(gen.decoder_layers):
-        run += sum(float(v[i]) for v in gen.encoder_layers.values()) + sum(tokens)
-        full += encoder_layers * len(gen.encoder_layers) + decoder_layers * len(tokens)
-    return run, full
-
-
-def choose_thresholds(sess: Any, cal: Any, floor: float, log: Callable[[str], None]
-                      ) -> tuple[dict[str, float | None], float | None, float]:
-    """Per-modality encoder thresholds, then the decoder's; and the joint-encoder threshold."""
-    answers = cal.answers()
-    full_acc = accuracy(generate_all(sess, cal)[0], answers)
-    chosen: dict[str, float | None] = {"image": None, "text": None, "decoder": None}
-    for key in ("image", "text", "decoder"):
-        for t in GRID:
-            if accuracy(generate_all(sess, cal, thresholds={**chosen, key: t})[0], answers) >= floor * full_acc:
-                chosen[key] = t
-                break
-        log(f"calibration: {key} threshold {chosen[key]}")
-    joint = None
-    for t in GRID:
-        texts, _ = generate_all(sess, cal, thresholds={"encoder": t, "decoder": chosen["decoder"]},
-                                encoder_exit="joint")
-        if accuracy(texts, answers) >= floor * full_acc:
-            joint = t
-            break
-    return chosen, joint, full_acc
-
-
 def plain_generator(encoder: Any, decoder: Any, config: Any) -> Callable[[dict[str, np.ndarray]], list[int]]:
     """Greedy batch-1 decoding with the plain graphs in bare onnxruntime sessions."""
     from .mue_task import BOS, EOS
@@ -136,7 +94,6 @@ def compare(model: Any, package: Path, plain_folder: Path, splits: Any, *, floor
     import onnxruntime as ort
 
     from ..export.seq2seq import export_plain_mue
-    from ..package import update_manifest
     from ..runtime import ExitSession
     from ..runtime._threads import session_options
     from .mue_task import decode
@@ -144,14 +101,9 @@ def compare(model: Any, package: Path, plain_folder: Path, splits: Any, *, floor
     started = time.time()
     c = model.config
     sess = ExitSession(package)
-    chosen, joint, cal_acc = choose_thresholds(sess, splits.calibration, floor, log)
-
-    def write(manifest: dict[str, Any]) -> None:
-        for m in manifest["seq2seq"]["modalities"]:
-            m["threshold"] = chosen[m["name"]]
-        manifest["seq2seq"]["decoder_threshold"] = chosen["decoder"]
-
-    update_manifest(package, write)
+    chosen, joint, cal_acc = choose_thresholds(sess, feeds_of(splits.calibration), splits.calibration.answers(),
+                                               floor, log)
+    write_thresholds(package, chosen)
     enc_path, dec_path = export_plain_mue(model, plain_folder)
     opts = session_options(1, False, False)
     plain_encoder, plain_decoder = (ort.InferenceSession(str(p), opts, providers=["CPUExecutionProvider"])
@@ -170,7 +122,7 @@ def compare(model: Any, package: Path, plain_folder: Path, splits: Any, *, floor
         [decode(plain({"image": test.image[i:i + 1], "question": test.question[i:i + 1]})) for i in range(len(test))],
         answers)}}
     for name, options in contenders.items():
-        texts, gen = generate_all(sess, test, **options)
+        texts, gen = generate_all(sess, feeds_of(test), **options)
         run, full = layer_counts(gen, c.encoder_layers, c.decoder_layers)
         rows[name] = {"accuracy": accuracy(texts, answers), "layers": run, "full_layers": full,
                       "encoder_layers": {k: float(v.mean()) for k, v in gen.encoder_layers.items()},
