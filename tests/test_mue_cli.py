@@ -77,7 +77,8 @@ def test_seq2seq_packages_refuse_classifier_options_and_run(package, tmp_path):
                                    str(tmp_path / "x.eexit"), "--threshold", "0.5"])
     assert bad.exit_code == 2 and "three --threshold values" in bad.output
     data = str(tmp_path / "qa.npz")
-    for command in (["compile"], ["bench", "--data", data], ["quantize", "-o", str(tmp_path / "q.eexit"), "--data", data]):
+    quantize = ["quantize", "-o", str(tmp_path / "q.eexit"), "--data", data]
+    for command in (["compile"], ["bench", "--data", data], quantize):
         refused = CliRunner().invoke(cli, [command[0], str(package), *command[1:]])
         assert refused.exit_code == 2 and "is a seq2seq package" in refused.output, (command, refused.output)
 
