@@ -57,51 +57,38 @@ def _remove(path: Path) -> None:
             pass
 
 
+def _collect(folder: Path, patterns: list[str]) -> list[str]:
+    """Remove the entries of ``folder`` matching one of ``patterns`` whose writer (group ``pid``)
+    is gone; returns their names."""
+    try:
+        entries = list(folder.iterdir())
+    except OSError:
+        return []
+    removed = []
+    for entry in entries:
+        if any(_dead_writer(entry.name, pattern) for pattern in patterns):
+            _remove(entry)
+            removed.append(entry.name)
+    return removed
+
+
 def collect_siblings(dest: Path) -> list[str]:
     """Remove the temporary siblings of package ``dest`` left by dead writers; returns their names.
 
     A leftover ``.old-*`` is removed only when ``dest`` exists (else ``recover`` puts it back)."""
-    parent, name = dest.parent, re.escape(dest.name)
-    removed: list[str] = []
-    try:
-        entries = list(parent.iterdir())
-    except OSError:
-        return removed
-    for entry in entries:
-        if _dead_writer(entry.name, rf"\.{name}\.tmp-(?P<pid>\d+)-.+") or (
-                dest.exists() and _dead_writer(entry.name, rf"\.{name}\.old-(?P<pid>\d+)-.+")):
-            _remove(entry)
-            removed.append(entry.name)
-    return removed
+    name = re.escape(dest.name)
+    patterns = [rf"\.{name}\.tmp-(?P<pid>\d+)-.+"] + ([rf"\.{name}\.old-(?P<pid>\d+)-.+"] if dest.exists() else [])
+    return _collect(dest.parent, patterns)
 
 
 def collect_files(folder: Path) -> list[str]:
     """Remove ``.FILE.PID-XXXX.tmp`` files of dead writers inside ``folder`` (a package)."""
-    removed: list[str] = []
-    try:
-        entries = list(folder.iterdir())
-    except OSError:
-        return removed
-    for entry in entries:
-        if _dead_writer(entry.name, r"\..+\.(?P<pid>\d+)-[^.]+\.tmp"):
-            _remove(entry)
-            removed.append(entry.name)
-    return removed
+    return _collect(folder, [r"\..+\.(?P<pid>\d+)-[^.]+\.tmp"])
 
 
 def collect_work_dirs(kind: str) -> list[str]:
     """Remove ``edgeexit-KIND-PID-*`` folders of dead processes in the temp dir."""
-    removed: list[str] = []
-    root = Path(tempfile.gettempdir())
-    try:
-        entries = list(root.iterdir())
-    except OSError:
-        return removed
-    for entry in entries:
-        if _dead_writer(entry.name, rf"edgeexit-{re.escape(kind)}-(?P<pid>\d+)-.+"):
-            _remove(entry)
-            removed.append(entry.name)
-    return removed
+    return _collect(Path(tempfile.gettempdir()), [rf"edgeexit-{re.escape(kind)}-(?P<pid>\d+)-.+"])
 
 
 def recover(dest: Path) -> bool:
