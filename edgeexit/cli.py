@@ -90,11 +90,16 @@ def _emit_json(command: str, payload: dict[str, Any], as_json: bool, output: Pat
     if output is not None:
         _write_text_atomic(output, text)
         click.echo(f"wrote {output}", err=as_json)
-def _classifier_only(package: Path, command: str) -> None:
-    """Refuse a seq2seq package in a command that works on classifiers and pipelines only."""
+def _package_kind(package: Path) -> str:
+    """The manifest's kind, read without hashing the graphs (the command verifies them when it loads)."""
     from .package import load_package
 
-    if load_package(package).kind == "seq2seq":
+    return load_package(package, verify_hashes=False).kind
+
+
+def _classifier_only(package: Path, command: str) -> None:
+    """Refuse a seq2seq package in a command that works on classifiers and pipelines only."""
+    if _package_kind(package) == "seq2seq":
         raise click.UsageError(f"`edgeexit {command}` works on classifier and pipeline packages; {package} is a "
                                "seq2seq package (run it with `edgeexit run`, or ExitSession.generate from Python)")
 
@@ -657,9 +662,7 @@ def calibrate(package: Path, data_file: Path | None, max_drop: float | None, tar
               dry_run: bool, revert: bool, verbose: bool, as_json: bool) -> None:
     """Choose one threshold per early exit from labelled data, timed on this device."""
     _check_outputs(plot)
-    from .package import load_package
-
-    if load_package(package).kind == "seq2seq":
+    if _package_kind(package) == "seq2seq":
         from ._seq2seq_cli import calibrate_seq2seq_cli
 
         if data_file is None or max_drop is None or target_accuracy is not None or latency_budget_ms is not None \

@@ -135,8 +135,10 @@ class ExitSession:
         self._compiled: CompiledGraph | None = None
         self._full_session: ort.InferenceSession | None = None
         self._plain_session: ort.InferenceSession | None = None
+        self._measures = threading.local()   # the measure() block open in each thread, if any
+        self._measures_open = 0              # how many threads have one open (run() looks only then)
+        self._measures_lock = threading.Lock()
         if self.package.kind == "seq2seq":   # an encoder-decoder: generate(), not run()
-            self._measures, self._measures_open, self._measures_lock = threading.local(), 0, threading.Lock()
             self.engine_choice, self.io_binding_device = {}, None
             self._seq2seq = Seq2SeqRunner(self.package, self._build)
             return
@@ -178,9 +180,6 @@ class ExitSession:
         self._plans: dict[tuple[Any, ...], _Plan] = {}
         never = tuple(never_threshold(p) for p in self._default_plan.policies[:-1])
         self._no_exit_plan = _Plan(self._default_plan.policies, never, disabled=True)
-        self._measures = threading.local()   # the measure() block open in each thread, if any
-        self._measures_open = 0              # how many threads have one open (run() looks only then)
-        self._measures_lock = threading.Lock()
         if self._default_plan.disabled and self._full_when_disabled:
             self._full()   # a package with its exits disabled runs as the full model: build it now
 
