@@ -73,9 +73,13 @@ def cosine(a: np.ndarray, b: np.ndarray, valid: np.ndarray | None = None) -> np.
         return np.where(den > 0, (a2 * b2).sum(1) / np.where(den > 0, den, 1.0), 0.0)
 
 
-def _passes(similarity: np.ndarray, threshold: float | None) -> np.ndarray:
+def _exits(threshold: float | None, out: np.ndarray, entering: np.ndarray,
+           valid: np.ndarray | None = None) -> np.ndarray:
+    """Which samples leave: similarity of a layer's output and input above ``threshold``; none
+    when the exit is disabled (then the similarity is not computed at all)."""
     if threshold is None:
-        return np.zeros(similarity.shape, dtype=bool)
+        return np.zeros(len(out), dtype=bool)
+    similarity = cosine(out, entering, valid)
     return np.isfinite(similarity) & (similarity > threshold)
 
 
@@ -141,15 +145,13 @@ class Seq2SeqRunner:
         for k in range(len(self.encoder)):
             # the exit test on the layer just run, then the next layer for those who stay
             if joint_exit:
-                sim = cosine(np.concatenate([p[0] for p in similarities if p is not None], 1),
-                             np.concatenate([p[1] for p in similarities if p is not None], 1),
-                             np.concatenate([p[2] for p in similarities if p is not None], 1))
-                keep = ~_passes(sim, joint)
+                pairs = [p for p in similarities if p is not None]
+                keep = ~_exits(joint, *(np.concatenate([p[i] for p in pairs], 1) for i in range(3)))
                 active = [a[keep] for a in active]
             else:
                 for j, (m, pair) in enumerate(zip(self.spec.modalities, similarities)):
                     if pair is not None:
-                        active[j] = active[j][~_passes(cosine(*pair), thresholds[m["name"]])]
+                        active[j] = active[j][~_exits(thresholds[m["name"]], *pair)]
             if k + 1 == len(self.encoder) or all(a.size == 0 for a in active):
                 break
             session = self.encoder[k + 1]
@@ -230,7 +232,7 @@ class Seq2SeqRunner:
                     out, key, value, layer_logits = self._run(self.decoder[k], feeds, f"decoder layer {k}")
                 cache_k[k, rows, :, t], cache_v[k, rows, :, t] = key[:, :, 0], value[:, :, 0]
                 has[k, rows, t] = True
-                leave = _passes(cosine(out, entering), dec_thr) if k < layers - 1 else np.ones(rows.size, bool)
+                leave = _exits(dec_thr, out, entering) if k < layers - 1 else np.ones(rows.size, bool)
                 hidden[active] = out
                 logits[active[leave]] = layer_logits[leave, 0]
                 exited_at[active[leave]] = k
