@@ -220,21 +220,27 @@ class ExitPathTimes:
 
 
 def measure_exit_paths(session, inputs, *, policy: str | None = None, samples: int = 64,  # type: ignore[no-untyped-def]
-                       repeats: int = 3, engine: str | None = None, block: int = 16,
-                       engines: Sequence[str | None] | None = None) -> ExitPathTimes | list[ExitPathTimes]:
+                       repeats: int = 3, engine: str | None = None, block: int = 16) -> ExitPathTimes:
+    """``measure_exit_paths_per_engine`` for one engine (default: the one ``session`` uses at batch 1)."""
+    return measure_exit_paths_per_engine(session, inputs, [engine], policy=policy, samples=samples, repeats=repeats,
+                                         block=block)[0]
+
+
+def measure_exit_paths_per_engine(session, inputs, engines: Sequence[str | None], *,  # type: ignore[no-untyped-def]
+                                  policy: str | None = None, samples: int = 64, repeats: int = 3,
+                                  block: int = 16) -> list[ExitPathTimes]:
     """Time what the device pays per exit path, end to end, against the plain full model.
 
     For each of ``samples`` inputs (evenly spread, batch 1) and each repeat, calls in turn
     ``session.run`` with thresholds that send the sample to exit 0, 1, ... (so every stage
-    call, exit head, policy score and the runtime's own work is counted, on the engine
-    ``session`` uses at batch 1, or on each of ``engines``), ``session.run`` with every exit
+    call, exit head, policy score and the runtime's own work is counted, on each engine of
+    ``engines``, None meaning the session's choice), ``session.run`` with every exit
     disabled (what a package written with its exits disabled pays) and the plain model
     (``session.plain_full_model``: ``full.onnx`` in a bare onnxruntime session, as ``bench``
     times it); the order rotates per block of ``block`` samples (each contender runs a block
     warm, as in a stream of requests and in ``bench``'s windows; ``block=1`` times every call
-    cold).  Medians per contender.  With ``engines`` every engine's paths are timed in the
-    same interleaved run, so they compare fairly, and one ``ExitPathTimes`` per engine is
-    returned.
+    cold).  Medians per contender.  Every engine's paths are timed in the same interleaved
+    run, so they compare fairly; one ``ExitPathTimes`` per engine.
     """
     from .runtime._engines import forced_paths, interleaved_ms
 
@@ -245,19 +251,18 @@ def measure_exit_paths(session, inputs, *, policy: str | None = None, samples: i
     pol = get_policy(policy or session.package.policies[0])
     paths = forced_paths([pol.name] * session.num_exits)
     plain, label = session.plain_full_model()
-    wanted = list(engines) if engines is not None else [engine]
     calls: list[Any] = [functools.partial(session.run, thresholds=t, policy=pol.name, engine=e)
-                        for e in wanted for t in paths]
+                        for e in engines for t in paths]
     # every exit disabled, engine left to the session: what a package written disabled pays (full.onnx)
     calls += [functools.partial(session.run, thresholds=paths[-1], policy=pol.name), plain]
     times = interleaved_ms(calls, one, repeats, block=block)
     medians = [float(np.median(t)) for t in times]
     timed = []
-    for i, e in enumerate(wanted):
+    for i, e in enumerate(engines):
         used = session.run(one[0], thresholds=paths[0], policy=pol.name, engine=e).engine
         timed.append(ExitPathTimes(medians[i * len(paths):(i + 1) * len(paths)], medians[-1], medians[-2], used,
                                    label))
-    return timed if engines is not None else timed[0]
+    return timed
 
 
 def _objective(max_drop: float | None, target_accuracy: float | None, latency_budget: float | None,
@@ -331,8 +336,7 @@ def calibrate_thresholds(
         # on each and the cheaper outcome decides the engine too
         compiled = session.has_compiled and records.policy == session.package.policies[0]
         engines = ("stages", "compiled") if compiled else ("stages",)
-        timed = measure_exit_paths(session, feeds, policy=records.policy, engines=engines)
-        assert isinstance(timed, list)
+        timed = measure_exit_paths_per_engine(session, feeds, engines, policy=records.policy)
         paths = min(timed, key=lambda t: search_thresholds(records, t.path_ms, objective).best.cost)
         source = (f"measured: median batch-1 ms of ExitSession.run per exit path ({paths.engine}) and of the "
                   f"full model ({paths.full_model}), interleaved on this device")

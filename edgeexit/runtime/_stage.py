@@ -59,9 +59,8 @@ class Stage:
         """An onnxruntime failure of this stage as a typed error naming the stage."""
         text = str(exc).strip()
         first = text.splitlines()[0] if text else type(exc).__name__
-        shapes = ", ".join(f"{n}" for n in self.inputs)
         return SessionError(f"stage {self.spec.name!r} ({self.spec.file}) failed in onnxruntime on inputs "
-                            f"[{shapes}]: {first[:300]}")
+                            f"{list(self.inputs)}: {first[:300]}")
 
     def _run_bound(self, tensors: dict[str, Any]) -> list[Any]:
         try:
