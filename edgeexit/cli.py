@@ -635,10 +635,14 @@ def _inspect_seq2seq(pkg: Any) -> None:
                    f"{state(m.get('threshold'))}")
     click.echo(f"decoder: {len(spec.decoder)} layers with a key/value cache, shared head; per token "
                f"{state(spec.decoder_threshold)}")
-    click.echo(f"{'file':<22}{'bytes':>10}  sha256")
+    modes = sorted(spec.encoder_exits or {})
+    click.echo("encoder with in-graph exits (one onnxruntime call): " + (", ".join(modes) if modes else
+               "none (format version 5: the encoder runs one call per layer and modality)"))
+    click.echo(f"{'file':<26}{'bytes':>10}  sha256")
     for name in spec.graph_files():
         meta = pkg.files[name]
-        click.echo(f"{name:<22}{meta['size']:>10,}  {meta['sha256'][:16]}…")
+        click.echo(f"{name:<26}{meta['size']:>10,}  {meta['sha256'][:16]}…")
+
 
 @cli.command()
 @click.argument("package", type=click.Path(path_type=Path))

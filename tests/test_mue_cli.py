@@ -33,7 +33,7 @@ def package(tmp_path_factory):
 def test_export_inspect_and_run_a_seq2seq_package(package, tmp_path):
     inspect = CliRunner().invoke(cli, ["inspect", str(package)])
     assert inspect.exit_code == 0, inspect.output
-    assert "seq2seq 'mue', format version 5" in inspect.output and "exits when similarity > 0.9" in inspect.output
+    assert "seq2seq 'mue', format version 6" in inspect.output and "exits when similarity > 0.9" in inspect.output
     rng = np.random.default_rng(0)
     kinds = list(QUESTIONS)
     digits = rng.integers(0, 10, 12)

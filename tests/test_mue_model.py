@@ -4,6 +4,8 @@ the teacher-forced pass (the contract the exported per-layer graphs rely on)."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 
@@ -169,7 +171,7 @@ def _inputs(n: int = 6):
 def test_exported_graphs_generate_what_torch_generates_with_exits_disabled(model, exported):
     from edgeexit.runtime import ExitSession
 
-    assert exported.kind == "seq2seq" and exported.format_version == 5 and exported.seq2seq is not None
+    assert exported.kind == "seq2seq" and exported.format_version == 6 and exported.seq2seq is not None
     feeds = _inputs()
     sess = ExitSession(exported.root)
     want = _torch_generate(model, torch.from_numpy(feeds["image"]), torch.from_numpy(feeds["question"]), 8)
@@ -182,18 +184,23 @@ def test_exported_graphs_generate_what_torch_generates_with_exits_disabled(model
     assert one.tokens == want[2:3]                  # batch 1 equals the same sample in a batch
 
 
+@pytest.mark.parametrize("engine", ["compiled", "stages"])
 @pytest.mark.parametrize("kv", ["drop", "copy_hidden"])
-def test_exits_in_the_runtime_match_the_torch_reference(model, exported, kv):
+def test_exits_in_the_runtime_match_the_torch_reference(model, exported, kv, engine):
+    from functools import partial
+
     from edgeexit.runtime import ExitSession
 
     feeds = _inputs(8)
-    sess = ExitSession(exported.root)
+    session = ExitSession(exported.root)
+    sess = SimpleNamespace(generate=partial(session.generate, engine=engine))
     # thresholds at the median similarity of this untrained model: some samples and tokens exit early
     probe = sess.generate(feeds, max_new_tokens=6, thresholds={"image": -1.0, "text": -1.0, "decoder": -1.0}, kv=kv)
     assert all((probe.encoder_layers[m] == 1).all() for m in ("image", "text"))
     assert all(set(d) == {1} for d in probe.decoder_layers)
     for thresholds in ({"image": 0.9, "text": 0.9, "decoder": 0.9}, {"image": 0.99, "text": 0.5, "decoder": 0.97}):
         got = sess.generate(feeds, max_new_tokens=6, thresholds=thresholds, kv=kv)
+        assert got.encoder_engine == engine
         want = _torch_generate(model, torch.from_numpy(feeds["image"]), torch.from_numpy(feeds["question"]), 6,
                                thresholds, kv)
         assert got.tokens == want, thresholds
@@ -241,10 +248,70 @@ def test_the_plain_baseline_and_the_joint_encoder_ablation(model, exported, tmp_
     plain = _plain_generate(enc, dec, feeds, c.decoder_layers, c.heads, c.width // c.heads, 8)
     sess = ExitSession(exported.root)
     assert plain == sess.generate(feeds, max_new_tokens=8).tokens
-    never = sess.generate(feeds, max_new_tokens=8, thresholds={"encoder": 2.0}, encoder_exit="joint")
-    assert never.tokens == plain and all((v == 2).all() for v in never.encoder_layers.values())
-    first = sess.generate(feeds, max_new_tokens=8, thresholds={"encoder": -1.0}, encoder_exit="joint")
-    assert all((v == 1).all() for v in first.encoder_layers.values())
+    for engine in ("compiled", "stages"):
+        never = sess.generate(feeds, max_new_tokens=8, thresholds={"encoder": 1.0}, encoder_exit="joint",
+                              engine=engine)
+        assert never.tokens == plain and all((v == 2).all() for v in never.encoder_layers.values())
+        first = sess.generate(feeds, max_new_tokens=8, thresholds={"encoder": -1.0}, encoder_exit="joint",
+                              engine=engine)
+        assert all((v == 1).all() for v in first.encoder_layers.values()) and first.encoder_engine == engine
+    # between the two: the modalities leave together, at the layer where their joint similarity passes
+    joint = {"encoder": 0.9}
+    a, b = (sess.generate(feeds, max_new_tokens=8, thresholds=joint, encoder_exit="joint", engine=e)
+            for e in ("compiled", "stages"))
+    assert a.tokens == b.tokens and all((a.encoder_layers[m] == b.encoder_layers[m]).all() for m in ("image", "text"))
+    assert (a.encoder_layers["image"] == a.encoder_layers["text"]).all()
+
+
+def test_the_in_graph_encoder_equals_the_per_layer_graphs_on_real_digits(exported):
+    """Thresholds spread over each layer's observed similarities, so samples leave at every depth."""
+    from edgeexit.runtime import ExitSession
+    from edgeexit.runtime.seq2seq import cosine
+    from edgeexit.zoo.mue_task import mnist_qa_splits
+
+    test = mnist_qa_splits(0).test
+    feeds = {"image": test.image[:40], "question": test.question[:40]}
+    sess = ExitSession(exported.root)
+    runner = sess._seq2seq
+    valid = feeds["question"] != 0
+    bias = np.where(valid, np.float32(0), np.float32(-1e9))[:, None, None, :]
+    h = runner._run(runner.first["text"], {"question": feeds["question"], "bias": bias}, "probe")
+    seen = np.unique(cosine(h[1], h[0], valid))       # layer 1's similarities; thresholds between them,
+    between = (seen[1:] + seen[:-1]) / 2               # as a tie may round either way in the last bit
+    for q in (0.2, 0.5, 0.8):
+        thresholds = {"image": 0.9, "text": float(between[int(q * (len(between) - 1))])}
+        compiled = runner.encode(feeds, thresholds, engine="compiled")
+        stages = runner.encode(feeds, thresholds, engine="stages")
+        np.testing.assert_allclose(compiled[0], stages[0], atol=1e-5)
+        for m in ("image", "text"):
+            assert np.array_equal(compiled[2][m], stages[2][m])
+        assert len(set(stages[2]["text"].tolist())) > 1      # some samples leave early, some go on
+
+
+def test_a_version_5_package_runs_its_per_layer_encoder(exported, tmp_path):
+    import json
+    import shutil
+
+    from edgeexit.errors import InputError
+    from edgeexit.runtime import ExitSession
+
+    old = tmp_path / "v5.eexit"
+    shutil.copytree(exported.root, old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    manifest["format_version"] = 5
+    for file in manifest["seq2seq"].pop("encoder_exits").values():
+        del manifest["files"][file]
+        (old / file).unlink()
+    (old / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    feeds = _inputs(4)
+    sess = ExitSession(old)
+    got = sess.generate(feeds, max_new_tokens=8, thresholds={"image": 0.9})
+    assert got.encoder_engine == "stages"
+    assert got.tokens == ExitSession(exported.root).generate(feeds, max_new_tokens=8, thresholds={"image": 0.9}).tokens
+    with pytest.raises(InputError, match="no encoder with in-graph exits"):
+        sess.generate(feeds, engine="compiled")
+    with pytest.raises(InputError, match="engine="):
+        sess.generate(feeds, engine="fast")
 
 
 def test_similarity_is_the_cosine_of_the_flattened_valid_positions():

@@ -22,8 +22,11 @@ Graphs (every axis named ``batch``, ``tokens``, ``past`` or ``memory`` is dynami
 - ``decoder{k}_kv.onnx`` hidden (batch, 1, width) -> key, value: this layer's projections of a
   hidden state, for ``kv="copy_hidden"``
 - ``head.onnx``          hidden (batch, 1, width) -> logits (batch, 1, vocab)
+- ``encoder_exits.onnx``, ``encoder_exits_joint.onnx``: the encoder with its exits decided
+  in-graph (``edgeexit.export.seq2seq_compile``), spliced from the graphs above
 
-Each graph is checked with ``onnx.checker`` and against torch on fresh inputs of two sizes.
+Each graph is checked with ``onnx.checker`` and against torch on fresh inputs of two sizes;
+the in-graph encoders are checked against the per-layer graphs.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from __future__ import annotations
 import os
 import tempfile
 import warnings
+from types import SimpleNamespace
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -44,11 +48,12 @@ from torch import nn
 from .. import __version__
 from .. import _leftovers as leftovers
 from ..errors import ExportError, ExportValidationError
-from ..package import Package, load_package, write_package
+from ..package import Package, Seq2SeqSpec, load_package, write_package
 from ..zoo.mue import IMAGE_TOKENS, MuEModel
+from .seq2seq_compile import ENCODER_FILE, JOINT_ENCODER_FILE, build_encoder_exits, check_encoder_exits
 from ..zoo.mue_task import BOS, EOS, PAD, VOCAB
 
-SEQ2SEQ_VERSION = 5
+SEQ2SEQ_VERSION = 6   # 5 plus the encoder with in-graph exits (FORMAT.md section 3.5)
 
 
 class _Call(nn.Module):
@@ -194,6 +199,33 @@ def _validate(graphs, folder: Path, atol: float, log: Callable[[str], None]) -> 
         raise ExportValidationError(f"onnxruntime differs from torch beyond {atol}: {'; '.join(failures)}")
 
 
+def _encoder_exits(folder: Path, spec: dict[str, Any], say: Callable[[str], None]) -> dict[str, Path]:
+    """Build the encoder with in-graph exits for both exit modes into ``folder``, checked against
+    the per-layer graphs there."""
+    from ..runtime.seq2seq import Seq2SeqRunner
+    from ..runtime._threads import session_options
+
+    fields = {k: spec[k] for k in ("vocab", "pad", "bos", "eos", "max_answer", "heads", "head_dim", "width",
+                                   "encoder", "encoder_norm", "embed_answer", "decoder", "head", "decoder_threshold")}
+    layers = Seq2SeqSpec(**{**fields, "vocab": tuple(spec["vocab"]), "encoder": tuple(spec["encoder"]),
+                            "decoder": tuple(spec["decoder"]), "modalities": tuple(spec["modalities"])})
+    options = session_options(1, False, False)
+
+    def build(file: str, _what: str) -> ort.InferenceSession:
+        return ort.InferenceSession(str(folder / file), options, providers=["CPUExecutionProvider"])
+
+    runner = Seq2SeqRunner(SimpleNamespace(seq2seq=layers), build)  # type: ignore[arg-type]
+    data = {mode: build_encoder_exits(folder, spec, joint=mode == "joint").SerializeToString()
+            for mode in spec["encoder_exits"]}
+    check_encoder_exits(runner, data)
+    files = {}
+    for mode, file in spec["encoder_exits"].items():
+        (folder / file).write_bytes(data[mode])
+        files[file] = folder / file
+        say(f"  {file:<26} encoder with in-graph exits ({mode}): same layers and memory as the per-layer graphs")
+    return files
+
+
 def export_mue(model: MuEModel, path: str | os.PathLike[str], *, name: str = "mue", opset: int = 18,
                atol: float = 1e-4, encoder_thresholds: Sequence[float | None] = (None, None),
                decoder_threshold: float | None = None, log: Callable[[str], None] | None = print) -> Package:
@@ -237,13 +269,15 @@ def export_mue(model: MuEModel, path: str | os.PathLike[str], *, name: str = "mu
                 "policy": "similarity",
                 "decoder_threshold": decoder_threshold,
                 "config": c.to_dict(),
+                "encoder_exits": {"per_modality": ENCODER_FILE, "joint": JOINT_ENCODER_FILE},
             },
             "full_model": None, "preprocessing": {"layout": "NCHW", "pixel_scale": 1 / 255},
             "producer": {"edgeexit": __version__, "torch": torch.__version__.split("+")[0],
                          "onnx": onnx.__version__, "onnxruntime": ort.__version__, "opset": opset,
                          "exporter": "torchscript"},
         }
-        write_package(path, manifest, {file: folder / file for file, *_ in graphs})
+        compiled = _encoder_exits(folder, manifest["seq2seq"], say)
+        write_package(path, manifest, {**{file: folder / file for file, *_ in graphs}, **compiled})
     say(f"wrote {path}")
     return load_package(path)
 

@@ -36,6 +36,8 @@ from ..package import Package, Seq2SeqSpec
 
 NEG = np.float32(-1e9)
 KV_MODES = ("drop", "copy_hidden")
+ENGINES = ("auto", "compiled", "stages")
+DISABLED = 2.0   # the threshold that disables an in-graph exit: a cosine never exceeds 1
 
 
 @dataclass
@@ -48,6 +50,8 @@ class Generation:
         encoder_layers: per modality name, the encoder layers each sample ran (n,).
         decoder_layers: per sample, the decoder layers run for each generated token.
         step_ms: wall time of each decoding step (all samples), ms; encoder_ms: the encoder's.
+        encoder_engine: "compiled" (the encoder with in-graph exits, one call) or "stages"
+            (one call per layer per modality).
     """
 
     tokens: list[list[int]]
@@ -56,6 +60,7 @@ class Generation:
     decoder_layers: list[list[int]]
     encoder_ms: float
     step_ms: list[float] = field(default_factory=list)
+    encoder_engine: str = "stages"
 
     @property
     def total_ms(self) -> float:
@@ -94,6 +99,8 @@ class Seq2SeqRunner:
         self.encoder = [build(f, f"encoder layer {k}") for k, f in enumerate(s.encoder)]
         self.decoder = [build(d["step"], f"decoder layer {k}") for k, d in enumerate(s.decoder)]
         self.decoder_kv = [build(d["kv"], f"decoder layer {k} key/value") for k, d in enumerate(s.decoder)]
+        self.encoder_exits = {mode: build(f, f"encoder with in-graph exits ({mode})")
+                              for mode, f in (s.encoder_exits or {}).items()}
 
     @staticmethod
     def _run(session: Any, feeds: dict[str, np.ndarray], what: str) -> list[np.ndarray]:
@@ -118,19 +125,41 @@ class Seq2SeqRunner:
                 raise InputError(f"unknown threshold {key!r}; this package has {sorted(enc)} and 'decoder'")
         return enc, dec
 
+    def encoder_engine(self, engine: str, joint_exit: bool) -> str:
+        """"compiled" where the package has the encoder with in-graph exits for this mode (and
+        ``engine`` allows it), else "stages"."""
+        if engine not in ENGINES:
+            raise InputError(f"engine={engine!r} is not one of {ENGINES}")
+        mode = "joint" if joint_exit else "per_modality"
+        if engine == "compiled" and mode not in self.encoder_exits:
+            raise InputError(f"this package has no encoder with in-graph exits for encoder_exit="
+                             f"{'joint' if joint_exit else 'per_modality'!r} (format version 5, or built without); "
+                             "re-export it with this edgeexit, or use engine='stages'")
+        return "compiled" if engine != "stages" and mode in self.encoder_exits else "stages"
+
+    def _valids(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return [(x != self.spec.pad) if x.dtype.kind in "iu" and x.ndim == 2 else np.ones((len(x), int(m["tokens"])), bool)
+                for m in self.spec.modalities for x in (feeds[m["input"]],)]
+
     def encode(self, feeds: dict[str, np.ndarray], thresholds: dict[str, float | None], joint: float | None = None,
-               joint_exit: bool = False) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+               joint_exit: bool = False, engine: str = "auto") -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
         """Memory (n, m, d), its validity (n, m) and the encoder layers each modality ran per sample.
 
         ``joint_exit``: MuE's ablation without modality decomposition: the modalities go through
         each layer together and leave together, on one similarity over all their tokens and one
-        threshold (``joint``)."""
+        threshold (``joint``).  ``engine``: see ``encoder_engine``."""
+        if self.encoder_engine(engine, joint_exit) == "compiled":
+            mode = "joint" if joint_exit else "per_modality"
+            fed = [joint] if joint_exit else [thresholds[m["name"]] for m in self.spec.modalities]
+            inputs = {m["input"]: feeds[m["input"]] for m in self.spec.modalities}
+            inputs["thresholds"] = np.array([DISABLED if v is None else v for v in fed], np.float64)
+            memory, *ran = self._run(self.encoder_exits[mode], inputs, f"the encoder with in-graph exits ({mode})")
+            return memory, np.concatenate(self._valids(feeds), axis=1), \
+                {m["name"]: r for m, r in zip(self.spec.modalities, ran)}
         hs, valids, biases, memories = [], [], [], []
         similarities: list[tuple[np.ndarray, np.ndarray, np.ndarray] | None] = []
-        for m in self.spec.modalities:    # layer 0 embeds the modality itself: one call per modality
+        for m, valid in zip(self.spec.modalities, self._valids(feeds)):  # layer 0 embeds the modality itself
             x = feeds[m["input"]]
-            valid = (x != self.spec.pad) if x.dtype.kind in "iu" and x.ndim == 2 else \
-                np.ones((len(x), int(m["tokens"])), bool)
             bias = np.where(valid, np.float32(0), NEG)[:, None, None, :].astype(np.float32)
             entering, h, normed = self._run(self.first[m["name"]], {m["input"]: x, "bias": bias},
                                             f"encoder layer 0 ({m['name']})")
@@ -172,7 +201,7 @@ class Seq2SeqRunner:
 
     def generate(self, feeds: dict[str, np.ndarray], *, max_new_tokens: int | None = None,
                  thresholds: dict[str, Any] | None = None, kv: str = "drop",
-                 encoder_exit: str = "per_modality") -> Generation:
+                 encoder_exit: str = "per_modality", engine: str = "auto") -> Generation:
         s = self.spec
         if kv not in KV_MODES:
             raise InputError(f"kv={kv!r} is not one of {KV_MODES}")
@@ -193,9 +222,12 @@ class Seq2SeqRunner:
         if encoder_exit not in ("per_modality", "joint"):
             raise InputError(f"encoder_exit={encoder_exit!r} is not 'per_modality' or 'joint'")
         joint = (thresholds or {}).get("encoder")
+        if joint is not None and (isinstance(joint, bool) or not isinstance(joint, (int, float)) or not np.isfinite(joint)):
+            raise InputError(f"threshold 'encoder' must be a finite number or None, got {joint!r}")
         enc_thr, dec_thr = self._thresholds({k: v for k, v in (thresholds or {}).items() if k != "encoder"})
+        encoder_engine = self.encoder_engine(engine, encoder_exit == "joint")
         t0 = perf_counter_ns()
-        memory, mem_valid, enc_layers = self.encode(feeds, enc_thr, joint, encoder_exit == "joint")
+        memory, mem_valid, enc_layers = self.encode(feeds, enc_thr, joint, encoder_exit == "joint", encoder_engine)
         encoder_ms = (perf_counter_ns() - t0) / 1e6
         n, layers = memory.shape[0], len(self.decoder)
         mem_bias = np.where(mem_valid, np.float32(0), NEG)[:, None, None, :].astype(np.float32)
@@ -251,7 +283,7 @@ class Seq2SeqRunner:
         specials = {s.pad, s.bos, s.eos}
         text = [" ".join(s.vocab[i] for i in (g[:g.index(s.eos)] if s.eos in g else g) if i not in specials)
                 for g in generated]
-        return Generation(generated, text, enc_layers, dec_layers, encoder_ms, step_ms)
+        return Generation(generated, text, enc_layers, dec_layers, encoder_ms, step_ms, encoder_engine)
 
     def _propagate(self, k: int, rows: np.ndarray, hidden: np.ndarray, t: int, cache_k: np.ndarray,
                    cache_v: np.ndarray, has: np.ndarray) -> None:

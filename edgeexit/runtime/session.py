@@ -566,7 +566,7 @@ class ExitSession:
 
     def generate(self, inputs: dict[str, np.ndarray], *, max_new_tokens: int | None = None,
                  thresholds: dict[str, float | None] | None = None, kv: str = "drop",
-                 encoder_exit: str = "per_modality") -> Generation:
+                 encoder_exit: str = "per_modality", engine: str = "auto") -> Generation:
         """Generate answers with a seq2seq package (MuE's exits; see ``edgeexit.runtime.seq2seq``).
 
         Args:
@@ -577,6 +577,9 @@ class ExitSession:
             kv: what skipped decoder layers keep for a token: ``"drop"`` or ``"copy_hidden"``.
             encoder_exit: ``"per_modality"`` (MuE) or ``"joint"`` (the ablation: one similarity over
                 all tokens, one threshold, ``thresholds["encoder"]``).
+            engine: ``"auto"`` runs the encoder with in-graph exits where the package has it (one
+                onnxruntime call instead of one per layer and modality); ``"stages"`` always runs
+                the per-layer graphs; ``"compiled"`` insists on the in-graph one.
         """
         if self._closed:
             raise SessionError(f"this ExitSession of {self.package.root} was closed; open a new one")
@@ -585,7 +588,7 @@ class ExitSession:
                              "seq2seq packages")
         feeds, _n = self._checker.feeds(inputs)
         return self._seq2seq.generate(feeds, max_new_tokens=max_new_tokens, thresholds=thresholds, kv=kv,
-                                      encoder_exit=encoder_exit)
+                                      encoder_exit=encoder_exit, engine=engine)
 
     def run_all_exits(self, inputs: np.ndarray | dict[str, np.ndarray]) -> list[np.ndarray]:
         """Logits of every exit for every sample (no early stopping), in exit order.
