@@ -8,9 +8,10 @@ encoder graph, one decoder-step graph with the cache, same weights) is exported 
 Thresholds are chosen on the calibration split (1,000 pairs): first each modality's encoder
 threshold with the decoder exits off, then the decoder threshold, each the loosest setting
 whose exact-match accuracy stays >= 99 % of the full model's on that split.  Every figure
-below is on the test split (1,000 pairs), batch 1 for wall time (interleaved per sample:
-plain model, per-layer graphs with exits off, MuE drop, MuE copy_hidden, the joint-encoder
-ablation), batched for accuracy and layer counts.
+below is on the test split (1,000 pairs), batch 1 for wall time, batched for accuracy and
+layer counts.  Timed contenders take turns in blocks of 16 samples: the plain model, the
+per-layer graphs and the in-graph exit graphs with every exit off, MuE drop (in-graph exits,
+and per-layer graphs), MuE copy_hidden and the joint-encoder ablation.
 
 Layers are counted as MuE counts them: encoder layers per modality plus decoder layers per
 generated token; the full model runs 2 x 6 + 6 x tokens.
@@ -60,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", nargs="?", const=str(DEFAULT_JSON), help="write the results as JSON (default path)")
     ap.add_argument("--quick", action="store_true", help="100 timed samples, 1 pass: a smoke run")
     ap.add_argument("--seed", type=int, default=0, help="seed of the splits and the weights")
-    ap.add_argument("--passes", type=int, default=2, help="timing passes over the timed samples at batch 1")
+    ap.add_argument("--passes", type=int, default=3, help="timing passes over the timed samples at batch 1")
     ap.add_argument("--floor", type=float, default=0.99, help="accuracy to keep, as a fraction of the full model's")
     args = ap.parse_args(argv)
 

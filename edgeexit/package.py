@@ -44,7 +44,8 @@ FORMAT_NAME = "edgeexit"
 FORMAT_VERSION = 4
 SUPPORTED_FORMAT_VERSIONS = frozenset({1, 2, 3, 4, 5, 6})
 SEQ2SEQ_VERSION = 5   # adds kind "seq2seq" (the `seq2seq` object); classifiers are still written as 4
-# version 6 adds `seq2seq.encoder_exits`: the encoder with in-graph exits (optional; 5 loads unchanged)
+# version 6 adds `seq2seq.encoder_exits` and `seq2seq.decoder_steps`: the encoder and a decoder step
+# with in-graph exits (optional; 5 loads unchanged)
 ENCODER_EXITS_VERSION = 6
 DISABLED_EXITS_VERSION = 4
 MANIFEST_NAME = "manifest.json"
@@ -123,12 +124,14 @@ class Seq2SeqSpec:
     decoder_threshold: float | None
     # the encoder with in-graph exits, per encoder exit mode ("per_modality", "joint"); version 6
     encoder_exits: Mapping[str, str] | None = None
+    # one generated token at batch 1 with in-graph decoder exits, per kv mode ("drop", "copy_hidden"); version 6
+    decoder_steps: Mapping[str, str] | None = None
 
     def graph_files(self) -> list[str]:
         return ([m["embed"] for m in self.modalities] + [m["first"] for m in self.modalities if "first" in m]
                 + list(self.encoder) + [self.encoder_norm, self.embed_answer]
                 + [f for d in self.decoder for f in (d["step"], d["kv"])] + [self.head]
-                + list((self.encoder_exits or {}).values()))
+                + list((self.encoder_exits or {}).values()) + list((self.decoder_steps or {}).values()))
 
 @dataclass(frozen=True)
 class CompiledSpec:
@@ -509,17 +512,19 @@ def _parse_seq2seq(manifest: Mapping[str, Any], kind: str, version: int, inputs:
         _schema(isinstance(value, str), f"seq2seq.{key}", "a file name", value)
     _schema(raw.get("policy", "similarity") == "similarity", "seq2seq.policy", "'similarity'", raw.get("policy"))
     _threshold_field(raw.get("decoder_threshold"), "seq2seq.decoder_threshold")
-    encoder_exits = raw.get("encoder_exits")
-    if encoder_exits is not None:
-        _schema(version >= ENCODER_EXITS_VERSION, "format_version",
-                f"{ENCODER_EXITS_VERSION} or later for seq2seq.encoder_exits", version)
-        _schema(isinstance(encoder_exits, Mapping) and len(encoder_exits) > 0
-                and set(encoder_exits) <= {"per_modality", "joint"}
-                and all(isinstance(f, str) for f in encoder_exits.values()), "seq2seq.encoder_exits",
-                "an object mapping 'per_modality' and/or 'joint' to a file name", encoder_exits)
+    in_graph = {}
+    for key, modes in (("encoder_exits", ("per_modality", "joint")), ("decoder_steps", ("drop", "copy_hidden"))):
+        value = raw.get(key)
+        if value is not None:
+            _schema(version >= ENCODER_EXITS_VERSION, "format_version",
+                    f"{ENCODER_EXITS_VERSION} or later for seq2seq.{key}", version)
+            _schema(isinstance(value, Mapping) and len(value) > 0 and set(value) <= set(modes)
+                    and all(isinstance(f, str) for f in value.values()), f"seq2seq.{key}",
+                    f"an object mapping {' and/or '.join(map(repr, modes))} to a file name", value)
+        in_graph[key] = dict(value) if value else None
     return Seq2SeqSpec(vocab=vocab, modalities=tuple(dict(m) for m in modalities), encoder=encoder,
                        decoder=tuple(dict(d) for d in decoder), decoder_threshold=raw.get("decoder_threshold"),
-                       encoder_exits=dict(encoder_exits) if encoder_exits else None, **files, **ints)
+                       **in_graph, **files, **ints)
 
 
 def _threshold_field(value: Any, where: str) -> None:

@@ -4,6 +4,7 @@ the teacher-forced pass (the contract the exported per-layer graphs rely on)."""
 
 from __future__ import annotations
 
+import math
 from types import SimpleNamespace
 
 import numpy as np
@@ -94,8 +95,9 @@ def test_copy_hidden_keys_are_the_layer_projections_of_the_exited_state(model):
 # --- export and generation ---------------------------------------------------------------
 
 
-def _torch_generate(model, image, question, limit, thresholds=None, kv="drop"):  # type: ignore[no-untyped-def]
-    """Reference: greedy decoding in torch with MuE's exits (cosine similarity), per sample."""
+def _torch_generate(model, image, question, limit, thresholds=None, kv="drop", decay=None):  # type: ignore[no-untyped-def]
+    """Reference: greedy decoding in torch with MuE's exits (cosine similarity), per sample;
+    ``decay``: CALM's schedule, threshold_t = clip(0.9 threshold + 0.1 exp(-decay t / limit), -1, 1)."""
     from edgeexit.zoo.mue_task import BOS as bos
     from edgeexit.zoo.mue_task import EOS as eos
 
@@ -138,8 +140,10 @@ def _torch_generate(model, image, question, limit, thresholds=None, kv="drop"): 
                     sim = float((new.double().flatten() @ x.double().flatten())
                                 / (new.double().norm() * x.double().norm()))
                     x = new
-                    if k < len(model.decoder) - 1 and thresholds.get("decoder") is not None \
-                            and sim > thresholds["decoder"]:
+                    base = thresholds.get("decoder")
+                    if base is not None and decay is not None:
+                        base = min(1.0, max(-1.0, 0.9 * base + 0.1 * math.exp(-decay * t / limit)))
+                    if k < len(model.decoder) - 1 and base is not None and sim > base:
                         if kv == "copy_hidden":
                             for j in range(k + 1, len(model.decoder)):
                                 kj, vj = model.decoder[j].self_kv(x)
@@ -204,9 +208,45 @@ def test_exits_in_the_runtime_match_the_torch_reference(model, exported, kv, eng
         want = _torch_generate(model, torch.from_numpy(feeds["image"]), torch.from_numpy(feeds["question"]), 6,
                                thresholds, kv)
         assert got.tokens == want, thresholds
+        if engine == "compiled":     # batch 1: the decoder step with in-graph exits, one call per token
+            for i in range(len(want)):
+                one = session.generate({k: v[i:i + 1] for k, v in feeds.items()}, max_new_tokens=6,
+                                       thresholds=thresholds, kv=kv, engine=engine)
+                assert one.decoder_engine == "compiled" and one.tokens == [want[i]], (i, thresholds)
+                assert one.decoder_layers == [got.decoder_layers[i]]
+        else:
+            assert got.decoder_engine == "stages"
         if thresholds["decoder"] == 0.9:    # tokens leave at layers 1, 2 and 3: ragged caches, compaction
             assert {layer for d in got.decoder_layers for layer in d} == {1, 2, 3}
             assert (got.encoder_layers["text"] == 1).all() and (got.encoder_layers["image"] == 2).all()
+
+
+@pytest.mark.parametrize("kv", ["drop", "copy_hidden"])
+def test_calm_decaying_threshold_matches_the_torch_reference(model, exported, kv):
+    from edgeexit.errors import InputError
+    from edgeexit.runtime import ExitSession
+    from edgeexit.runtime.seq2seq import decoder_threshold
+
+    assert decoder_threshold(0.9, 0, 6, 4.0) == pytest.approx(0.91)            # 0.9 * 0.9 + 0.1 * e^0
+    assert decoder_threshold(0.9, 3, 6, 4.0) == pytest.approx(0.81 + 0.1 * math.exp(-2.0))
+    assert decoder_threshold(None, 3, 6, 4.0) is None and decoder_threshold(0.9, 3, 6, None) == 0.9
+    feeds = _inputs(8)
+    sess = ExitSession(exported.root)
+    thresholds = {"image": 0.9, "text": 0.9, "decoder": 0.97}
+    want = _torch_generate(model, torch.from_numpy(feeds["image"]), torch.from_numpy(feeds["question"]), 6,
+                           thresholds, kv, decay=4.0)
+    plain = sess.generate(feeds, max_new_tokens=6, thresholds=thresholds, kv=kv)
+    decayed = sess.generate(feeds, max_new_tokens=6, thresholds=thresholds, kv=kv, decay=4.0)
+    assert decayed.tokens == want
+    # later tokens face a lower bar, so they leave no later than with the fixed threshold
+    assert sum(map(sum, decayed.decoder_layers)) < sum(map(sum, plain.decoder_layers))
+    for i in range(3):               # batch 1: the decoder step with in-graph exits, fed each token's threshold
+        one = sess.generate({k: v[i:i + 1] for k, v in feeds.items()}, max_new_tokens=6, thresholds=thresholds,
+                            kv=kv, decay=4.0)
+        assert one.decoder_engine == "compiled" and one.tokens == [want[i]]
+        assert one.decoder_layers == [decayed.decoder_layers[i]]
+    with pytest.raises(InputError, match="decay"):
+        sess.generate(feeds, decay=-1.0)
 
 
 def _plain_generate(encoder, decoder, feeds, layers, heads, head_dim, limit):  # type: ignore[no-untyped-def]
@@ -299,15 +339,19 @@ def test_a_version_5_package_runs_its_per_layer_encoder(exported, tmp_path):
     shutil.copytree(exported.root, old)
     manifest = json.loads((old / "manifest.json").read_text())
     manifest["format_version"] = 5
-    for file in manifest["seq2seq"].pop("encoder_exits").values():
-        del manifest["files"][file]
-        (old / file).unlink()
+    for key in ("encoder_exits", "decoder_steps"):
+        for file in manifest["seq2seq"].pop(key).values():
+            del manifest["files"][file]
+            (old / file).unlink()
     (old / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     feeds = _inputs(4)
     sess = ExitSession(old)
     got = sess.generate(feeds, max_new_tokens=8, thresholds={"image": 0.9})
     assert got.encoder_engine == "stages"
     assert got.tokens == ExitSession(exported.root).generate(feeds, max_new_tokens=8, thresholds={"image": 0.9}).tokens
+    one = {k: v[:1] for k, v in feeds.items()}
+    assert sess.generate(one, thresholds={"decoder": 0.9}).decoder_engine == "stages"
+    assert ExitSession(exported.root).generate(one).decoder_engine == "compiled"
     with pytest.raises(InputError, match="no encoder with in-graph exits"):
         sess.generate(feeds, engine="compiled")
     with pytest.raises(InputError, match="engine="):

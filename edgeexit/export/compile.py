@@ -144,12 +144,12 @@ class _Scope:
         self.initializers.append(numpy_helper.from_array(np.asarray(value), name))
         return name
 
-    def reduce(self, op_type: str, x: str, hint: str) -> str:
-        """Reduce over axis 1, dropping it (axes as attribute or input, by opset)."""
+    def reduce(self, op_type: str, x: str, hint: str, axis: int = 1) -> str:
+        """Reduce over ``axis``, dropping it (axes as attribute or input, by opset)."""
         takes_input = self.opset >= (13 if op_type == "ReduceSum" else 18)
         if takes_input:
-            return self.one(op_type, [x, self.const(np.array([1], np.int64), "axis1")], hint, keepdims=0)
-        return self.one(op_type, [x], hint, axes=[1], keepdims=0)
+            return self.one(op_type, [x, self.const(np.array([axis], np.int64), f"axis{axis}")], hint, keepdims=0)
+        return self.one(op_type, [x], hint, axes=[axis], keepdims=0)
 
     def graph(self, name: str, outputs: Sequence[onnx.ValueInfoProto]) -> onnx.GraphProto:
         return helper.make_graph(self.nodes, name, [], list(outputs), initializer=self.initializers,

@@ -24,6 +24,8 @@ Graphs (every axis named ``batch``, ``tokens``, ``past`` or ``memory`` is dynami
 - ``head.onnx``          hidden (batch, 1, width) -> logits (batch, 1, vocab)
 - ``encoder_exits.onnx``, ``encoder_exits_joint.onnx``: the encoder with its exits decided
   in-graph (``edgeexit.export.seq2seq_compile``), spliced from the graphs above
+- ``decoder_step_drop.onnx``, ``decoder_step_copy_hidden.onnx``: one generated token at batch 1
+  with the decoder exits decided in-graph and each layer's cache as inputs and outputs
 
 Each graph is checked with ``onnx.checker`` and against torch on fresh inputs of two sizes;
 the in-graph encoders are checked against the per-layer graphs.
@@ -50,7 +52,14 @@ from .. import _leftovers as leftovers
 from ..errors import ExportError, ExportValidationError
 from ..package import Package, Seq2SeqSpec, load_package, write_package
 from ..zoo.mue import IMAGE_TOKENS, MuEModel
-from .seq2seq_compile import ENCODER_FILE, JOINT_ENCODER_FILE, build_encoder_exits, check_encoder_exits
+from .seq2seq_compile import (
+    ENCODER_FILE,
+    JOINT_ENCODER_FILE,
+    STEP_FILES,
+    build_decoder_step,
+    build_encoder_exits,
+    check_in_graph_exits,
+)
 from ..zoo.mue_task import BOS, EOS, PAD, VOCAB
 
 SEQ2SEQ_VERSION = 6   # 5 plus the encoder with in-graph exits (FORMAT.md section 3.5)
@@ -199,30 +208,31 @@ def _validate(graphs, folder: Path, atol: float, log: Callable[[str], None]) -> 
         raise ExportValidationError(f"onnxruntime differs from torch beyond {atol}: {'; '.join(failures)}")
 
 
-def _encoder_exits(folder: Path, spec: dict[str, Any], say: Callable[[str], None]) -> dict[str, Path]:
-    """Build the encoder with in-graph exits for both exit modes into ``folder``, checked against
-    the per-layer graphs there."""
+def _in_graph_exits(folder: Path, spec: dict[str, Any], say: Callable[[str], None]) -> dict[str, Path]:
+    """Build the encoder with in-graph exits (both exit modes) and the decoder steps (both ``kv``
+    modes) into ``folder``, and check them against the per-layer graphs there."""
     from ..runtime.seq2seq import Seq2SeqRunner
     from ..runtime._threads import session_options
 
-    fields = {k: spec[k] for k in ("vocab", "pad", "bos", "eos", "max_answer", "heads", "head_dim", "width",
-                                   "encoder", "encoder_norm", "embed_answer", "decoder", "head", "decoder_threshold")}
-    layers = Seq2SeqSpec(**{**fields, "vocab": tuple(spec["vocab"]), "encoder": tuple(spec["encoder"]),
-                            "decoder": tuple(spec["decoder"]), "modalities": tuple(spec["modalities"])})
+    files: dict[str, Path] = {}
+    for mode, file in spec["encoder_exits"].items():
+        onnx.save(build_encoder_exits(folder, spec, joint=mode == "joint"), str(folder / file))
+        files[file] = folder / file
+    for kv, file in spec["decoder_steps"].items():
+        onnx.save(build_decoder_step(folder, spec, kv=kv), str(folder / file))
+        files[file] = folder / file
+    fields = {k: spec[k] for k in ("pad", "bos", "eos", "max_answer", "heads", "head_dim", "width", "encoder_norm",
+                                   "embed_answer", "head", "decoder_threshold", "encoder_exits", "decoder_steps")}
+    seq2seq = Seq2SeqSpec(**fields, vocab=tuple(spec["vocab"]), encoder=tuple(spec["encoder"]),
+                          decoder=tuple(spec["decoder"]), modalities=tuple(spec["modalities"]))
     options = session_options(1, False, False)
 
     def build(file: str, _what: str) -> ort.InferenceSession:
         return ort.InferenceSession(str(folder / file), options, providers=["CPUExecutionProvider"])
 
-    runner = Seq2SeqRunner(SimpleNamespace(seq2seq=layers), build)  # type: ignore[arg-type]
-    data = {mode: build_encoder_exits(folder, spec, joint=mode == "joint").SerializeToString()
-            for mode in spec["encoder_exits"]}
-    check_encoder_exits(runner, data)
-    files = {}
-    for mode, file in spec["encoder_exits"].items():
-        (folder / file).write_bytes(data[mode])
-        files[file] = folder / file
-        say(f"  {file:<26} encoder with in-graph exits ({mode}): same layers and memory as the per-layer graphs")
+    check_in_graph_exits(Seq2SeqRunner(SimpleNamespace(seq2seq=seq2seq), build))  # type: ignore[arg-type]
+    for file in files:
+        say(f"  {file:<30} in-graph exits: same layers, memory and tokens as the per-layer graphs")
     return files
 
 
@@ -270,13 +280,14 @@ def export_mue(model: MuEModel, path: str | os.PathLike[str], *, name: str = "mu
                 "decoder_threshold": decoder_threshold,
                 "config": c.to_dict(),
                 "encoder_exits": {"per_modality": ENCODER_FILE, "joint": JOINT_ENCODER_FILE},
+                "decoder_steps": dict(STEP_FILES),
             },
             "full_model": None, "preprocessing": {"layout": "NCHW", "pixel_scale": 1 / 255},
             "producer": {"edgeexit": __version__, "torch": torch.__version__.split("+")[0],
                          "onnx": onnx.__version__, "onnxruntime": ort.__version__, "opset": opset,
                          "exporter": "torchscript"},
         }
-        compiled = _encoder_exits(folder, manifest["seq2seq"], say)
+        compiled = _in_graph_exits(folder, manifest["seq2seq"], say)
         write_package(path, manifest, {**{file: folder / file for file, *_ in graphs}, **compiled})
     say(f"wrote {path}")
     return load_package(path)

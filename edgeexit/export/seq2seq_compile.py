@@ -1,27 +1,37 @@
-"""In-graph exits for a seq2seq package: the encoder in one graph that decides its exits itself.
+"""In-graph exits for a seq2seq package: the encoder in one graph, a decoder step in another.
 
-At batch 1 the per-layer graphs cost one ``session.run`` per layer per modality, and the
-Python between those calls (the cosine, the bookkeeping) costs about as much as a small
-layer.  This module splices the package's per-layer encoder graphs into one graph per exit
-mode, built the way ``edgeexit.export.compile`` builds a classifier's compiled exits::
+At batch 1 the per-layer graphs cost one ``session.run`` per layer per modality and per layer
+per generated token, and the Python between those calls (the cosine, the bookkeeping) costs
+about as much as a small layer.  This module splices the package's per-layer graphs into
+graphs that decide their exits themselves, the way ``edgeexit.export.compile`` builds a
+classifier's compiled exits.
 
-    image, question, thresholds -> layer 0 -> cosine(out, in) > threshold ?
+**The encoder** (``encoder_exits.onnx``; ``encoder_exits_joint.onnx`` for MuE's ablation).
+The modalities share (tie) the encoder layers, so they run through each layer as rows of one
+batch: every modality's embedding is padded to the longest one's tokens (the padding masked
+like the question's own) and stacked on the batch axis, so a layer costs one set of nodes for
+all modalities instead of one per modality::
+
+    rows = [image of each sample; question of each sample]      (modalities x batch, tokens, width)
+    layer 0 -> cosine(out, in) per row > that row's threshold ?
         If(any row left): gather the rows left -> layer 1 -> ... -> ScatterND back
         else:             the memory from layer 0, 1 layer run
 
-- ``encoder_exits.onnx``: each modality on its own chain (MuE's modality decomposition);
-  ``thresholds`` (float64, one per modality) in the manifest's modality order;
-- ``encoder_exits_joint.onnx``: the modalities run each layer together and leave together on
-  one similarity over all their tokens (MuE's ablation); ``thresholds`` holds one value.
+Each row leaves on its own modality's threshold (MuE's modality decomposition); with
+``joint``, a sample's rows leave together on one similarity over all their tokens.
+Inputs: the package's inputs and ``thresholds`` (float64: one per modality in the manifest's
+order, or one for ``joint``).  Outputs: ``memory`` (batch, memory, width), the encoder norm of
+every modality's last hidden state joined along the tokens, and ``{modality}_layers`` (int64,
+batch).  The similarity is computed in float64 over each row's valid tokens, as
+``edgeexit.runtime.seq2seq.cosine`` does; a disabled exit is fed a threshold of 2, which no
+cosine passes.
 
-Outputs: ``memory`` (batch, memory, width), the encoder norm of every modality's last hidden
-state joined along the tokens, and ``{modality}_layers`` (int64, batch).  The similarity is
-computed in float64 over the flattened (tokens, width) of each sample with padding left out,
-as ``edgeexit.runtime.seq2seq.cosine`` does; a disabled exit is fed a threshold of 2, which
-no cosine passes.
+**The decoder step** (``decoder_step_{kv}.onnx``): one generated token at batch 1, each layer
+in the ``If`` branch that only a token still in the decoder enters, each layer's cache an
+input and an output (``build_decoder_step``).
 
-Every layer's nodes and weights are spliced into the branch that runs them, so the tied
-encoder layers are stored once per chain.  This module needs onnx, never torch.
+Every layer's nodes and weights are spliced into the branch that runs them.  This module
+needs onnx, never torch.
 """
 
 from __future__ import annotations
@@ -43,23 +53,6 @@ DISABLED = 2.0   # a cosine similarity never exceeds 1
 NEG = np.float32(-1e9)
 
 
-@dataclass(frozen=True)
-class _Modality:
-    name: str
-    input: str
-    first: onnx.ModelProto      # layer 0 with the embedding: (input, bias) -> hidden, hidden_out, memory
-    masked: bool                # token ids with padding (the text), or dense patches (the image)
-
-
-@dataclass
-class _State:
-    """One modality's tensors in the current scope."""
-
-    hidden: str      # (n, t, d) entering the next layer
-    bias: str        # (n, 1, 1, t) additive key bias
-    mask: str        # (n, t, 1) float64 validity, or "" when every token is valid
-
-
 def _sums(scope: _Scope, out: str, entering: str, mask: str) -> tuple[str, str, str]:
     """Per row: sum(a*b), sum(a*a), sum(b*b) over all valid positions, in float64."""
     a = scope.one("Cast", [out], "a64", to=TensorProto.DOUBLE)
@@ -72,13 +65,8 @@ def _sums(scope: _Scope, out: str, entering: str, mask: str) -> tuple[str, str, 
                  for x, y, what in ((a, b, "dot"), (a, a, "aa"), (b, b, "bb")))
 
 
-def _cosine_passes(scope: _Scope, parts: list[tuple[str, str, str]], threshold: str) -> str:
-    """Per row: the cosine of the joined tensors exceeds ``threshold`` (0 where a norm is 0)."""
-    def total(i: int) -> str:
-        values = [p[i] for p in parts]
-        return values[0] if len(values) == 1 else scope.one("Sum", values, "sum")
-
-    dot, aa, bb = total(0), total(1), total(2)
+def _passes(scope: _Scope, dot: str, aa: str, bb: str, threshold: str) -> str:
+    """Per row: the cosine exceeds ``threshold`` (the cosine is 0 where a norm is 0)."""
     den = scope.one("Mul", [scope.one("Sqrt", [aa], "norm_a"), scope.one("Sqrt", [bb], "norm_b")], "den")
     zero = scope.const(np.array(0.0), "zero64")
     positive = scope.one("Greater", [den, zero], "den_positive")
@@ -89,131 +77,118 @@ def _cosine_passes(scope: _Scope, parts: list[tuple[str, str, str]], threshold: 
 
 @dataclass
 class _EncoderCompiler:
-    modalities: list[_Modality]
     layers: list[onnx.ModelProto]      # encoder{k}: (hidden, bias) -> hidden_out, memory
+    modalities: int
+    joint: bool
     names: _Names
     opset: int
 
-    def emit(self, scope: _Scope, k: int, group: list[int], states: dict[int, _State],
-             threshold: str, inputs: dict[int, str] | None = None) -> dict[int, tuple[str, str]]:
-        """Run layer ``k`` and what follows for the modalities in ``group`` (which leave together);
-        returns, per modality, (memory, layers run) for the rows in this scope."""
-        outs, memories, parts = {}, {}, []
-        for j in group:
-            s = states[j]
-            if k == 0:
-                m = self.modalities[j]
-                got = _splice(scope, m.first, f"{m.name}/l0/", {m.input: inputs[j], "bias": s.bias})  # type: ignore[index]
-                s = states[j] = _State(got["hidden"], s.bias, s.mask)
-            else:
-                got = _splice(scope, self.layers[k], f"{self.modalities[j].name}/l{k}/",
-                              {"hidden": s.hidden, "bias": s.bias})
-            outs[j], memories[j] = got["hidden_out"], got["memory"]
-        ran = {j: self._count(scope, memories[j], k + 1) for j in group}
+    def emit(self, scope: _Scope, k: int, hidden: str, bias: str, mask: str, threshold: str) -> tuple[str, str]:
+        """Layer ``k`` and what follows for the rows in this scope; returns (memory, layers run)."""
+        got = _splice(scope, self.layers[k], f"enc/l{k}/", {"hidden": hidden, "bias": bias})
+        out, memory = got["hidden_out"], got["memory"]
+        rows_here = scope.one("Shape", [mask], "rows_here", end=1)
+        ran = scope.one("ConstantOfShape", [rows_here], f"layers{k + 1}",
+                        value=numpy_helper.from_array(np.array([k + 1], np.int64)))
         if k + 1 == len(self.layers):
-            return {j: (memories[j], ran[j]) for j in group}
-        for j in group:
-            parts.append(_sums(scope, outs[j], states[j].hidden, states[j].mask))
-        left = scope.one("Not", [_cosine_passes(scope, parts, threshold)], f"left_after_layer{k}")
+            return memory, ran
+        dot, aa, bb = _sums(scope, out, hidden, mask)
+        if self.joint:    # a sample's rows (one per modality, in blocks) leave together
+            blocks = scope.const(np.array([self.modalities, -1], np.int64), "by_modality")
+            dot, aa, bb = (scope.reduce("ReduceSum", scope.one("Reshape", [v, blocks], "blocks"), "per_sample", axis=0)
+                           for v in (dot, aa, bb))
+            passes = _passes(scope, dot, aa, bb, threshold)
+            passes = scope.one("Tile", [passes, scope.const(np.array([self.modalities], np.int64), "times")], "rows")
+        else:
+            passes = _passes(scope, dot, aa, bb, threshold)
+        left = scope.one("Not", [passes], f"left_after_layer{k}")
         rows = scope.one("NonZero", [left], "rows_left")
         any_left = scope.one("Cast", [scope.one("Size", [rows], "count_left")], "any_left", to=TensorProto.BOOL)
 
         branch = _Scope(self.names, self.opset)
         flat = branch.one("Reshape", [rows, branch.const(np.array([-1], np.int64), "flat")], "rows_flat")
         column = branch.one("Transpose", [rows], "rows_column", perm=[1, 0])
-
-        def gather(name: str) -> str:
-            return branch.one("Gather", [name, flat], "kept", axis=0) if name else ""
-
-        kept = {j: _State(gather(outs[j]), gather(states[j].bias), gather(states[j].mask)) for j in group}
-        sub = self.emit(branch, k + 1, group, kept, threshold)
-        merged, kept_as_is = [], []
+        kept = [branch.one("Gather", [v, flat], "kept", axis=0) for v in (out, bias, mask)]
+        sub_threshold = threshold if self.joint else branch.one("Gather", [threshold, flat], "kept", axis=0)
+        sub_memory, sub_ran = self.emit(branch, k + 1, *kept, sub_threshold)
+        merged = [branch.one("ScatterND", [memory, column, sub_memory], "merged_memory"),
+                  branch.one("ScatterND", [ran, column, sub_ran], "merged_layers")]
         done = _Scope(self.names, self.opset)
-        for j in group:
-            merged += [branch.one("ScatterND", [memories[j], column, sub[j][0]], "merged_memory"),
-                       branch.one("ScatterND", [ran[j], column, sub[j][1]], "merged_layers")]
-            kept_as_is += [done.one("Identity", [memories[j]], "memory_as_is"),
-                           done.one("Identity", [ran[j]], "layers_as_is")]
+        as_is = [done.one("Identity", [memory], "memory_as_is"), done.one("Identity", [ran], "layers_as_is")]
         results = [self.names.new(f"after_layer{k}") for _ in merged]
         scope.nodes.append(helper.make_node(
             "If", [any_left], results, name=self.names.new(f"if_rows_left_after_layer{k}"),
             then_branch=branch.graph(f"rows_left_after_layer{k}", self._infos(merged)),
-            else_branch=done.graph(f"none_left_after_layer{k}", self._infos(kept_as_is))))
-        return {j: (results[2 * i], results[2 * i + 1]) for i, j in enumerate(group)}
-
-    def _count(self, scope: _Scope, memory: str, value: int) -> str:
-        rows = scope.one("Slice", [scope.one("Shape", [memory], "shape"), scope.const(np.array([0], np.int64), "s0"),
-                                   scope.const(np.array([1], np.int64), "s1")], "rows")
-        return scope.one("ConstantOfShape", [rows], f"layers{value}",
-                         value=numpy_helper.from_array(np.array([value], np.int64)))
+            else_branch=done.graph(f"none_left_after_layer{k}", self._infos(as_is))))
+        return results[0], results[1]
 
     @staticmethod
     def _infos(names: Sequence[str]) -> list[onnx.ValueInfoProto]:
-        return [helper.make_tensor_value_info(n, TensorProto.FLOAT if i % 2 == 0 else TensorProto.INT64, None)
-                for i, n in enumerate(names)]
+        return [helper.make_tensor_value_info(names[0], TensorProto.FLOAT, None),
+                helper.make_tensor_value_info(names[1], TensorProto.INT64, None)]
 
 
 def build_encoder_exits(folder: Path, spec: dict, *, joint: bool) -> onnx.ModelProto:
-    """The encoder with in-graph exits, from the per-layer graphs in ``folder`` named by the
-    manifest's ``seq2seq`` object ``spec``."""
+    """The encoder with in-graph exits, from the graphs in ``folder`` named by the manifest's
+    ``seq2seq`` object ``spec`` (each modality's ``embed`` and the shared ``encoder`` layers)."""
     mods = spec["modalities"]
-    first = [onnx.load(str(folder / m["first"])) for m in mods]
+    embeds = [onnx.load(str(folder / m["embed"])) for m in mods]
     layers = [onnx.load(str(folder / f)) for f in spec["encoder"]]
-    imports, opset = _opsets(first + layers)
+    imports, opset = _opsets(embeds + layers)
     width, pad = int(spec["width"]), int(spec["pad"])
-    inputs, modalities = [], []
-    for m, model in zip(mods, first):
-        declared = next(i for i in model.graph.input if i.name == m["input"])
-        inputs.append(declared)
-        masked = declared.type.tensor_type.elem_type in (TensorProto.INT64, TensorProto.INT32)
-        modalities.append(_Modality(m["name"], m["input"], model, masked))
-    count = 1 if joint else len(mods)
-    inputs.append(helper.make_tensor_value_info("thresholds", TensorProto.DOUBLE, [count]))
+    tokens = [int(m["tokens"]) for m in mods]
+    longest = max(tokens)
+    inputs = [next(i for i in model.graph.input if i.name == m["input"]) for m, model in zip(mods, embeds)]
+    inputs.append(helper.make_tensor_value_info("thresholds", TensorProto.DOUBLE, [1 if joint else len(mods)]))
     outputs = ["memory"] + [f"{m['name']}_layers" for m in mods]
     names = _Names([i.name for i in inputs] + outputs)
     main = _Scope(names, opset)
-    states = {}
-    for j, (m, mod) in enumerate(zip(mods, modalities)):
-        x = mod.input
-        if mod.masked:
-            valid = main.one("Not", [main.one("Equal", [x, main.const(np.array(pad, np.int64), "pad")], "is_pad")],
-                             "valid")
-            bias2 = main.one("Where", [valid, main.const(np.array(0, np.float32), "zero32"),
-                                       main.const(np.array(NEG), "neg")], "bias2")
-            bias = main.one("Unsqueeze", [bias2, main.const(np.array([1, 2], np.int64), "axes12")], "bias")
-            mask = main.one("Unsqueeze", [main.one("Cast", [valid], "valid64", to=TensorProto.DOUBLE),
-                                          main.const(np.array([2], np.int64), "axis2")], "mask")
+    batch = main.one("Shape", [mods[0]["input"]], "batch", end=1)
+    hidden, valid, per_row = [], [], []
+    for j, (m, model, info, t) in enumerate(zip(mods, embeds, inputs, tokens)):
+        h = _splice(main, model, f"{m['name']}/embed/", {m["input"]: m["input"]})[model.graph.output[0].name]
+        if info.type.tensor_type.elem_type in (TensorProto.INT64, TensorProto.INT32):     # token ids: pad masked
+            ids = np.int64 if info.type.tensor_type.elem_type == TensorProto.INT64 else np.int32
+            is_pad = main.one("Equal", [m["input"], main.const(np.array(pad, ids), "pad")], "is_pad")
+            v = main.one("Cast", [main.one("Not", [is_pad], "valid")], "valid64", to=TensorProto.DOUBLE)
         else:
-            rows = main.one("Slice", [main.one("Shape", [x], "shape"), main.const(np.array([0], np.int64), "s0"),
-                                      main.const(np.array([1], np.int64), "s1")], "rows")
-            shape = main.one("Concat", [rows, main.const(np.array([1, 1, int(m["tokens"])], np.int64), "bias_dims")],
-                             "bias_shape", axis=0)
-            bias = main.one("ConstantOfShape", [shape], "bias", value=numpy_helper.from_array(np.zeros(1, np.float32)))
-            mask = ""
-        states[j] = _State("", bias, mask)
-    compiler = _EncoderCompiler(modalities, layers, names, opset)
-    if joint:
-        thresholds = ["thresholds"]
-    else:
-        attrs = {"num_outputs": count} if opset >= 18 else {}
-        thresholds = main.op("Split", ["thresholds"], "threshold", outputs=count, axis=0, **attrs)
-    groups = [list(range(len(mods)))] if joint else [[j] for j in range(len(mods))]
-    results: dict[int, tuple[str, str]] = {}
-    for group, threshold in zip(groups, thresholds):
-        results.update(compiler.emit(main, 0, group, dict(states), threshold,
-                                     {j: modalities[j].input for j in group}))
-    main.nodes.append(helper.make_node("Concat", [results[j][0] for j in range(len(mods))], ["memory"],
-                                       name="ee/memory", axis=1))
-    main.nodes.extend(helper.make_node("Identity", [results[j][1]], [out], name=f"ee/{out}")
-                      for j, out in enumerate(outputs[1:]))
-    graph_outputs = [helper.make_tensor_value_info("memory", TensorProto.FLOAT, ["batch", "memory", width])] + [
+            dims = main.one("Concat", [batch, main.const(np.array([t], np.int64), "tokens")], "dims", axis=0)
+            v = main.one("ConstantOfShape", [dims], "valid64", value=numpy_helper.from_array(np.ones(1, np.float64)))
+        if t < longest:      # padded to the longest modality's tokens, the padding masked out
+            h = main.one("Pad", [h, main.const(np.array([0, 0, 0, 0, longest - t, 0], np.int64), "pads3")], "padded")
+            v = main.one("Pad", [v, main.const(np.array([0, 0, 0, longest - t], np.int64), "pads2")], "padded")
+        hidden.append(h)
+        valid.append(v)
+        if not joint:
+            split = main.one("Slice", ["thresholds", main.const(np.array([j], np.int64), "at"),
+                                       main.const(np.array([j + 1], np.int64), "to")], "threshold")
+            per_row.append(main.one("Expand", [split, batch], "threshold_rows"))
+    rows_hidden = main.one("Concat", hidden, "rows", axis=0)
+    rows_valid = main.one("Concat", valid, "rows_valid", axis=0)
+    mask = main.one("Unsqueeze", [rows_valid, main.const(np.array([2], np.int64), "axis2")], "mask")
+    bias2 = main.one("Where", [main.one("Greater", [rows_valid, main.const(np.array(0.5), "half")], "is_valid"),
+                               main.const(np.array(0, np.float32), "zero32"), main.const(np.array(NEG), "neg")], "bias2")
+    bias = main.one("Unsqueeze", [bias2, main.const(np.array([1, 2], np.int64), "axes12")], "bias")
+    threshold = "thresholds" if joint else main.one("Concat", per_row, "threshold_rows", axis=0)
+    compiler = _EncoderCompiler(layers, len(mods), joint, names, opset)
+    memory_rows, layers_rows = compiler.emit(main, 0, rows_hidden, bias, mask, threshold)
+    sizes = main.one("Concat", [batch] * len(mods), "split_sizes", axis=0)
+    memories = main.op("Split", [memory_rows, sizes], "memory_of", outputs=len(mods), axis=0)
+    counts = main.op("Split", [layers_rows, sizes], "layers_of", outputs=len(mods), axis=0)
+    parts = [mem if t == longest else main.one("Slice", [mem, main.const(np.array([0], np.int64), "from0"),
+                                                          main.const(np.array([t], np.int64), "to_tokens"),
+                                                          main.const(np.array([1], np.int64), "axis1")], "unpadded")
+             for mem, t in zip(memories, tokens)]
+    main.nodes.append(helper.make_node("Concat", parts, ["memory"], name="ee/memory", axis=1))
+    main.nodes.extend(helper.make_node("Identity", [c], [o], name=f"ee/{o}") for c, o in zip(counts, outputs[1:]))
+    graph_outputs = [helper.make_tensor_value_info("memory", TensorProto.FLOAT, ["batch", sum(tokens), width])] + [
         helper.make_tensor_value_info(o, TensorProto.INT64, ["batch"]) for o in outputs[1:]]
     graph = helper.make_graph(main.nodes, "encoder_exits_joint" if joint else "encoder_exits", inputs, graph_outputs,
                               initializer=main.initializers, value_info=main.value_info)
     model = helper.make_model(graph, opset_imports=imports, producer_name="edgeexit", doc_string=(
         "MuE encoder with in-graph exits compiled by edgeexit: feed the inputs and thresholds (float64, "
         + ("one for all modalities together" if joint else "one per modality") + "; 2 disables an exit)."))
-    model.ir_version = max(m.ir_version for m in first + layers)
+    model.ir_version = max(m.ir_version for m in embeds + layers)
     try:
         onnx.checker.check_model(model, full_check=True)
     except Exception as exc:
@@ -229,12 +204,7 @@ def fed_thresholds(values: Sequence[float | None]) -> np.ndarray:
 CHECK_THRESHOLDS = (None, -1.0, 0.5, 0.9, 0.99)
 
 
-def check_encoder_exits(runner, graphs: dict[str, bytes], samples: int = 7, seed: int = 0) -> None:  # type: ignore[no-untyped-def]
-    """Run each compiled encoder and the per-layer loop (``runner``, a ``Seq2SeqRunner``) on random
-    inputs at several thresholds; raise ``CompileError`` where layers or memory differ."""
-    import onnxruntime as ort
-
-    spec = runner.spec
+def _check_inputs(spec, samples: int, seed: int) -> dict[str, np.ndarray]:  # type: ignore[no-untyped-def]
     rng = np.random.default_rng(seed)
     feeds: dict[str, np.ndarray] = {}
     for m in spec.modalities:
@@ -247,20 +217,148 @@ def check_encoder_exits(runner, graphs: dict[str, bytes], samples: int = 7, seed
                 q[i, :length] = rng.integers(0, len(spec.vocab), length)
                 q[i, :length][q[i, :length] == spec.pad] = spec.eos
             feeds[m["input"]] = q
+    return feeds
+
+
+def check_in_graph_exits(runner, samples: int = 7, seed: int = 0) -> None:  # type: ignore[no-untyped-def]
+    """Run the in-graph encoders and decoder steps of ``runner`` (a ``Seq2SeqRunner``) and its
+    per-layer graphs on random inputs at several thresholds; raise ``CompileError`` where the
+    layers run, the memory or the generated tokens differ."""
+    spec = runner.spec
+    feeds = _check_inputs(spec, samples, seed)
     names = [m["name"] for m in spec.modalities]
-    for mode, data in graphs.items():
-        session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    for mode in runner.encoder_exits:
+        joint = mode == "joint"
         for a in CHECK_THRESHOLDS:
-            for b in CHECK_THRESHOLDS:
-                if mode == "joint" and b is not None:
-                    continue
+            for b in (None,) if joint else CHECK_THRESHOLDS:
                 chosen = {n: (a if j == 0 else b) for j, n in enumerate(names)}
-                memory, _, layers = runner.encode(feeds, chosen, a, mode == "joint", engine="stages")
-                fed = fed_thresholds([a] if mode == "joint" else list(chosen.values()))
-                got = session.run(None, {**feeds, "thresholds": fed})
-                same = all(np.array_equal(got[1 + j], layers[n]) for j, n in enumerate(names))
-                if not same or not np.allclose(got[0], memory, atol=1e-5):
+                memory, _, layers = runner.encode(feeds, chosen, a, joint, engine="stages")
+                got, _, got_layers = runner.encode(feeds, chosen, a, joint, engine="compiled")
+                if not all(np.array_equal(got_layers[n], layers[n]) for n in names) or \
+                        not np.allclose(got, memory, atol=1e-5):
                     raise CompileError(
                         f"the compiled encoder ({mode}) disagrees with the per-layer graphs at thresholds "
-                        f"{chosen if mode != 'joint' else a}: layers {[g.tolist() for g in got[1:]]} vs "
+                        f"{a if joint else chosen}: layers {[got_layers[n].tolist() for n in names]} vs "
                         f"{[layers[n].tolist() for n in names]}; this is a bug in the compiler, please report it")
+    for kv in runner.decoder_steps:
+        for threshold in CHECK_THRESHOLDS:
+            for i in range(samples):
+                one = {k: v[i:i + 1] for k, v in feeds.items()}
+                options = {"thresholds": {"decoder": threshold}, "kv": kv}
+                want = runner.generate(one, engine="stages", **options)
+                got = runner.generate(one, engine="compiled", **options)
+                if got.tokens != want.tokens or got.decoder_layers != want.decoder_layers:
+                    raise CompileError(
+                        f"the compiled decoder step (kv={kv}) disagrees with the per-layer graphs at threshold "
+                        f"{threshold}: tokens {got.tokens} vs {want.tokens}, layers {got.decoder_layers} vs "
+                        f"{want.decoder_layers}; this is a bug in the compiler, please report it")
+
+
+# --- the decoder: one graph per generated token ------------------------------------------
+
+STEP_FILES = {"drop": "decoder_step_drop.onnx", "copy_hidden": "decoder_step_copy_hidden.onnx"}
+
+
+@dataclass
+class _StepCompiler:
+    """One token through the decoder layers at batch 1, each layer's exit decided by an ``If``."""
+
+    layers: list[onnx.ModelProto]     # decoder{k}: (hidden | token, position), past, self_bias, memory -> ...
+    kv: list[onnx.ModelProto]         # decoder{k}_kv: hidden -> key, value
+    kv_mode: str
+    names: _Names
+    opset: int
+    self_bias: str     # zeros (1, 1, 1, 1): at batch 1 a layer attends to every position its cache holds
+
+    def emit(self, scope: _Scope, k: int, entering: str, threshold: str) -> list[str]:
+        """Layer ``k`` and what follows; returns logits, exit layer, then present key and value of
+        every layer from ``k`` on."""
+        feeds = {"past_key": f"past_key_{k}", "past_value": f"past_value_{k}", "memory": "memory",
+                 "memory_bias": "memory_bias", "self_bias": self.self_bias}
+        if k == 0:
+            feeds.update(token="token", position="position")
+        else:
+            feeds["hidden"] = entering
+        got = _splice(scope, self.layers[k], f"dec/l{k}/", feeds)
+        if k == 0:
+            entering = got["hidden"]
+        out = got["hidden_out"]
+        presents = [scope.one("Concat", [f"past_key_{k}", got["key"]], f"present_key_{k}", axis=2),
+                    scope.one("Concat", [f"past_value_{k}", got["value"]], f"present_value_{k}", axis=2)]
+        exit_k = scope.const(np.array([k], np.int64), f"exit{k}")
+        if k + 1 == len(self.layers):
+            return [got["logits"], scope.one("Identity", [exit_k], "exit"), *presents]
+        passes = _passes(scope, *_sums(scope, out, entering, ""), threshold)
+        leave = _Scope(self.names, self.opset)
+        after = [leave.one("Identity", [got["logits"]], "logits_here"), leave.one("Identity", [exit_k], "exit_here")]
+        for j in range(k + 1, len(self.layers)):
+            if self.kv_mode == "drop":     # the layer keeps nothing for this position
+                after += [leave.one("Identity", [f"past_key_{j}"], f"kept_key_{j}"),
+                          leave.one("Identity", [f"past_value_{j}"], f"kept_value_{j}")]
+            else:                          # its own projections of the exited hidden state (CALM)
+                kv = _splice(leave, self.kv[j], f"dec/l{k}/kv{j}/", {"hidden": out})
+                after += [leave.one("Concat", [f"past_key_{j}", kv["key"]], f"copied_key_{j}", axis=2),
+                          leave.one("Concat", [f"past_value_{j}", kv["value"]], f"copied_value_{j}", axis=2)]
+        go_on = _Scope(self.names, self.opset)
+        deeper = self.emit(go_on, k + 1, out, threshold)
+        results = [self.names.new(f"after_layer{k}") for _ in deeper]
+        cond = scope.one("Squeeze", [passes, scope.const(np.array([0], np.int64), "axis0")], "leaves")
+        scope.nodes.append(helper.make_node(
+            "If", [cond], results, name=self.names.new(f"if_exit_after_layer{k}"),
+            then_branch=leave.graph(f"exit_after_layer{k}", self._infos(after)),
+            else_branch=go_on.graph(f"layer{k + 1}", self._infos(deeper))))
+        return [results[0], results[1], *presents, *results[2:]]
+
+    @staticmethod
+    def _infos(names: Sequence[str]) -> list[onnx.ValueInfoProto]:
+        types = [TensorProto.FLOAT, TensorProto.INT64] + [TensorProto.FLOAT] * (len(names) - 2)
+        return [helper.make_tensor_value_info(n, t, None) for n, t in zip(names, types)]
+
+
+def build_decoder_step(folder: Path, spec: dict, *, kv: str) -> onnx.ModelProto:
+    """One generated token at batch 1 with the decoder exits decided in-graph (``kv``: what a
+    skipped layer keeps for the token, as in ``ExitSession.generate``).
+
+    Inputs: ``token``, ``position`` (1, 1) int64, ``memory``, ``memory_bias``, ``threshold``
+    (float64, [1]; 2 disables the exits) and per layer k ``past_key_k``, ``past_value_k``
+    (1, heads, past_k, head_dim): at batch 1 each layer's cache holds exactly the positions it
+    ran for, so no self-attention mask is needed.  Outputs: ``logits`` (1, 1, vocab), ``exit``
+    (int64, [1]: the layer the token left at) and ``present_key_k``, ``present_value_k``.
+    """
+    if kv not in STEP_FILES:
+        raise CompileError(f"kv={kv!r} is not one of {sorted(STEP_FILES)}")
+    layers = [onnx.load(str(folder / d["step"])) for d in spec["decoder"]]
+    kvs = [onnx.load(str(folder / d["kv"])) for d in spec["decoder"]]
+    imports, opset = _opsets(layers + kvs)
+    heads, dh, vocab = int(spec["heads"]), int(spec["head_dim"]), len(spec["vocab"])
+    count = len(layers)
+    memory_info = next(i for i in layers[0].graph.input if i.name == "memory")
+    memory_bias_info = next(i for i in layers[0].graph.input if i.name == "memory_bias")
+    inputs = [helper.make_tensor_value_info("token", TensorProto.INT64, [1, 1]),
+              helper.make_tensor_value_info("position", TensorProto.INT64, [1, 1]),
+              memory_info, memory_bias_info,
+              helper.make_tensor_value_info("threshold", TensorProto.DOUBLE, [1])]
+    for k in range(count):
+        inputs += [helper.make_tensor_value_info(f"past_{w}_{k}", TensorProto.FLOAT, [1, heads, f"past_{k}", dh])
+                   for w in ("key", "value")]
+    outputs = ["logits", "exit"] + [f"present_{w}_{k}" for k in range(count) for w in ("key", "value")]
+    names = _Names([i.name for i in inputs] + outputs)
+    main = _Scope(names, opset)
+    self_bias = main.const(np.zeros((1, 1, 1, 1), np.float32), "self_bias")    # broadcast over the positions
+    results = _StepCompiler(layers, kvs, kv, names, opset, self_bias).emit(main, 0, "", "threshold")
+    main.nodes.extend(helper.make_node("Identity", [r], [o], name=f"ee/{o}") for r, o in zip(results, outputs))
+    graph_outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 1, vocab]),
+                     helper.make_tensor_value_info("exit", TensorProto.INT64, [1])] + [
+        helper.make_tensor_value_info(o, TensorProto.FLOAT, [1, heads, f"present_{o.rsplit('_', 1)[1]}", dh])
+        for o in outputs[2:]]
+    graph = helper.make_graph(main.nodes, f"decoder_step_{kv}", inputs, graph_outputs,
+                              initializer=main.initializers, value_info=main.value_info)
+    model = helper.make_model(graph, opset_imports=imports, producer_name="edgeexit", doc_string=(
+        f"MuE decoder step with in-graph exits (kv={kv}) compiled by edgeexit: batch 1; feed the token, its "
+        "position, the memory, each layer's cache and the threshold (float64; 2 disables the exits)."))
+    model.ir_version = max(m.ir_version for m in layers + kvs)
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except Exception as exc:
+        raise CompileError(f"onnx.checker refused the compiled decoder step: {exc}") from exc
+    return model

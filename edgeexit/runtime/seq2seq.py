@@ -52,6 +52,7 @@ class Generation:
         step_ms: wall time of each decoding step (all samples), ms; encoder_ms: the encoder's.
         encoder_engine: "compiled" (the encoder with in-graph exits, one call) or "stages"
             (one call per layer per modality).
+        decoder_engine: "compiled" (one call per token, batch 1) or "stages" (one call per layer).
     """
 
     tokens: list[list[int]]
@@ -61,6 +62,7 @@ class Generation:
     encoder_ms: float
     step_ms: list[float] = field(default_factory=list)
     encoder_engine: str = "stages"
+    decoder_engine: str = "stages"
 
     @property
     def total_ms(self) -> float:
@@ -76,6 +78,17 @@ def cosine(a: np.ndarray, b: np.ndarray, valid: np.ndarray | None = None) -> np.
     den = np.linalg.norm(a2, axis=1) * np.linalg.norm(b2, axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(den > 0, (a2 * b2).sum(1) / np.where(den > 0, den, 1.0), 0.0)
+
+
+def decoder_threshold(base: float | None, t: int, limit: int, decay: float | None) -> float | None:
+    """The decoder exits' threshold for generated token ``t`` (0-based) of at most ``limit``.
+
+    Without ``decay`` it is ``base`` for every token.  With it, CALM's decaying schedule:
+    ``clip(0.9 * base + 0.1 * exp(-decay * t / limit))``, strict for the first tokens and looser
+    later, clipped to the similarity's range [-1, 1]."""
+    if base is None or decay is None:
+        return base
+    return float(min(1.0, max(-1.0, 0.9 * base + 0.1 * np.exp(-decay * t / limit))))
 
 
 def _exits(threshold: float | None, out: np.ndarray, entering: np.ndarray,
@@ -101,6 +114,8 @@ class Seq2SeqRunner:
         self.decoder_kv = [build(d["kv"], f"decoder layer {k} key/value") for k, d in enumerate(s.decoder)]
         self.encoder_exits = {mode: build(f, f"encoder with in-graph exits ({mode})")
                               for mode, f in (s.encoder_exits or {}).items()}
+        self.decoder_steps = {kv: build(f, f"decoder step with in-graph exits (kv={kv})")
+                              for kv, f in (s.decoder_steps or {}).items()}
 
     @staticmethod
     def _run(session: Any, feeds: dict[str, np.ndarray], what: str) -> list[np.ndarray]:
@@ -136,6 +151,15 @@ class Seq2SeqRunner:
                              f"{'joint' if joint_exit else 'per_modality'!r} (format version 5, or built without); "
                              "re-export it with this edgeexit, or use engine='stages'")
         return "compiled" if engine != "stages" and mode in self.encoder_exits else "stages"
+
+    def decoder_engine(self, engine: str, kv: str, batch: int) -> str:
+        """"compiled" (one call per token, exits decided in-graph) at batch 1 where the package has
+        the decoder step for ``kv`` and ``engine`` allows it; else "stages" (one call per layer, with
+        batch compaction)."""
+        if engine == "compiled" and kv not in self.decoder_steps:
+            raise InputError(f"this package has no decoder step with in-graph exits for kv={kv!r} (format version "
+                             "5, or built without); re-export it with this edgeexit, or use engine='stages'")
+        return "compiled" if engine != "stages" and kv in self.decoder_steps and batch == 1 else "stages"
 
     def _valids(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         return [(x != self.spec.pad) if x.dtype.kind in "iu" and x.ndim == 2 else np.ones((len(x), int(m["tokens"])), bool)
@@ -201,8 +225,11 @@ class Seq2SeqRunner:
 
     def generate(self, feeds: dict[str, np.ndarray], *, max_new_tokens: int | None = None,
                  thresholds: dict[str, Any] | None = None, kv: str = "drop",
-                 encoder_exit: str = "per_modality", engine: str = "auto") -> Generation:
+                 encoder_exit: str = "per_modality", engine: str = "auto", decay: float | None = None) -> Generation:
         s = self.spec
+        if decay is not None and (isinstance(decay, bool) or not isinstance(decay, (int, float))
+                                  or not np.isfinite(decay) or decay < 0):
+            raise InputError(f"decay must be a finite number >= 0 (CALM's temperature) or None, got {decay!r}")
         if kv not in KV_MODES:
             raise InputError(f"kv={kv!r} is not one of {KV_MODES}")
         limit = s.max_answer - 1 if max_new_tokens is None else max_new_tokens
@@ -229,8 +256,46 @@ class Seq2SeqRunner:
         t0 = perf_counter_ns()
         memory, mem_valid, enc_layers = self.encode(feeds, enc_thr, joint, encoder_exit == "joint", encoder_engine)
         encoder_ms = (perf_counter_ns() - t0) / 1e6
-        n, layers = memory.shape[0], len(self.decoder)
+        n = memory.shape[0]
         mem_bias = np.where(mem_valid, np.float32(0), NEG)[:, None, None, :].astype(np.float32)
+        decoder_engine = self.decoder_engine(engine, kv, n)
+        decode = self._decode_compiled if decoder_engine == "compiled" else self._decode_stages
+        schedule = [decoder_threshold(dec_thr, t, limit, decay) for t in range(limit)]
+        generated, dec_layers, step_ms = decode(memory, mem_bias, schedule, kv)
+        specials = {s.pad, s.bos, s.eos}
+        text = [" ".join(s.vocab[i] for i in (g[:g.index(s.eos)] if s.eos in g else g) if i not in specials)
+                for g in generated]
+        return Generation(generated, text, enc_layers, dec_layers, encoder_ms, step_ms, encoder_engine, decoder_engine)
+
+    def _decode_compiled(self, memory: np.ndarray, mem_bias: np.ndarray, schedule: list[float | None],
+                         kv: str) -> tuple[list[list[int]], list[list[int]], list[float]]:
+        """Greedy decoding at batch 1: one call per token; each layer's cache is the step's own output."""
+        s, session = self.spec, self.decoder_steps[kv]
+        empty = np.zeros((1, s.heads, 0, s.head_dim), np.float32)
+        feeds = {"memory": memory, "memory_bias": mem_bias}
+        thresholds = [np.array([DISABLED if v is None else v], np.float64) for v in schedule]
+        caches = [f"past_{w}_{k}" for k in range(len(self.decoder)) for w in ("key", "value")]
+        feeds.update(dict.fromkeys(caches, empty))
+        token, tokens, layers, step_ms = s.bos, [], [], []
+        for t, threshold in enumerate(thresholds):
+            start = perf_counter_ns()
+            feeds["token"], feeds["position"] = np.array([[token]], np.int64), np.array([[t]], np.int64)
+            feeds["threshold"] = threshold
+            logits, exit_layer, *presents = self._run(session, feeds, f"the decoder step (kv={kv})")
+            feeds.update(zip(caches, presents))
+            token = int(logits[0, 0].argmax())
+            tokens.append(token)
+            layers.append(int(exit_layer[0]) + 1)
+            step_ms.append((perf_counter_ns() - start) / 1e6)
+            if token == s.eos:
+                break
+        return [tokens], [layers], step_ms
+
+    def _decode_stages(self, memory: np.ndarray, mem_bias: np.ndarray, schedule: list[float | None],
+                       kv: str) -> tuple[list[list[int]], list[list[int]], list[float]]:
+        """Greedy decoding with one call per decoder layer and batch compaction."""
+        s = self.spec
+        n, layers, limit = memory.shape[0], len(self.decoder), len(schedule)
         cache_k = np.zeros((layers, n, s.heads, limit, s.head_dim), np.float32)
         cache_v = np.zeros_like(cache_k)
         has = np.zeros((layers, n, limit), dtype=bool)          # which positions each layer holds
@@ -264,7 +329,7 @@ class Seq2SeqRunner:
                     out, key, value, layer_logits = self._run(self.decoder[k], feeds, f"decoder layer {k}")
                 cache_k[k, rows, :, t], cache_v[k, rows, :, t] = key[:, :, 0], value[:, :, 0]
                 has[k, rows, t] = True
-                leave = _exits(dec_thr, out, entering) if k < layers - 1 else np.ones(rows.size, bool)
+                leave = _exits(schedule[t], out, entering) if k < layers - 1 else np.ones(rows.size, bool)
                 hidden[active] = out
                 logits[active[leave]] = layer_logits[leave, 0]
                 exited_at[active[leave]] = k
@@ -280,10 +345,7 @@ class Seq2SeqRunner:
             tokens[alive] = chosen
             alive = alive[chosen != s.eos]
             step_ms.append((perf_counter_ns() - start) / 1e6)
-        specials = {s.pad, s.bos, s.eos}
-        text = [" ".join(s.vocab[i] for i in (g[:g.index(s.eos)] if s.eos in g else g) if i not in specials)
-                for g in generated]
-        return Generation(generated, text, enc_layers, dec_layers, encoder_ms, step_ms, encoder_engine)
+        return generated, dec_layers, step_ms
 
     def _propagate(self, k: int, rows: np.ndarray, hidden: np.ndarray, t: int, cache_k: np.ndarray,
                    cache_v: np.ndarray, has: np.ndarray) -> None:

@@ -566,7 +566,7 @@ class ExitSession:
 
     def generate(self, inputs: dict[str, np.ndarray], *, max_new_tokens: int | None = None,
                  thresholds: dict[str, float | None] | None = None, kv: str = "drop",
-                 encoder_exit: str = "per_modality", engine: str = "auto") -> Generation:
+                 encoder_exit: str = "per_modality", engine: str = "auto", decay: float | None = None) -> Generation:
         """Generate answers with a seq2seq package (MuE's exits; see ``edgeexit.runtime.seq2seq``).
 
         Args:
@@ -579,7 +579,12 @@ class ExitSession:
                 all tokens, one threshold, ``thresholds["encoder"]``).
             engine: ``"auto"`` runs the encoder with in-graph exits where the package has it (one
                 onnxruntime call instead of one per layer and modality); ``"stages"`` always runs
-                the per-layer graphs; ``"compiled"`` insists on the in-graph one.
+                the per-layer graphs; ``"compiled"`` insists on the in-graph one.  The decoder step
+                with in-graph exits runs at batch 1; a batch runs the per-layer decoder, which
+                computes only the samples still in each layer.
+            decay: CALM's decaying decoder threshold, its temperature: token t of at most N exits
+                when the similarity exceeds ``clip(0.9 * threshold + 0.1 * exp(-decay * t / N))``.
+                None (default): the same threshold for every token.
         """
         if self._closed:
             raise SessionError(f"this ExitSession of {self.package.root} was closed; open a new one")
@@ -588,7 +593,7 @@ class ExitSession:
                              "seq2seq packages")
         feeds, _n = self._checker.feeds(inputs)
         return self._seq2seq.generate(feeds, max_new_tokens=max_new_tokens, thresholds=thresholds, kv=kv,
-                                      encoder_exit=encoder_exit, engine=engine)
+                                      encoder_exit=encoder_exit, engine=engine, decay=decay)
 
     def run_all_exits(self, inputs: np.ndarray | dict[str, np.ndarray]) -> list[np.ndarray]:
         """Logits of every exit for every sample (no early stopping), in exit order.
