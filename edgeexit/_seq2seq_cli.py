@@ -49,11 +49,27 @@ def export_mue_cli(output: Path, weights: Path | None, train: bool, epochs: int 
                log=logger.info)
 
 
-def load_seq2seq_data(path: Path, input_names: tuple[str, ...]) -> tuple[dict[str, np.ndarray], list[str] | None]:
-    """The package's inputs from an .npz, and reference answers ('answers', strings) if present."""
-    from .datafiles import load_input_file
+def load_seq2seq_data(path: Path, package: Any) -> tuple[dict[str, np.ndarray], list[str] | None]:
+    """The package's inputs from an .npz, and reference answers ('answers', strings) if present.
 
-    inputs, _ = load_input_file(path, input_names, ignore=("answers",))   # checks the file first
+    A token-id input may be given as strings instead (e.g. ``question``: "is it even"); they are
+    turned into ids with the manifest's vocabulary."""
+    from .datafiles import load_input_file
+    from .errors import InputError
+    from .runtime.seq2seq import encode_texts
+
+    inputs, _ = load_input_file(path, [i.name for i in package.inputs], ignore=("answers",))  # checks the file first
+    for spec in package.inputs:
+        value = inputs[spec.name]
+        if value.dtype.kind == "U" and spec.dtype in ("int64", "int32"):
+            if value.ndim != 1:
+                raise InputFileError(f"{path}: {spec.name!r} as text must be a 1-D array of strings, one per "
+                                     f"sample; got shape {value.shape}")
+            try:
+                ids = encode_texts(package.seq2seq, value.tolist(), int(spec.shape[1]), spec.name)
+            except InputError as exc:
+                raise InputFileError(f"{path}: {exc}") from None
+            inputs[spec.name] = ids.astype(spec.dtype)
     with np.load(path, allow_pickle=False) as data:
         if "answers" not in data.files:
             return inputs, None
@@ -70,7 +86,7 @@ def load_seq2seq_data(path: Path, input_names: tuple[str, ...]) -> tuple[dict[st
 def run_seq2seq(session: Any, input_file: Path, output: Path | None, batch_size: int, show: int,
                 as_json: bool, emit_json: Any, write_text: Any) -> None:
     """``edgeexit run`` on a seq2seq package: generate an answer per sample, report exact matches."""
-    inputs, answers = load_seq2seq_data(input_file, session.input_names)
+    inputs, answers = load_seq2seq_data(input_file, session.package)
     n = next(iter(inputs.values())).shape[0]
     texts: list[str] = []
     decoder_layers: list[float] = []
@@ -120,7 +136,7 @@ def calibrate_seq2seq_cli(package: Path, data_file: Path, max_drop: float, dry_r
     if not 0 <= max_drop < 100:
         raise click.UsageError(f"--max-drop is in accuracy points, from 0 to under 100; got {max_drop}")
     session = ExitSession(package)
-    inputs, answers = load_seq2seq_data(data_file, session.input_names)
+    inputs, answers = load_seq2seq_data(data_file, session.package)
     if answers is None:
         raise InputFileError(f"{data_file} has no 'answers' (one reference answer string per sample); calibration "
                              "needs them to count exact matches")

@@ -57,6 +57,25 @@ def test_export_inspect_and_run_a_seq2seq_package(package, tmp_path):
     assert 0 <= payload["exact_match"] <= 1 and 1 <= min(payload["decoder_layers_per_token"]) <= 6
 
 
+def test_run_takes_questions_as_text_with_the_manifests_vocabulary(package, tmp_path):
+    rng = np.random.default_rng(2)
+    image = rng.random((4, 1, 28, 28), dtype=np.float32)
+    texts = [QUESTIONS[k] for k in ("digit", "even", "bigger", "caption")]
+    np.savez(tmp_path / "ids.npz", image=image, question=np.stack([encode(t, 5) for t in texts]))
+    np.savez(tmp_path / "text.npz", image=image, question=np.array(texts))
+    runs = [CliRunner().invoke(cli, ["run", str(package), str(tmp_path / f), "--json", "-q"])
+            for f in ("ids.npz", "text.npz")]
+    assert all(r.exit_code == 0 for r in runs), [r.output for r in runs]
+    assert json.loads(runs[0].stdout)["answers"] == json.loads(runs[1].stdout)["answers"]
+    for bad, why in ((["what colour is this", *texts[1:]], "'colour' is not in the package's vocabulary"),
+                     (["", *texts[1:]], "question 0 is empty"),
+                     (["is it even is it even", *texts[1:]], "has 6 words; the model takes at most 5")):
+        np.savez(tmp_path / "bad.npz", image=image, question=np.array(bad))
+        refused = CliRunner().invoke(cli, ["run", str(package), str(tmp_path / "bad.npz")])
+        assert refused.exit_code != 0 and why in refused.output, refused.output
+        assert "Traceback" not in refused.output
+
+
 def test_seq2seq_packages_refuse_classifier_options_and_run(package, tmp_path):
     from edgeexit.errors import InputError
     from edgeexit.runtime import ExitSession
@@ -89,7 +108,7 @@ def test_compare_chooses_writes_and_reports_every_contender(tmp_path):
     contender is scored, counted and timed, and the JSON has the documented keys."""
     from edgeexit.export.seq2seq import export_mue
     from edgeexit.package import load_package
-    from edgeexit.zoo.mue_quickstart import EXITS_OFF, PLAIN, compare
+    from edgeexit.zoo.mue_quickstart import EXITS_OFF, IN_GRAPH_OFF, PLAIN, compare
     from edgeexit.zoo.mue_task import make_splits
 
     torch.manual_seed(0)
@@ -106,11 +125,12 @@ def test_compare_chooses_writes_and_reports_every_contender(tmp_path):
     payload = json.loads(json.dumps(report.to_dict()))
     assert set(payload) == {"package", "thresholds", "joint_encoder_threshold", "calibration_full_accuracy",
                             "test_pairs", "timed_samples", "passes", "seconds", "contenders"}
-    assert len(payload["contenders"]) == 5 and payload["test_pairs"] == 10
-    assert payload["contenders"][PLAIN]["accuracy"] == payload["contenders"][EXITS_OFF]["accuracy"]
+    assert len(payload["contenders"]) == 7 and payload["test_pairs"] == 10
+    assert payload["contenders"][PLAIN]["accuracy"] == payload["contenders"][EXITS_OFF]["accuracy"] \
+        == payload["contenders"][IN_GRAPH_OFF]["accuracy"]
     for row in payload["contenders"].values():
         assert row["mean_ms"] > 0 and 0 <= row["accuracy"] <= 1
-    assert len(report.lines()) == 2 + 5
+    assert len(report.lines()) == 2 + 7
 
 
 def test_calibrate_a_seq2seq_package_from_answers(package, tmp_path):

@@ -80,6 +80,28 @@ def cosine(a: np.ndarray, b: np.ndarray, valid: np.ndarray | None = None) -> np.
         return np.where(den > 0, (a2 * b2).sum(1) / np.where(den > 0, den, 1.0), 0.0)
 
 
+def encode_texts(spec: Seq2SeqSpec, texts: Any, length: int, name: str = "question") -> np.ndarray:
+    """Token ids (n, length) int64 of question strings, with the package's own vocabulary: words
+    split on whitespace, padded with <pad>; no tokenizer library.  Raises ``InputError`` for an
+    unknown word, an empty question or one longer than ``length`` words."""
+    index = {w: i for i, w in enumerate(spec.vocab)}
+    specials = {spec.vocab[spec.pad], spec.vocab[spec.bos], spec.vocab[spec.eos]}
+    ids = np.full((len(texts), length), spec.pad, np.int64)
+    for i, text in enumerate(texts):
+        words = str(text).split()
+        if not words:
+            raise InputError(f"{name} {i} is empty; every question needs at least one word")
+        if len(words) > length:
+            raise InputError(f"{name} {i} ({text!r}) has {len(words)} words; the model takes at most {length}")
+        unknown = [w for w in words if w not in index or w in specials]
+        if unknown:
+            known = " ".join(w for w in spec.vocab if w not in specials)
+            raise InputError(f"{name} {i} ({text!r}): {unknown[0]!r} is not in the package's vocabulary; "
+                             f"use its words: {known}")
+        ids[i, :len(words)] = [index[w] for w in words]
+    return ids
+
+
 def decoder_threshold(base: float | None, t: int, limit: int, decay: float | None) -> float | None:
     """The decoder exits' threshold for generated token ``t`` (0-based) of at most ``limit``.
 
