@@ -118,6 +118,65 @@ def _check_inputs(example_inputs: Mapping[str, torch.Tensor]) -> dict[str, torch
     return out
 
 
+def _symbolic_shape(t: torch.Tensor, axes: Mapping[int, str]) -> list[int | str]:
+    return ["batch", *(axes.get(i, d) for i, d in enumerate(t.shape[1:], 1))]
+
+
+def _check_dynamic_axes(dynamic_axes: Mapping[str, Mapping[int, str]] | None, examples: Mapping[str, torch.Tensor],
+                        dynamo: bool) -> dict[str, dict[int, str]]:
+    """The named dynamic axes of the model inputs, checked against the examples."""
+    if not dynamic_axes:
+        return {}
+    if dynamo:
+        raise ModelSpecError("dynamic_axes works with the TorchScript exporter (dynamo=False); the dynamo "
+                             "exporter keeps only the batch axis dynamic here")
+    out: dict[str, dict[int, str]] = {}
+    for name, axes in dynamic_axes.items():
+        if name not in examples:
+            raise ModelSpecError(f"dynamic_axes names {name!r}, which is not an input; inputs: {list(examples)}")
+        t = examples[name]
+        for axis, label in axes.items():
+            if not isinstance(axis, int) or not 1 <= axis < t.dim():
+                raise ModelSpecError(f"dynamic_axes[{name!r}]: axis {axis!r} must be from 1 to {t.dim() - 1} (axis 0 "
+                                     "is the batch, always dynamic)")
+            if not isinstance(label, str) or not label.isidentifier() or label == "batch":
+                raise ModelSpecError(f"dynamic_axes[{name!r}][{axis}]: name an axis with an identifier other than "
+                                     f"'batch', got {label!r}")
+        out[name] = dict(axes)
+    return out
+
+
+def _grown(examples: Mapping[str, torch.Tensor], axes: Mapping[str, Mapping[int, str]]) -> dict[str, torch.Tensor]:
+    """The examples with every named dynamic axis longer: the k-th distinct name by k + 1
+    positions (the last position repeated), so each axis a carry inherits can be told apart."""
+    labels = sorted({label for a in axes.values() for label in a.values()})
+    grow = {label: k + 1 for k, label in enumerate(labels)}
+    out = {}
+    for name, t in examples.items():
+        for axis, label in axes.get(name, {}).items():
+            last = t.narrow(axis, t.shape[axis] - 1, 1)
+            t = torch.cat([t, *([last] * grow[label])], dim=axis)
+        out[name] = t
+    return out
+
+
+def _inherited_axes(small: Sequence[torch.Tensor], large: Sequence[torch.Tensor], names: Sequence[str],
+                    axes: Mapping[str, Mapping[int, str]]) -> dict[str, dict[int, str]]:
+    """Which axes of the outputs ``names`` follow a named input axis (their size changed with it)."""
+    labels = sorted({label for a in axes.values() for label in a.values()})
+    by_growth = {k + 1: label for k, label in enumerate(labels)}
+    found: dict[str, dict[int, str]] = {}
+    for name, a, b in zip(names, small, large):
+        for axis in range(1, min(a.dim(), b.dim())):
+            change = b.shape[axis] - a.shape[axis]
+            if change:
+                if change not in by_growth:
+                    raise ModelSpecError(f"output {name!r} axis {axis} changes by {change} when the dynamic input "
+                                         "axes grow; an axis must follow exactly one named input axis")
+                found.setdefault(name, {})[axis] = by_growth[change]
+    return found
+
+
 def _fresh_like(t: torch.Tensor, batch: int, gen: torch.Generator) -> torch.Tensor:
     shape = (batch, *t.shape[1:])
     if t.is_floating_point():
@@ -130,7 +189,10 @@ def _fresh_like(t: torch.Tensor, batch: int, gen: torch.Generator) -> torch.Tens
     return torch.randint(low, high + 1, shape, generator=gen, dtype=t.dtype)
 
 
-def _export_graph(graph: _Graph, folder: Path, opset: int, dynamo: bool) -> Path:
+def _export_graph(graph: _Graph, folder: Path, opset: int, dynamo: bool,
+                  axes: Mapping[str, Mapping[int, str]] | None = None) -> Path:
+    """``axes``: named dynamic axes besides the batch, per input/output name (TorchScript exporter)."""
+    axes = axes or {}
     path = folder / graph.file
     if dynamo:
         # forward(*args): one varargs entry holding a spec per input; one shared batch dim
@@ -138,7 +200,8 @@ def _export_graph(graph: _Graph, folder: Path, opset: int, dynamo: bool) -> Path
         shape_args: dict[str, Any] = {"dynamic_shapes": (tuple({0: batch} for _ in graph.example),),
                                       "verbose": False}
     else:
-        shape_args = {"dynamic_axes": {n: {0: "batch"} for n in graph.input_names + graph.output_names}}
+        shape_args = {"dynamic_axes": {n: {0: "batch", **axes.get(n, {})}
+                                       for n in graph.input_names + graph.output_names}}
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
@@ -150,7 +213,7 @@ def _export_graph(graph: _Graph, folder: Path, opset: int, dynamo: bool) -> Path
             )
     except Exception as exc:
         raise ExportError(f"torch.onnx.export failed for {graph.name}: {exc}") from exc
-    _restore_dropped_inputs(path, graph)
+    _restore_dropped_inputs(path, graph, axes)
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except Exception as exc:
@@ -158,7 +221,7 @@ def _export_graph(graph: _Graph, folder: Path, opset: int, dynamo: bool) -> Path
     return path
 
 
-def _restore_dropped_inputs(path: Path, graph: _Graph) -> None:
+def _restore_dropped_inputs(path: Path, graph: _Graph, axes: Mapping[str, Mapping[int, str]]) -> None:
     """Put back graph inputs the exporter pruned because nothing reads them (a skip tensor only
     some stages use): the manifest and the runtime feed every declared input, in order."""
     model = onnx.load(str(path))
@@ -171,7 +234,7 @@ def _restore_dropped_inputs(path: Path, graph: _Graph) -> None:
             rebuilt.append(present[name])
             continue
         elem = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(_dtype_name(example)))
-        rebuilt.append(onnx.helper.make_tensor_value_info(name, elem, ["batch", *example.shape[1:]]))
+        rebuilt.append(onnx.helper.make_tensor_value_info(name, elem, _symbolic_shape(example, axes.get(name, {}))))
     extra = [i for n, i in present.items() if n not in graph.input_names]   # initializers listed as inputs
     del model.graph.input[:]
     model.graph.input.extend(rebuilt + extra)
@@ -267,6 +330,7 @@ def export_package(
     preprocessing: Mapping[str, Any] | None = None,
     seed: int = 0,
     compile: bool | None = None,
+    dynamic_axes: Mapping[str, Mapping[int, str]] | None = None,
     log: Callable[[str], None] | None = print,
 ) -> Package:
     """Export ``model`` as an exit package at ``path`` and return the loaded package.
@@ -290,6 +354,10 @@ def export_package(
             in-graph; see ``edgeexit.export.compile``).  None (default): when every exit
             policy has an in-graph form; True: always (a ``CompileError`` if it cannot);
             False: never.
+        dynamic_axes: input axes that vary per call besides the batch, e.g.
+            ``{"input_ids": {1: "tokens"}}`` for text (TorchScript exporter only).  Carries and
+            outputs whose axes follow them are found by running the model at two lengths, and
+            validation runs at both.
         log: where the validation lines go (None: silent).
 
     Example:
@@ -299,6 +367,7 @@ def export_package(
     if not isinstance(model, EarlyExitModel):
         raise ModelSpecError(f"model must be an EarlyExitModel, got {type(model).__name__}")
     examples = _check_inputs(example_inputs)
+    axes = _check_dynamic_axes(dynamic_axes, examples, dynamo)
     pol = get_policy(policy)
     if thresholds is None:
         thresholds = [None] * (model.num_exits - 1)
@@ -308,7 +377,7 @@ def export_package(
     model.eval()
     try:
         return _export(model, examples, path, pol.name, values, labels, name, include_full_model, opset, dynamo,
-                       atol, rtol, preprocessing, seed, compile, say)
+                       atol, rtol, preprocessing, seed, compile, say, axes)
     finally:
         model.train(was_training)
 
@@ -317,7 +386,7 @@ def _export(
     model: EarlyExitModel, examples: dict[str, torch.Tensor], path: str | os.PathLike[str], policy: str,
     values: list[float | None], labels: Sequence[str] | None, name: str | None, include_full_model: bool, opset: int,
     dynamo: bool, atol: float, rtol: float, preprocessing: Mapping[str, Any] | None, seed: int,
-    compile: bool | None, say: Callable[[str], None],
+    compile: bool | None, say: Callable[[str], None], axes: dict[str, dict[int, str]],
 ) -> Package:
 
     input_names = list(examples)
@@ -365,6 +434,18 @@ def _export(
                 },
             })
 
+    grown = _grown(examples, axes) if axes else examples
+    if axes:     # which carry and output axes follow the named input axes
+        with torch.no_grad():
+            big: list[tuple[torch.Tensor, ...]] = []
+            for k, stage in enumerate(model.stages):
+                big.append(as_tuple(stage(*model.stage_args(k, tuple(grown.values()), big))))
+                for small, large, spec in ((carries[k], big[k], stage_specs[k]),):
+                    axes.update(_inherited_axes(small, large, spec["carry"], axes))
+                    head = model.exit_at(k)
+                    if head is not None:
+                        axes.update(_inherited_axes(as_tuple(head(*small)), as_tuple(head(*large)),
+                                                    [spec["exit"]["logits"]], axes))
     full_spec = None
     if include_full_model:
         full = _FullGraph(model).eval()
@@ -381,7 +462,8 @@ def _export(
 
     def validation_args(batch: int) -> list[tuple[torch.Tensor, ...]]:
         gen = torch.Generator().manual_seed(seed + batch)
-        fresh = tuple(_fresh_like(t, batch, gen) for t in examples.values())
+        lengths = examples if batch == VALIDATION_BATCHES[0] else grown   # named axes: validated at two lengths
+        fresh = tuple(_fresh_like(t, batch, gen) for t in lengths.values())
         per_graph = []
         with torch.no_grad():
             done: list[tuple[torch.Tensor, ...]] = []
@@ -401,7 +483,7 @@ def _export(
         "kind": "classifier" if model.reads == ["inputs", *range(model.num_stages - 1)] else "pipeline",
         "name": name or type(model).__name__,
         "inputs": [
-            {"name": n, "dtype": _dtype_name(t), "shape": ["batch", *t.shape[1:]]}
+            {"name": n, "dtype": _dtype_name(t), "shape": _symbolic_shape(t, axes.get(n, {}))}
             for n, t in examples.items()
         ],
         "labels": labels_list,
@@ -418,7 +500,9 @@ def _export(
     with tempfile.TemporaryDirectory(prefix=f"edgeexit-export-{os.getpid()}-") as tmp:
         folder = Path(tmp)
         say(f"exporting {len(graphs)} graph(s) (opset {opset}, dynamo={dynamo})")
-        paths = [_export_graph(g, folder, opset, dynamo) for g in graphs]
+        if include_full_model and full_spec is not None:
+            axes["logits"] = axes.get(stage_specs[-1]["exit"]["logits"], {})
+        paths = [_export_graph(g, folder, opset, dynamo, axes) for g in graphs]
         say(f"validating onnxruntime against torch on batches {VALIDATION_BATCHES}:")
         _validate(graphs, paths, validation_args, atol, rtol, say)
         files = {g.file: p for g, p in zip(graphs, paths)}

