@@ -393,7 +393,8 @@ def pack(package: Path, output: Path) -> None:
 def run(package: Path, input_file: Path, output: Path | None, thresholds: tuple[float, ...], policy: str | None,
         batch_size: int, show: int, engine: str, device: str | None, threads: int | None,
         allow_fallback: bool, as_json: bool) -> None:
-    """Run PACKAGE on INPUT (.npy, or .npz with arrays named after the inputs and optional labels)."""
+    """Run PACKAGE on INPUT (.npy, or .npz with arrays named after the inputs and optional labels; .txt, one
+    text per line, for a package that ships its tokenizer)."""
     _check_outputs(output)   # before any inference: a bad -o must not waste the run
     import numpy as np
 
@@ -409,12 +410,22 @@ def run(package: Path, input_file: Path, output: Path | None, thresholds: tuple[
                                    "in the package (ExitSession.generate(thresholds=...) from Python)")
         run_seq2seq(session, input_file, output, batch_size, show, as_json, _emit_json, _write_text_atomic)
         return
-    inputs, labels = load_input_file(input_file, session.input_names)
-    n = next(iter(inputs.values())).shape[0]
-    parts = []
-    for start in range(0, max(n, 1), batch_size):
-        chunk = {k: v[start:start + batch_size] for k, v in inputs.items()}
-        parts.append(session.run(chunk, thresholds=list(thresholds) or None, policy=policy))
+    if input_file.suffix.lower() == ".txt":     # one text per line, through the package's tokenizer
+        from .datafiles import load_text_lines
+
+        texts = load_text_lines(input_file)
+        n, labels = len(texts), None
+
+        def batch_at(start: int) -> dict[str, np.ndarray]:
+            return session.tokenize(texts[start:start + batch_size])
+    else:
+        inputs, labels = load_input_file(input_file, session.input_names)
+        n = next(iter(inputs.values())).shape[0]
+
+        def batch_at(start: int) -> dict[str, np.ndarray]:
+            return {k: v[start:start + batch_size] for k, v in inputs.items()}
+    parts = [session.run(batch_at(start), thresholds=list(thresholds) or None, policy=policy)
+             for start in range(0, max(n, 1), batch_size)]
     predictions = np.concatenate([p.predictions for p in parts])
     exit_index = np.concatenate([p.exit_index for p in parts])
     scores = np.concatenate([p.scores for p in parts])

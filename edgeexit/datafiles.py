@@ -97,6 +97,23 @@ def load_input_file(
     return inputs, labels
 
 
+def load_text_lines(path: str | os.PathLike[str]) -> list[str]:
+    """The non-empty lines of a UTF-8 text file, one input text each."""
+    p = Path(path)
+    if not p.is_file():
+        raise InputFileError(f"input file {p} does not exist" if not p.exists() else f"{p} is not a file")
+    try:
+        lines = p.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise InputFileError(f"{p} is not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8") from None
+    except OSError as exc:
+        raise InputFileError(f"cannot read {p}: {exc.strerror or exc}") from None
+    texts = [line.strip() for line in lines if line.strip()]
+    if not texts:
+        raise InputFileError(f"{p} holds no text; write one input text per line")
+    return texts
+
+
 def save_results_atomic(path: str | os.PathLike[str], arrays: Mapping[str, np.ndarray]) -> Path:
     """Write ``.npz`` or ``.csv`` results via a temp file + ``os.replace``."""
     dest = Path(path)

@@ -42,11 +42,13 @@ FORMAT_NAME = "edgeexit"
 # threshold be null: that exit is disabled (not calibrated yet, or slower than the full
 # model on the device it was calibrated on).  Versions 1-3 load unchanged.
 FORMAT_VERSION = 4
-SUPPORTED_FORMAT_VERSIONS = frozenset({1, 2, 3, 4, 5, 6})
+SUPPORTED_FORMAT_VERSIONS = frozenset({1, 2, 3, 4, 5, 6, 7})
 SEQ2SEQ_VERSION = 5   # adds kind "seq2seq" (the `seq2seq` object); classifiers are still written as 4
 # version 6 adds `seq2seq.encoder_exits` and `seq2seq.decoder_steps`: the encoder and a decoder step
 # with in-graph exits (optional; 5 loads unchanged)
 ENCODER_EXITS_VERSION = 6
+# version 7 adds the optional `text` object: the package's own tokenizer for token-id inputs
+TEXT_VERSION = 7
 DISABLED_EXITS_VERSION = 4
 MANIFEST_NAME = "manifest.json"
 KINDS = ("classifier", "seq2seq", "pipeline")
@@ -134,6 +136,20 @@ class Seq2SeqSpec:
                 + list((self.encoder_exits or {}).values()) + list((self.decoder_steps or {}).values()))
 
 @dataclass(frozen=True)
+class TextSpec:
+    """How text becomes a package's token-id inputs (format version 7, FORMAT.md section 3.6).
+
+    ``tokenizer`` is a file of the package (a ``tokenizers`` JSON), verified like the graphs;
+    ``ids`` and ``mask`` name the inputs it fills; texts are cut to ``max_tokens`` tokens."""
+
+    tokenizer: str
+    ids: str
+    mask: str | None
+    max_tokens: int
+    pad_id: int
+
+
+@dataclass(frozen=True)
 class CompiledSpec:
     """Optional single graph of the whole early-exit model that decides its exits in-graph.
 
@@ -169,6 +185,7 @@ class Package:
     quantization: Mapping[str, Any] | None = None
     compiled: CompiledSpec | None = None
     seq2seq: Seq2SeqSpec | None = None
+    text: TextSpec | None = None
     # The verified bytes of each file, when loaded with keep_bytes=True or from an archive:
     # sessions are built from these, so the bytes that were hashed are the bytes that run.
     blobs: dict[str, bytes] | None = field(default=None, repr=False, compare=False)
@@ -184,6 +201,15 @@ class Package:
         else:
             data = self.file_path(name).read_bytes()
         refuse_external_data(data, name, self.root)
+        return data
+
+    def read_verified(self, name: str) -> bytes:
+        """A non-graph file's bytes (the tokenizer), checked against the manifest's size and sha256."""
+        if self.blobs is not None and name in self.blobs:
+            return self.blobs[name]
+        check_file_name(name, self.root)
+        data = self.file_path(name).read_bytes()
+        _verify_bytes(self.root, name, self.files[name], data, True)
         return data
 
     @property
@@ -448,8 +474,10 @@ def parse_manifest(manifest: Mapping[str, Any], root: Path) -> Package:
     compiled = _parse_compiled(manifest.get("compiled"), version, inputs, stages, files)
     _schema(compiled is None or full_spec is None or compiled.file != full_spec.file, "compiled.file",
             "a file name of its own (not the full model's)", compiled and compiled.file)
+    text = _parse_text(manifest.get("text"), version, inputs)
     referenced = [s.file for s in stages] + ([full_spec.file] if full_spec else []) + \
-        ([compiled.file] if compiled else []) + (seq2seq.graph_files() if seq2seq else [])
+        ([compiled.file] if compiled else []) + (seq2seq.graph_files() if seq2seq else []) + \
+        ([text.tokenizer] if text else [])
     for ref in referenced:
         check_file_name(ref, root)
         if ref not in files:
@@ -474,7 +502,7 @@ def parse_manifest(manifest: Mapping[str, Any], root: Path) -> Package:
         root=root, format_version=version, kind=kind, name=name, inputs=tuple(inputs),
         labels=labels, stages=tuple(stages), full_model=full_spec, files=dict(files),
         producer=dict(producer), manifest=manifest, calibration=calibration, quantization=quantization,
-        compiled=compiled, seq2seq=seq2seq,
+        compiled=compiled, seq2seq=seq2seq, text=text,
     )
 
 
@@ -525,6 +553,24 @@ def _parse_seq2seq(manifest: Mapping[str, Any], kind: str, version: int, inputs:
     return Seq2SeqSpec(vocab=vocab, modalities=tuple(dict(m) for m in modalities), encoder=encoder,
                        decoder=tuple(dict(d) for d in decoder), decoder_threshold=raw.get("decoder_threshold"),
                        **in_graph, **files, **ints)
+
+
+def _parse_text(raw: Any, version: int, inputs: list[InputSpec]) -> TextSpec | None:
+    if raw is None:
+        return None
+    _schema(version >= TEXT_VERSION, "format_version", f"{TEXT_VERSION} or later for the text object", version)
+    _schema(isinstance(raw, Mapping), "text", "an object", raw)
+    token_inputs = {i.name for i in inputs if i.dtype in ("int64", "int32") and len(i.shape) == 2}
+    tokenizer, ids, mask = raw.get("tokenizer"), raw.get("ids"), raw.get("mask")
+    _schema(isinstance(tokenizer, str), "text.tokenizer", "a file name", tokenizer)
+    _schema(ids in token_inputs, "text.ids", f"a 2-D integer input of the model ({sorted(token_inputs)})", ids)
+    _schema(mask is None or (mask in token_inputs and mask != ids), "text.mask",
+            "null or another 2-D integer input", mask)
+    max_tokens, pad_id = raw.get("max_tokens"), raw.get("pad_id", 0)
+    _schema(type(max_tokens) is int and 1 <= max_tokens <= MAX_DIM, "text.max_tokens", "a positive integer",
+            max_tokens)
+    _schema(type(pad_id) is int and pad_id >= 0, "text.pad_id", "a non-negative integer", pad_id)
+    return TextSpec(tokenizer, ids, mask, max_tokens, pad_id)
 
 
 def _threshold_field(value: Any, where: str) -> None:

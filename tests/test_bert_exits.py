@@ -129,3 +129,77 @@ def test_fortunes_parse_into_quotes_without_separators_or_attributions(tmp_path)
     everything = splits.train.texts + splits.calibration.texts + splits.test.texts
     assert sorted(everything) == ["Eat.", "First quote on two lines.", "Second."]   # deduplicated across files
     assert splits.categories == ("computers", "food")
+
+
+WORDS = ["[PAD]", "[UNK]"] + [f"w{i}" for i in range(100)]
+
+
+@pytest.fixture(scope="module")
+def text_package(tiny, tmp_path_factory):
+    """The tiny model with its own word-level tokenizer shipped in the package (format 7)."""
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+
+    from edgeexit.export import export_package
+
+    folder = tmp_path_factory.mktemp("bert-text")
+    tokenizer = tokenizers.Tokenizer(WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = Whitespace()
+    tokenizer.save(str(folder / "tok.json"))
+    _, model = tiny
+    ids = torch.randint(1, 100, (2, 6), generator=torch.Generator().manual_seed(2))
+    text = {"tokenizer": folder / "tok.json", "ids": "input_ids", "mask": "attention_mask", "max_tokens": 8}
+    return export_package(model, {"input_ids": ids, "attention_mask": torch.ones(2, 6, dtype=torch.int64)},
+                          folder / "text.eexit", dynamic_axes=AXES, text=text, log=None), tokenizer
+
+
+def test_a_package_ships_its_tokenizer_and_runs_text(text_package, tmp_path):
+    from click.testing import CliRunner
+
+    from edgeexit.cli import cli
+    from edgeexit.errors import FileIntegrityError, InputError
+    from edgeexit.package import load_package
+    from edgeexit.runtime import ExitSession
+
+    package, tokenizer = text_package
+    assert package.format_version == 7 and package.text is not None and "tokenizer.json" in package.files
+    sess = ExitSession(package.root)
+    texts = ["w1 w2 w3", "w4 w99 nothing w7 w8 w9 w10 w11 w12 w13"]
+    feeds = sess.tokenize(texts)
+    want = [tokenizer.encode(t).ids[:8] for t in texts]                   # cut to max_tokens = 8
+    assert feeds["input_ids"].shape == (2, 8)
+    assert feeds["input_ids"][0, :3].tolist() == want[0] and feeds["input_ids"][0, 3:].tolist() == [0] * 5
+    assert feeds["input_ids"][1].tolist() == want[1] and want[1][2] == WORDS.index("[UNK]")
+    assert feeds["attention_mask"].tolist() == [[1, 1, 1, 0, 0, 0, 0, 0], [1] * 8]
+    alone = sess.run({"input_ids": np.array(want[:1], np.int64), "attention_mask": np.ones((1, 3), np.int64)})
+    np.testing.assert_allclose(sess.run(feeds).logits[:1], alone.logits, atol=1e-5)   # padding changes nothing
+    (tmp_path / "in.txt").write_text("w1 w2 w3\n\nw5 w6\n")
+    out = CliRunner().invoke(cli, ["run", str(package.root), str(tmp_path / "in.txt"), "--json", "-q"])
+    assert out.exit_code == 0, out.output
+    import json
+
+    payload = json.loads(out.stdout)
+    one = [sess.run(sess.tokenize([t])) for t in ("w1 w2 w3", "w5 w6")]
+    assert payload["samples"] == 2 and payload["predictions"] == [int(r.predictions[0]) for r in one]
+    with pytest.raises(InputError, match="not one string"):
+        sess.tokenize("w1 w2")
+    tampered = tmp_path / "tampered.eexit"
+    import shutil
+
+    shutil.copytree(package.root, tampered)
+    (tampered / "tokenizer.json").write_text((tampered / "tokenizer.json").read_text().replace("w1", "w0", 1))
+    with pytest.raises(FileIntegrityError):
+        load_package(tampered)
+    bare = tmp_path / "bare.txt"
+    bare.write_text("\n\n")
+    empty = CliRunner().invoke(cli, ["run", str(package.root), str(bare)])
+    assert empty.exit_code != 0 and "holds no text" in empty.output
+
+
+def test_a_package_without_a_tokenizer_asks_for_token_ids(package):
+    from edgeexit.errors import InputError
+    from edgeexit.runtime import ExitSession
+
+    with pytest.raises(InputError, match="ships no tokenizer"):
+        ExitSession(package.root).tokenize(["w1"])

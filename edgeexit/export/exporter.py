@@ -25,7 +25,16 @@ from torch import nn
 from .. import __version__
 from .. import _leftovers as leftovers
 from ..errors import CompileError, ExportError, ExportValidationError, ModelSpecError
-from ..package import DTYPES, FORMAT_NAME, FORMAT_VERSION, Package, load_package, read_manifest, write_package
+from ..package import (
+    DTYPES,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    TEXT_VERSION,
+    Package,
+    load_package,
+    read_manifest,
+    write_package,
+)
 from ..policies import check_thresholds, get_policy
 from ._costs import FlopCounter, count_parameters
 from .compile import compile_blocker, compile_package
@@ -33,6 +42,7 @@ from .model import EarlyExitModel, as_tuple
 
 DEFAULT_OPSET = 18
 VALIDATION_BATCHES = (3, 5)
+TOKENIZER_FILE = "tokenizer.json"
 
 
 @dataclass(frozen=True)
@@ -120,6 +130,26 @@ def _check_inputs(example_inputs: Mapping[str, torch.Tensor]) -> dict[str, torch
 
 def _symbolic_shape(t: torch.Tensor, axes: Mapping[int, str]) -> list[int | str]:
     return ["batch", *(axes.get(i, d) for i, d in enumerate(t.shape[1:], 1))]
+
+
+def _check_text(text: Mapping[str, Any] | None, examples: Mapping[str, torch.Tensor]
+                ) -> tuple[dict[str, Any] | None, Path | None]:
+    """The manifest's ``text`` object and the tokenizer file to copy in, checked."""
+    if not text:
+        return None, None
+    tokenizer = Path(text.get("tokenizer", ""))
+    if not tokenizer.is_file():
+        raise ModelSpecError(f"text['tokenizer'] must be a tokenizers JSON file; {tokenizer} is not a file")
+    entry = {"tokenizer": TOKENIZER_FILE, "ids": text.get("ids"), "mask": text.get("mask"),
+             "max_tokens": int(text.get("max_tokens", 0)), "pad_id": int(text.get("pad_id", 0))}
+    for key in ("ids", "mask"):
+        name = entry[key]
+        if (name is not None or key == "ids") and (name not in examples or examples[name].dtype not in
+                                                   (torch.int64, torch.int32) or examples[name].dim() != 2):
+            raise ModelSpecError(f"text[{key!r}] must name a 2-D integer input ({list(examples)}), got {name!r}")
+    if entry["max_tokens"] < 1:
+        raise ModelSpecError("text['max_tokens'] must be a positive number of tokens")
+    return entry, tokenizer
 
 
 def _check_dynamic_axes(dynamic_axes: Mapping[str, Mapping[int, str]] | None, examples: Mapping[str, torch.Tensor],
@@ -331,6 +361,7 @@ def export_package(
     seed: int = 0,
     compile: bool | None = None,
     dynamic_axes: Mapping[str, Mapping[int, str]] | None = None,
+    text: Mapping[str, Any] | None = None,
     log: Callable[[str], None] | None = print,
 ) -> Package:
     """Export ``model`` as an exit package at ``path`` and return the loaded package.
@@ -358,6 +389,10 @@ def export_package(
             ``{"input_ids": {1: "tokens"}}`` for text (TorchScript exporter only).  Carries and
             outputs whose axes follow them are found by running the model at two lengths, and
             validation runs at both.
+        text: for token-id inputs, the tokenizer to ship in the package (format version 7):
+            ``{"tokenizer": PATH_TO_TOKENIZER_JSON, "ids": INPUT, "mask": INPUT or None,
+            "max_tokens": N, "pad_id": 0}``; ``ExitSession.tokenize`` and ``edgeexit run`` on a
+            text file then use it (wherever the ``tokenizers`` package is installed).
         log: where the validation lines go (None: silent).
 
     Example:
@@ -376,8 +411,9 @@ def export_package(
     was_training = model.training
     model.eval()
     try:
+        manifest_text, tokenizer = _check_text(text, examples)
         return _export(model, examples, path, pol.name, values, labels, name, include_full_model, opset, dynamo,
-                       atol, rtol, preprocessing, seed, compile, say, axes)
+                       atol, rtol, preprocessing, seed, compile, say, axes, manifest_text, tokenizer)
     finally:
         model.train(was_training)
 
@@ -387,6 +423,7 @@ def _export(
     values: list[float | None], labels: Sequence[str] | None, name: str | None, include_full_model: bool, opset: int,
     dynamo: bool, atol: float, rtol: float, preprocessing: Mapping[str, Any] | None, seed: int,
     compile: bool | None, say: Callable[[str], None], axes: dict[str, dict[int, str]],
+    text: dict[str, Any] | None = None, tokenizer: Path | None = None,
 ) -> Package:
 
     input_names = list(examples)
@@ -490,6 +527,7 @@ def _export(
         "stages": stage_specs,
         "full_model": full_spec,
         "preprocessing": dict(preprocessing) if preprocessing else None,
+        **({"text": text} if text else {}),
         "producer": {
             "edgeexit": __version__, "torch": torch.__version__.split("+")[0], "onnx": onnx.__version__,
             "onnxruntime": ort.__version__, "opset": opset, "exporter": "dynamo" if dynamo else "torchscript",
@@ -506,6 +544,9 @@ def _export(
         say(f"validating onnxruntime against torch on batches {VALIDATION_BATCHES}:")
         _validate(graphs, paths, validation_args, atol, rtol, say)
         files = {g.file: p for g, p in zip(graphs, paths)}
+        if text and tokenizer is not None:
+            files[text["tokenizer"]] = tokenizer
+            manifest["format_version"] = max(manifest["format_version"], TEXT_VERSION)
         if compile is not False:
             manifest, files = _compiled_in(folder, manifest, files, required=bool(compile), final=Path(path), say=say)
         write_package(path, manifest, files)

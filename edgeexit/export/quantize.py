@@ -401,6 +401,9 @@ def quantize_package(
         for job in jobs:
             files[job.file], entries[job.file] = _quantize_graph(
                 job, package.file_path(job.file), folder, mode, per_channel, activation_type, say)
+        if package.text is not None:     # the tokenizer travels unchanged
+            (folder / package.text.tokenizer).write_bytes(package.read_verified(package.text.tokenizer))
+            files[package.text.tokenizer] = folder / package.text.tokenizer
 
         manifest = _int8_manifest(package, say)
         manifest["quantization"] = {

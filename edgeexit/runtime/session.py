@@ -131,6 +131,7 @@ class ExitSession:
         self.num_exits = len(self.exit_stages)
 
         self._seq2seq: Seq2SeqRunner | None = None
+        self._tokenizer: Any = None
         self._stages: list[Stage] = []
         self._compiled: CompiledGraph | None = None
         self._full_session: ort.InferenceSession | None = None
@@ -594,6 +595,16 @@ class ExitSession:
         feeds, _n = self._checker.feeds(inputs)
         return self._seq2seq.generate(feeds, max_new_tokens=max_new_tokens, thresholds=thresholds, kv=kv,
                                       encoder_exit=encoder_exit, engine=engine, decay=decay)
+
+    def tokenize(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
+        """Token-id inputs for ``texts`` with the tokenizer the package ships (format version 7,
+        ``text``; needs the ``tokenizers`` package), padded to the longest text: pass the result
+        to ``run``.  A package without one raises ``InputError``: feed token ids instead."""
+        if self._tokenizer is None:
+            from ._text import PackageTokenizer
+
+            self._tokenizer = PackageTokenizer(self.package)
+        return self._tokenizer(texts)  # type: ignore[no-any-return]
 
     def run_all_exits(self, inputs: np.ndarray | dict[str, np.ndarray]) -> list[np.ndarray]:
         """Logits of every exit for every sample (no early stopping), in exit order.

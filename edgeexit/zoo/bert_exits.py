@@ -132,25 +132,16 @@ def bert_exits(encoder: nn.Module | None = None, classes: int = 5) -> EarlyExitM
 
 def load_tokenizer(folder: str | Path | None = None, max_tokens: int = MAX_TOKENS) -> Any:
     """The encoder's own fast tokenizer (``tokenizers``), truncating to ``max_tokens``."""
-    try:
-        from tokenizers import Tokenizer
-    except ImportError as exc:
-        raise MissingExtraError("text input needs the tokenizers package: pip install tokenizers") from exc
-    tokenizer = Tokenizer.from_file(str(Path(folder or minilm_dir()) / "tokenizer.json"))
-    tokenizer.enable_truncation(max_length=max_tokens)
-    tokenizer.no_padding()
-    return tokenizer
+    from ..runtime._text import load_tokenizer_bytes
+
+    return load_tokenizer_bytes((Path(folder or minilm_dir()) / "tokenizer.json").read_bytes(), max_tokens)
 
 
 def tokenize(tokenizer: Any, texts: Sequence[str], pad_id: int = 0) -> dict[str, np.ndarray]:
     """``input_ids`` and ``attention_mask`` (int64), padded to the longest text of the batch."""
-    encodings = tokenizer.encode_batch(list(texts))
-    length = max(len(e.ids) for e in encodings)
-    ids = np.full((len(encodings), length), pad_id, np.int64)
-    mask = np.zeros((len(encodings), length), np.int64)
-    for i, e in enumerate(encodings):
-        ids[i, :len(e.ids)] = e.ids
-        mask[i, :len(e.ids)] = 1
+    from ..runtime._text import encode_batch
+
+    ids, mask = encode_batch(tokenizer, texts, pad_id)
     return {"input_ids": ids, "attention_mask": mask}
 
 

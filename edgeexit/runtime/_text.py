@@ -1,0 +1,71 @@
+"""Text to token-id inputs with a package's own tokenizer (the ``tokenizers`` package, optional).
+
+The runtime-only install runs packages on token ids; where ``tokenizers`` is installed, a
+package that ships its tokenizer (format version 7, ``text``) also takes text.  The tokenizer
+is built from the verified bytes of the package's file, like the graphs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from ..errors import InputError, MissingExtraError
+from ..package import Package
+
+
+def load_tokenizer_bytes(data: bytes, max_tokens: int) -> Any:
+    """A ``tokenizers.Tokenizer`` from JSON bytes, truncating to ``max_tokens``, no padding."""
+    try:
+        from tokenizers import Tokenizer
+    except ImportError as exc:
+        raise MissingExtraError("text input needs the tokenizers package (pip install tokenizers); without it, "
+                                "pass token ids") from exc
+    try:
+        tokenizer = Tokenizer.from_str(data.decode("utf-8"))
+    except Exception as exc:     # tokenizers raises a bare Exception for a malformed file
+        raise InputError(f"the tokenizer file is not a tokenizers JSON file: {str(exc)[:200]}") from None
+    tokenizer.enable_truncation(max_length=max_tokens)
+    tokenizer.no_padding()
+    return tokenizer
+
+
+def encode_batch(tokenizer: Any, texts: Sequence[str], pad_id: int = 0,
+                 dtype: np.dtype | type = np.int64) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids and attention mask (n, longest), padded with ``pad_id``."""
+    if isinstance(texts, str):
+        raise InputError("texts must be a list of strings, not one string; wrap it: [text]")
+    if len(texts) == 0:
+        raise InputError("no texts given; pass at least one")
+    bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
+    if bad:
+        raise InputError(f"texts must be strings; item(s) {bad[:10]} are not")
+    encodings = tokenizer.encode_batch(list(texts))
+    length = max(1, max(len(e.ids) for e in encodings))
+    ids = np.full((len(encodings), length), pad_id, dtype)
+    mask = np.zeros((len(encodings), length), dtype)
+    for i, e in enumerate(encodings):
+        ids[i, :len(e.ids)] = e.ids
+        mask[i, :len(e.ids)] = 1
+    return ids, mask
+
+
+class PackageTokenizer:
+    """The tokenizer a package ships, turning texts into its token-id inputs."""
+
+    def __init__(self, package: Package) -> None:
+        if package.text is None:
+            raise InputError(f"{package.root} ships no tokenizer (no 'text' in its manifest): pass token ids, or "
+                             "re-export it with export_package(..., text={'tokenizer': ...})")
+        self.spec = package.text
+        self.dtypes = {i.name: np.dtype(i.dtype) for i in package.inputs}
+        self.tokenizer = load_tokenizer_bytes(package.read_verified(self.spec.tokenizer), self.spec.max_tokens)
+
+    def __call__(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
+        ids, mask = encode_batch(self.tokenizer, texts, self.spec.pad_id, self.dtypes[self.spec.ids])
+        feeds = {self.spec.ids: ids}
+        if self.spec.mask is not None:
+            feeds[self.spec.mask] = mask.astype(self.dtypes[self.spec.mask])
+        return feeds
