@@ -154,7 +154,7 @@ def _load_user_model(spec: str) -> tuple[Any, dict[str, Any], list[str] | None]:
                    "below; confidence 1/C … 1 and margin 0 … 1, exit at or above.")
 @click.option("--weights", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="state_dict (.pt) for a zoo model.")
-@click.option("--train", is_flag=True, help="Train the zoo model on MNIST-5k first (train split).")
+@click.option("--train", is_flag=True, help="Train the zoo model first (train split; MNIST-5k, bert-exits: fortunes).")
 @click.option("--epochs", default=None, type=click.IntRange(min=1),
               help="Epochs for --train (default: 20; mue: 12).")
 @click.option("--seed", default=0, show_default=True,
@@ -183,7 +183,7 @@ def export(model: str, output: Path, policy: str, thresholds: tuple[float, ...],
            train: bool, epochs: int | None, seed: int, full_model: bool, dynamo: bool, compile_graph: bool,
            quantize: str | None, cal_data: Path | None, calibrate_data: Path | None, max_drop: float,
            name: str | None, opset: int, atol: float, rtol: float, force: bool) -> None:
-    """Export MODEL (a zoo name: blenet, bresnet, cbnet, mue; or module.path:factory) as an exit package.
+    """Export MODEL (a zoo name: blenet, bresnet, cbnet, mue, bert-exits; or module.path:factory) as an exit package.
 
     For cbnet, --no-full-model exports the paper's CBNet (converter + light classifier only)
     instead of the pipeline with a fallback to the full LeNet on the original image.
@@ -208,6 +208,14 @@ def export(model: str, output: Path, policy: str, thresholds: tuple[float, ...],
         if quantize is not None or calibrate_data is not None:
             raise click.UsageError("mue: --quantize and --calibrate-data are not supported yet")
         export_mue_cli(output, weights, train, epochs, seed, thresholds)
+        return
+    if model == "bert-exits":
+        from ._text_cli import export_bert_cli
+
+        if quantize is not None or calibrate_data is not None:
+            raise click.UsageError("bert-exits: --quantize and --calibrate-data are not supported yet; run "
+                                   "`edgeexit calibrate` afterwards")
+        export_bert_cli(output, weights, train, seed, thresholds, policy)
         return
     epochs = epochs or 20
     if model == "cbnet":
@@ -489,6 +497,10 @@ def inspect(package: Path, as_json: bool, output: Path | None, raw: bool) -> Non
         click.echo(f"input {inp.name}: {inp.dtype} ({', '.join(str(d) for d in inp.shape)})")
     if pkg.labels:
         click.echo(f"labels: {len(pkg.labels)} ({', '.join(pkg.labels[:10])}{'…' if len(pkg.labels) > 10 else ''})")
+    if pkg.text is not None:
+        click.echo(f"text: tokenizer {pkg.text.tokenizer} (shipped) fills {pkg.text.ids}"
+                   f"{' and ' + pkg.text.mask if pkg.text.mask else ''}, up to {pkg.text.max_tokens} tokens; "
+                   "edgeexit run takes a .txt file, one text per line")
     if pkg.seq2seq is not None:
         _inspect_seq2seq(pkg)
         return
@@ -559,6 +571,8 @@ def _package_view(pkg: Any) -> dict[str, Any]:
         "package": str(pkg.root), "name": pkg.name, "kind": pkg.kind, "format_version": pkg.format_version,
         "inputs": [{"name": i.name, "dtype": i.dtype, "shape": list(i.shape)} for i in pkg.inputs],
         "labels": list(pkg.labels) if pkg.labels else None, "stages": stages,
+        "text": None if pkg.text is None else {"tokenizer": pkg.text.tokenizer, "ids": pkg.text.ids,
+                                               "mask": pkg.text.mask, "max_tokens": pkg.text.max_tokens},
         "thresholds": pkg.thresholds, "policies": pkg.policies, "exits_disabled": pkg.exits_disabled,
         "full_model": None if pkg.full_model is None else {
             "file": pkg.full_model.file, **pkg.files[pkg.full_model.file]},
@@ -993,6 +1007,14 @@ def quickstart(model: str, epochs: int | None, seed: int, output: Path, max_drop
         return
     if as_json:
         raise click.UsageError("--json is for --model mue; the other quickstarts print their table")
+    if model == "bert-exits":
+        from ._text_cli import export_bert_cli
+
+        if quantize is not None or calibrate_data is not None:
+            raise click.UsageError("bert-exits: --quantize and --calibrate-data are not supported yet; run "
+                                   "`edgeexit calibrate` afterwards")
+        export_bert_cli(output, weights, train, seed, thresholds, policy)
+        return
     epochs = epochs or 20
     if model == "cbnet":
         from .zoo.cbnet import run_cbnet_quickstart

@@ -193,3 +193,63 @@ def train_exit_heads(model: EarlyExitModel, features: Sequence[np.ndarray], labe
         head.eval()
         losses.append(float(loss.detach()))
     return losses
+
+
+# --- the recipe ------------------------------------------------------------------
+
+
+def save_heads(model: EarlyExitModel, path: str | Path) -> Path:
+    """The exit heads' weights only (the encoder is the pretrained package's), atomically."""
+    from .._atomic import replace_atomically
+
+    state = {f"exit{k}.{name}": value for k in range(model.num_stages)
+             for name, value in model.exit_at(k).state_dict().items()}   # type: ignore[union-attr]
+    return replace_atomically(path, lambda f: torch.save(state, f))
+
+
+def load_heads(model: EarlyExitModel, path: str | Path) -> EarlyExitModel:
+    """Load heads saved by ``save_heads`` (plain tensors only; nothing is unpickled)."""
+    from ..errors import InputFileError
+
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+        for k in range(model.num_stages):
+            prefix = f"exit{k}."
+            model.exit_at(k).load_state_dict(   # type: ignore[union-attr]
+                {n[len(prefix):]: v for n, v in state.items() if n.startswith(prefix)})
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputFileError(f"{path} does not hold this model's exit heads: {first[:300]}") from None
+    return model.eval()
+
+
+def train_bert_exits(splits: Any, *, seed: int = 0, epochs: int = 60,
+                     log: Callable[[str], None] | None = print) -> tuple[EarlyExitModel, Any]:
+    """MiniLM with an exit per layer, its heads trained on ``splits.train`` (encoder frozen)."""
+    say = log or (lambda _line: None)
+    torch.manual_seed(seed)
+    model = bert_exits(classes=len(splits.categories)).eval()
+    tokenizer = load_tokenizer()
+    say(f"pooled features of {len(splits.train):,} training texts after each of {model.num_stages} layers ...")
+    features = layer_features(model, tokenizer, splits.train.texts)
+    losses = train_exit_heads(model, features, splits.train.labels, epochs=epochs, seed=seed)
+    say("exit heads trained; final loss per exit: " + ", ".join(f"{v:.3f}" for v in losses))
+    return model, tokenizer
+
+
+def export_bert_exits(model: EarlyExitModel, path: str | Path, labels: Sequence[str], *, tokenizer_dir: Path | None = None,
+                      thresholds: Sequence[float | None] | None = None, policy: str = "entropy",
+                      log: Callable[[str], None] | None = print) -> Any:
+    """Export with a dynamic token axis and the tokenizer shipped in the package (format 7)."""
+    from ..export import export_package
+
+    folder = Path(tokenizer_dir or minilm_dir())
+    examples = tokenize(load_tokenizer(folder), ["An example input for the exporter.", "Another one, a bit longer."])
+    return export_package(
+        model, {k: torch.from_numpy(v) for k, v in examples.items()}, path, policy=policy, thresholds=thresholds,
+        labels=list(labels), name="bert-exits", log=log,
+        dynamic_axes={"input_ids": {1: "tokens"}, "attention_mask": {1: "tokens"}},
+        text={"tokenizer": folder / "tokenizer.json", "ids": "input_ids", "mask": "attention_mask",
+              "max_tokens": MAX_TOKENS, "pad_id": 0},
+        preprocessing={"text": "tokenized with the shipped tokenizer.json (lower-cased WordPiece), cut to "
+                               f"{MAX_TOKENS} tokens; exits pool the hidden states by masked mean"})
