@@ -1007,14 +1007,6 @@ def quickstart(model: str, epochs: int | None, seed: int, output: Path, max_drop
         return
     if as_json:
         raise click.UsageError("--json is for --model mue; the other quickstarts print their table")
-    if model == "bert-exits":
-        from ._text_cli import export_bert_cli
-
-        if quantize is not None or calibrate_data is not None:
-            raise click.UsageError("bert-exits: --quantize and --calibrate-data are not supported yet; run "
-                                   "`edgeexit calibrate` afterwards")
-        export_bert_cli(output, weights, train, seed, thresholds, policy)
-        return
     epochs = epochs or 20
     if model == "cbnet":
         from .zoo.cbnet import run_cbnet_quickstart

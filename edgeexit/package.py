@@ -552,7 +552,8 @@ def _parse_seq2seq(manifest: Mapping[str, Any], kind: str, version: int, inputs:
         in_graph[key] = dict(value) if value else None
     return Seq2SeqSpec(vocab=vocab, modalities=tuple(dict(m) for m in modalities), encoder=encoder,
                        decoder=tuple(dict(d) for d in decoder), decoder_threshold=raw.get("decoder_threshold"),
-                       **in_graph, **files, **ints)
+                       encoder_exits=in_graph["encoder_exits"], decoder_steps=in_graph["decoder_steps"],
+                       **files, **ints)
 
 
 def _parse_text(raw: Any, version: int, inputs: list[InputSpec]) -> TextSpec | None:

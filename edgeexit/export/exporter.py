@@ -140,7 +140,7 @@ def _check_text(text: Mapping[str, Any] | None, examples: Mapping[str, torch.Ten
     tokenizer = Path(text.get("tokenizer", ""))
     if not tokenizer.is_file():
         raise ModelSpecError(f"text['tokenizer'] must be a tokenizers JSON file; {tokenizer} is not a file")
-    entry = {"tokenizer": TOKENIZER_FILE, "ids": text.get("ids"), "mask": text.get("mask"),
+    entry: dict[str, Any] = {"tokenizer": TOKENIZER_FILE, "ids": text.get("ids"), "mask": text.get("mask"),
              "max_tokens": int(text.get("max_tokens", 0)), "pad_id": int(text.get("pad_id", 0))}
     for key in ("ids", "mask"):
         name = entry[key]

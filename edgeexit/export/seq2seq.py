@@ -36,9 +36,9 @@ from __future__ import annotations
 import os
 import tempfile
 import warnings
-from types import SimpleNamespace
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -52,6 +52,7 @@ from .. import _leftovers as leftovers
 from ..errors import ExportError, ExportValidationError
 from ..package import Package, Seq2SeqSpec, load_package, write_package
 from ..zoo.mue import IMAGE_TOKENS, MuEModel
+from ..zoo.mue_task import BOS, EOS, PAD, VOCAB
 from .seq2seq_compile import (
     ENCODER_FILE,
     JOINT_ENCODER_FILE,
@@ -60,7 +61,6 @@ from .seq2seq_compile import (
     build_encoder_exits,
     check_in_graph_exits,
 )
-from ..zoo.mue_task import BOS, EOS, PAD, VOCAB
 
 SEQ2SEQ_VERSION = 6   # 5 plus the encoder with in-graph exits (FORMAT.md section 3.5)
 
@@ -211,8 +211,8 @@ def _validate(graphs, folder: Path, atol: float, log: Callable[[str], None]) -> 
 def _in_graph_exits(folder: Path, spec: dict[str, Any], say: Callable[[str], None]) -> dict[str, Path]:
     """Build the encoder with in-graph exits (both exit modes) and the decoder steps (both ``kv``
     modes) into ``folder``, and check them against the per-layer graphs there."""
-    from ..runtime.seq2seq import Seq2SeqRunner
     from ..runtime._threads import session_options
+    from ..runtime.seq2seq import Seq2SeqRunner
 
     files: dict[str, Path] = {}
     for mode, file in spec["encoder_exits"].items():
@@ -287,7 +287,7 @@ def export_mue(model: MuEModel, path: str | os.PathLike[str], *, name: str = "mu
                          "onnx": onnx.__version__, "onnxruntime": ort.__version__, "opset": opset,
                          "exporter": "torchscript"},
         }
-        compiled = _in_graph_exits(folder, manifest["seq2seq"], say)
+        compiled = _in_graph_exits(folder, manifest["seq2seq"], say)  # type: ignore[arg-type]
         write_package(path, manifest, {**{file: folder / file for file, *_ in graphs}, **compiled})
     say(f"wrote {path}")
     return load_package(path)

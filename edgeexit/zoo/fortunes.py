@@ -89,11 +89,11 @@ def fortunes_splits(seed: int = 0, categories: tuple[str, ...] = CATEGORIES, fol
     parts: list[list[int]] = [[], [], []]
     for c in range(len(categories)):
         idx = rng.permutation(np.flatnonzero(labels == c))
-        a, b = int(round(SPLIT[0] * len(idx))), int(round((SPLIT[0] + SPLIT[1]) * len(idx)))
+        a, b = round(SPLIT[0] * len(idx)), round((SPLIT[0] + SPLIT[1]) * len(idx))
         for part, chunk in zip(parts, (idx[:a], idx[a:b], idx[b:])):
             part.extend(chunk.tolist())
     made = []
     for part in parts:
         order = rng.permutation(np.array(part, dtype=np.int64))
         made.append(TextSplit([texts[i] for i in order], labels[order]))
-    return TextSplits(*made, categories=tuple(categories))
+    return TextSplits(made[0], made[1], made[2], categories=tuple(categories))

@@ -60,7 +60,8 @@ class MuEReport:
         base = self.rows[PLAIN]
         full_layers = self.rows[EXITS_OFF]["layers"]
         out = [f"MuE on the digit QA test split ({self.test_pairs} pairs); batch-1 times over {self.timed_samples} "
-               f"samples x {self.passes} pass(es), interleaved in blocks of {BLOCK}; thresholds {self.thresholds} (calibration split)",
+               f"samples x {self.passes} pass(es), interleaved in blocks of {BLOCK}; thresholds {self.thresholds} "
+               "(calibration split)",
                f"{'contender':<48}{'exact match':>12}{'layers saved':>14}{'p50 ms':>9}{'mean ms':>9}{'time saved':>12}"]
         for name, r in self.rows.items():
             saved = f"{1 - r['layers'] / full_layers:+.1%}" if "layers" in r else "-"
@@ -142,7 +143,8 @@ def compare(model: Any, package: Path, plain_folder: Path, splits: Any, *, floor
     names = list(calls)
     for p in range(passes):    # contenders take turns in blocks of BLOCK samples: each runs warm, as in a stream
         for j, first in enumerate(range(0, len(picks), BLOCK)):
-            block = [{"image": test.image[i:i + 1], "question": test.question[i:i + 1]} for i in picks[first:first + BLOCK]]
+            block = [{"image": test.image[i:i + 1], "question": test.question[i:i + 1]}
+                     for i in picks[first:first + BLOCK]]
             for k in range(len(names)):
                 name = names[(k + j + p) % len(names)]
                 for feeds in block:
