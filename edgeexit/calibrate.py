@@ -54,7 +54,7 @@ def record_exits(session, inputs, labels: np.ndarray, policy: str | None = None,
         chunks.append(session.run_all_exits(part))
     per_exit = [np.concatenate([c[e] for c in chunks]) for e in range(session.num_exits)]
     return ExitRecords(
-        scores=np.stack([pol.scores(logits) for logits in per_exit]),
+        scores=pol.score_table(per_exit),
         predictions=np.stack([logits.argmax(axis=1) for logits in per_exit]),
         labels=labels,
         policy=pol.name,

@@ -53,6 +53,16 @@ class ExitPolicy:
     row_score: Callable[[list[float]], float]
     description: str
     score_range: tuple[float | None, float | None] = (None, None)
+    # A stateful policy scores an exit from its logits and what the sample showed at the earlier
+    # exits (PABEE's patience counter): ``initial(n)`` is the state before the first exit, one
+    # row per sample; ``step(state, logits)`` returns (scores, the state after this exit).  The
+    # runtime keeps the state per sample and compacts it with the batch.
+    initial: Callable[[int], tuple[np.ndarray, ...]] | None = None
+    step: Callable[[tuple[np.ndarray, ...], np.ndarray], tuple[np.ndarray, tuple[np.ndarray, ...]]] | None = None
+
+    @property
+    def stateful(self) -> bool:
+        return self.step is not None
 
     def __post_init__(self) -> None:
         if self.direction not in ("higher", "lower"):
@@ -68,6 +78,18 @@ class ExitPolicy:
                 f"policy {self.name!r} scores 2-D logits (batch, classes); got shape {logits.shape}"
             )
         return self.batch_score(logits)
+
+    def score_table(self, per_exit: Sequence[np.ndarray]) -> np.ndarray:
+        """Scores of every exit for every sample, (exits, n), as the runtime computes them when a
+        sample reaches each exit in turn (a stateful policy carries its state along)."""
+        if self.step is None or self.initial is None:
+            return np.stack([self.scores(logits) for logits in per_exit])
+        state = self.initial(len(per_exit[0]))
+        table = []
+        for logits in per_exit:
+            scores, state = self.step(state, np.asarray(logits))
+            table.append(scores)
+        return np.stack(table)
 
     def accepts(self, scores: np.ndarray, threshold: float) -> np.ndarray:
         """Boolean mask of samples whose score passes ``threshold``; NaN/Inf never passes."""
@@ -155,6 +177,32 @@ def _margin_row(row: list[float]) -> float:
         return 1.0
     e.sort()
     return (1.0 - e[-2]) / total
+
+
+def _patience_initial(n: int) -> tuple[np.ndarray, np.ndarray]:
+    return np.full(n, -1, np.int64), np.zeros(n, np.int64)
+
+
+def _patience_step(state: tuple[np.ndarray, ...], logits: np.ndarray) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
+    """PABEE: the count of consecutive earlier exits whose argmax equals this one's; a row with a
+    NaN, a +inf or only -inf (no prediction) scores NaN (never exits) and breaks the run."""
+    previous, count = state
+    with np.errstate(invalid="ignore"):   # a class at -inf never occurs; NaN, +inf or all -inf: no prediction
+        top = logits.max(axis=1) if logits.shape[1] else np.full(len(logits), np.nan)
+    finite = np.isfinite(top) & ~np.isnan(logits).any(axis=1)
+    prediction = np.where(finite, np.argmax(np.where(np.isnan(logits), -np.inf, logits), axis=1), -2)
+    count = np.where(finite & (prediction == previous), count + 1, 0)
+    return np.where(finite, count.astype(np.float64), np.nan), (prediction, count)
+
+
+def _patience_fresh(logits: np.ndarray) -> np.ndarray:
+    """The patience score without earlier exits (a full-model run): 0, NaN for non-finite logits."""
+    return _patience_step(_patience_initial(len(logits)), logits)[0]
+
+
+def _patience_fresh_row(row: list[float]) -> float:
+    top = max(row) if row else math.nan
+    return 0.0 if math.isfinite(top) and not any(v != v for v in row) else math.nan
 
 
 # --- registry ---------------------------------------------------------------------
@@ -268,5 +316,12 @@ register_policy(
     ExitPolicy(
         "margin", "higher", _margin_batch, _margin_row,
         "top-1 minus top-2 softmax probability; exits when score >= threshold", (0.0, 1.0),
+    )
+)
+register_policy(
+    ExitPolicy(
+        "patience", "higher", _patience_fresh, _patience_fresh_row,
+        "PABEE: consecutive earlier exits agreeing on the argmax; exits when the count >= threshold (the patience)",
+        (0.0, None), initial=_patience_initial, step=_patience_step,
     )
 )

@@ -203,3 +203,35 @@ def test_a_package_without_a_tokenizer_asks_for_token_ids(package):
 
     with pytest.raises(InputError, match="ships no tokenizer"):
         ExitSession(package.root).tokenize(["w1"])
+
+
+def _pabee_reference(per_exit, patience):
+    """PABEE per sample in plain Python: a counter of consecutive layers agreeing on the argmax
+    (reset on disagreement); exit at the first layer where it reaches the patience."""
+    exits = []
+    for i in range(len(per_exit[0])):
+        count, previous = 0, None
+        for k, logits in enumerate(per_exit):
+            prediction = int(np.argmax(logits[i]))
+            count = count + 1 if prediction == previous else 0
+            previous = prediction
+            if k == len(per_exit) - 1 or count >= patience:
+                exits.append(k)
+                break
+    return exits
+
+
+@pytest.mark.parametrize("patience", [1, 2])
+def test_patience_matches_pabee_in_batches_and_alone(package, patience):
+    from edgeexit.runtime import ExitSession
+
+    sess = ExitSession(package.root)
+    feeds = _batch([5, 9, 3, 12, 7, 2, 11, 6, 8, 4], seed=11)
+    want = _pabee_reference(sess.run_all_exits(feeds), patience)
+    assert len(set(want)) > 1 or patience == 2     # patience 1 on this model: some agree early, some do not
+    got = sess.run(feeds, policy="patience", thresholds=[patience, patience])
+    assert got.exit_index.tolist() == want
+    for i in range(len(want)):                     # batch compaction keeps each sample's own counter
+        n = int(feeds["attention_mask"][i].sum())
+        one = sess.run({k: v[i:i + 1, :n] for k, v in feeds.items()}, policy="patience", thresholds=[patience] * 2)
+        assert one.exit_index[0] == want[i]

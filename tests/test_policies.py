@@ -46,11 +46,20 @@ def ref_margin(row: np.ndarray) -> float:
     return float(p[0] - second)
 
 
+def ref_patience_alone(row: np.ndarray) -> float:
+    """PABEE's counter at a sample's first exit (no earlier exit agrees yet): 0, or NaN where the
+    row makes no prediction (a NaN, a +inf, or every class at -inf); the counter across exits is
+    checked in tests/test_policy_tables.py."""
+    valid = not np.isnan(row).any() and np.isfinite(np.max(row))
+    return 0.0 if valid else math.nan
+
+
 # name -> (direction, per-row reference score)
 REFERENCE: dict[str, tuple[str, Callable[[np.ndarray], float]]] = {
     "confidence": ("higher", ref_confidence),
     "entropy": ("lower", ref_entropy),
     "margin": ("higher", ref_margin),
+    "patience": ("higher", ref_patience_alone),
 }
 
 POLICIES = list_policies()
@@ -167,6 +176,7 @@ def test_known_values_on_uniform_logits(name: str, width: int) -> None:
         "confidence": 1.0 / width,
         "entropy": math.log(width),
         "margin": 1.0 if width == 1 else 0.0,
+        "patience": 0.0,
     }[name]
     policy = get_policy(name)
     for value in (0.0, -3.5, 1e3):

@@ -474,6 +474,7 @@ class ExitSession:
         exit_index = np.empty(n, dtype=np.int64)
         scores = np.empty(n, dtype=np.float64)
         logits_out: np.ndarray | None = None
+        states: dict[str, tuple[np.ndarray, ...]] = {}
         for k, stage in enumerate(self._stages):
             t0 = perf_counter_ns()
             outs = stage.run(tensors)
@@ -484,7 +485,7 @@ class ExitSession:
                 continue
             logits = outs[stage.logits_pos]
             policy = plan.policies[e]
-            s = policy.scores(logits)
+            s = _stateful_scores(policy, states, logits) if policy.stateful else policy.scores(logits)
             last = e == self.num_exits - 1
             leave = np.ones(len(active), dtype=bool) if last else policy.accepts(s, plan.thresholds[e])
             if logits_out is None:
@@ -497,6 +498,7 @@ class ExitSession:
                 stay = ~leave
                 active = active[stay]
                 tensors = {name: take(tensors[name], stay) for name in stage.keep_after}
+                states = {name: tuple(a[stay] for a in state) for name, state in states.items()}
         assert logits_out is not None
         return ExitResult(
             predictions=logits_out.argmax(axis=1), logits=logits_out, exit_index=exit_index,
@@ -508,6 +510,7 @@ class ExitSession:
         # Batch-1 fast path: no masks, no compaction, scalar policy scores.
         stage_ms = [0.0] * len(self._stages)
         last_exit = self.num_exits - 1
+        states: dict[str, tuple[np.ndarray, ...]] = {}
         for k, stage in enumerate(self._stages):
             t0 = perf_counter_ns()
             outs = stage.run(tensors)
@@ -515,7 +518,9 @@ class ExitSession:
             e = stage.exit_number
             if e is not None:
                 row = outs[stage.logits_pos][0]
-                score = plan.policies[e].score_one(row)
+                policy = plan.policies[e]
+                score = float(_stateful_scores(policy, states, row[None])[0]) if policy.stateful \
+                    else policy.score_one(row)
                 if e == last_exit or plan.policies[e].accepts_one(score, plan.thresholds[e]):
                     return ExitResult(
                         predictions=np.array([row.argmax()]), logits=row[None], exit_index=np.array([e]),
@@ -641,3 +646,12 @@ def describe(session: ExitSession) -> dict[str, Any]:
         "spinning": settings.spinning,
         "global_thread_pool": settings.global_pool,
     }
+
+
+def _stateful_scores(policy: ExitPolicy, states: dict[str, tuple[np.ndarray, ...]], logits: np.ndarray) -> np.ndarray:
+    """A stateful policy's scores at this exit for the rows still running (``states`` holds each
+    policy's state for those rows, updated here; the caller compacts it with the batch)."""
+    assert policy.initial is not None and policy.step is not None
+    state = states.get(policy.name)
+    scores, states[policy.name] = policy.step(state if state is not None else policy.initial(len(logits)), logits)
+    return scores
