@@ -78,7 +78,7 @@ import numpy as np
 from _common import BENCH_DIR, fmt_ms, interleaved_timing, log, machine_info, table, write_json
 
 DEFAULT_JSON = BENCH_DIR / "results" / "bench_bert_exits.json"
-POLICIES = ("entropy", "confidence", "margin")
+POLICIES = ("entropy", "confidence", "margin", "patience")
 OPTIMUM = "full MiniLM (optimum)"
 PACKAGE_FULL = "package full.onnx"
 BLOCK = 16
@@ -194,7 +194,7 @@ def simulate(policy: Any, scores: np.ndarray, threshold: float | None) -> np.nda
 
 
 def early_scores(policy: Any, logits: np.ndarray) -> np.ndarray:
-    return np.stack([policy.scores(x) for x in logits[:-1]], axis=1)
+    return policy.score_table(list(logits))[:-1].T      # a stateful policy (patience) carries its state
 
 
 def choose_threshold(policy: Any, logits: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
