@@ -207,7 +207,10 @@ def test_a_package_without_a_tokenizer_asks_for_token_ids(package):
 
 def _pabee_reference(per_exit, patience):
     """PABEE per sample in plain Python: a counter of consecutive layers agreeing on the argmax
-    (reset on disagreement); exit at the first layer where it reaches the patience."""
+    (reset on disagreement); exit at the first layer where it reaches the patience (one number,
+    or one per early exit with None for a disabled exit)."""
+    early = len(per_exit) - 1
+    limits = list(patience) if isinstance(patience, (list, tuple)) else [patience] * early
     exits = []
     for i in range(len(per_exit[0])):
         count, previous = 0, None
@@ -215,7 +218,7 @@ def _pabee_reference(per_exit, patience):
             prediction = int(np.argmax(logits[i]))
             count = count + 1 if prediction == previous else 0
             previous = prediction
-            if k == len(per_exit) - 1 or count >= patience:
+            if k == early or (limits[k] is not None and count >= limits[k]):
                 exits.append(k)
                 break
     return exits
@@ -235,3 +238,38 @@ def test_patience_matches_pabee_in_batches_and_alone(package, patience):
         n = int(feeds["attention_mask"][i].sum())
         one = sess.run({k: v[i:i + 1, :n] for k, v in feeds.items()}, policy="patience", thresholds=[patience] * 2)
         assert one.exit_index[0] == want[i]
+
+
+def test_calibrate_chooses_a_patience_on_a_text_package(tiny, tmp_path):
+    """`edgeexit calibrate` on token ids padded to one length: the counter runs through the
+    search (score_table), and the runtime at the chosen patience must give the exits, shares and
+    accuracy the search computed."""
+    import json
+
+    from click.testing import CliRunner
+
+    from edgeexit.cli import cli
+    from edgeexit.export import export_package
+    from edgeexit.runtime import ExitSession
+
+    _, model = tiny
+    ids = torch.randint(1, 120, (2, 7), generator=torch.Generator().manual_seed(3))
+    path = export_package(model, {"input_ids": ids, "attention_mask": torch.ones(2, 7, dtype=torch.int64)},
+                          tmp_path / "p.eexit", dynamic_axes=AXES, policy="patience", log=None).root
+    feeds = _batch([int(n) for n in np.random.default_rng(4).integers(2, 13, 120)], seed=4)
+    labels = ExitSession(path).run_all_exits(feeds)[-1].argmax(1)
+    np.savez(tmp_path / "cal.npz", **feeds, labels=labels)
+    out = CliRunner().invoke(cli, ["calibrate", str(path), "--data", str(tmp_path / "cal.npz"), "--max-drop", "40",
+                                   "--flops",
+                                   "--confidence-z", "0", "--dry-run", "--json", "-q"])
+    assert out.exit_code == 0, out.output
+    payload = json.loads(out.stdout)
+    chosen = payload["thresholds"]       # an untrained model's layers disagree often: a wide budget
+    assert len(chosen) == 2 and all(t is None or t >= 0 for t in chosen)
+    result = ExitSession(path).run(feeds, thresholds=chosen)
+    assert result.exit_index.tolist() == _pabee_reference(ExitSession(path).run_all_exits(feeds), chosen)
+    shares = np.bincount(result.exit_index, minlength=3) / len(labels)
+    np.testing.assert_allclose(shares, payload["expected_shares"], atol=1e-9)   # what the search computed
+    assert shares[:2].sum() > 0                                    # costed in FLOPs, early exits pay
+    assert (result.predictions == labels).mean() == pytest.approx(payload["validation_accuracy"])
+    assert (result.predictions == labels).mean() >= 0.6           # the budget: at most 40 points below the last exit
