@@ -103,7 +103,7 @@ def load_text_lines(path: str | os.PathLike[str]) -> list[str]:
     if not p.is_file():
         raise InputFileError(f"input file {p} does not exist" if not p.exists() else f"{p} is not a file")
     try:
-        lines = p.read_text(encoding="utf-8").splitlines()
+        lines = p.read_text(encoding="utf-8-sig").replace("\r\n", "\n").split("\n")   # a BOM is no text
     except UnicodeDecodeError as exc:
         raise InputFileError(f"{p} is not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8") from None
     except OSError as exc:

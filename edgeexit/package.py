@@ -208,7 +208,12 @@ class Package:
         if self.blobs is not None and name in self.blobs:
             return self.blobs[name]
         check_file_name(name, self.root)
-        data = self.file_path(name).read_bytes()
+        try:
+            with open(self.file_path(name), "rb") as f:
+                data = f.read(int(self.files[name]["size"]) + 1)
+        except OSError as exc:
+            raise FileIntegrityError(f"{name!r} in {self.root} cannot be read ({exc.strerror or exc}); copy the "
+                                     "package again or re-export it") from None
         _verify_bytes(self.root, name, self.files[name], data, True)
         return data
 

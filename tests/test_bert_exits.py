@@ -224,19 +224,20 @@ def _pabee_reference(per_exit, patience):
     return exits
 
 
-@pytest.mark.parametrize("patience", [1, 2])
+@pytest.mark.parametrize("patience", [[1, 1], [1, None], [None, 1]])
 def test_patience_matches_pabee_in_batches_and_alone(package, patience):
+    """With 3 exits the counter is at most 1 at exit 1, so patience 1 is the one that can fire there."""
     from edgeexit.runtime import ExitSession
 
     sess = ExitSession(package.root)
     feeds = _batch([5, 9, 3, 12, 7, 2, 11, 6, 8, 4], seed=11)
     want = _pabee_reference(sess.run_all_exits(feeds), patience)
-    assert len(set(want)) > 1 or patience == 2     # patience 1 on this model: some agree early, some do not
-    got = sess.run(feeds, policy="patience", thresholds=[patience, patience])
+    assert len(set(want)) > 1 or patience == [1, None]   # some samples' layers agree early, some do not
+    got = sess.run(feeds, policy="patience", thresholds=patience)
     assert got.exit_index.tolist() == want
     for i in range(len(want)):                     # batch compaction keeps each sample's own counter
         n = int(feeds["attention_mask"][i].sum())
-        one = sess.run({k: v[i:i + 1, :n] for k, v in feeds.items()}, policy="patience", thresholds=[patience] * 2)
+        one = sess.run({k: v[i:i + 1, :n] for k, v in feeds.items()}, policy="patience", thresholds=patience)
         assert one.exit_index[0] == want[i]
 
 
@@ -273,3 +274,65 @@ def test_calibrate_chooses_a_patience_on_a_text_package(tiny, tmp_path):
     assert shares[:2].sum() > 0                                    # costed in FLOPs, early exits pay
     assert (result.predictions == labels).mean() == pytest.approx(payload["validation_accuracy"])
     assert (result.predictions == labels).mean() >= 0.6           # the budget: at most 40 points below the last exit
+
+
+def test_text_packages_quantize_and_keep_their_tokenizer(text_package, tmp_path):
+    from edgeexit.export.quantize import quantize_package
+    from edgeexit.runtime import ExitSession
+
+    package, _ = text_package
+    sess = ExitSession(package.root)
+    feeds = sess.tokenize(["w1 w2 w3", "w4 w5", "w6 w7 w8 w9"])
+    int8 = quantize_package(package.root, tmp_path / "int8.eexit", sess.tokenize(["w1 w2 w3 w4 w5 w6"] * 4), log=None)
+    assert int8.format_version == 7 and int8.text == package.text
+    assert int8.files["tokenizer.json"] == package.files["tokenizer.json"]
+    quantized = ExitSession(int8.root)
+    np.testing.assert_array_equal(quantized.tokenize(["w1 w2 w3", "w4 w5", "w6 w7 w8 w9"])["input_ids"],
+                                  feeds["input_ids"])
+    assert quantized.run(feeds).logits.shape == (3, 3)
+
+
+def test_a_tokenizer_must_fit_the_model_and_work(tiny, tmp_path):
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+
+    from edgeexit.errors import InputError, ModelSpecError
+    from edgeexit.export import export_package
+    from edgeexit.runtime._text import encode_batch
+
+    _, model = tiny
+    examples = {"input_ids": torch.randint(1, 100, (2, 6)), "attention_mask": torch.ones(2, 6, dtype=torch.int64)}
+    broken = tokenizers.Tokenizer(WordLevel({"a": 0, "b": 1}, unk_token="[UNK]"))   # no [UNK] in its vocabulary
+    broken.pre_tokenizer = Whitespace()
+    broken.save(str(tmp_path / "broken.json"))
+    with pytest.raises(InputError, match="could not encode"):
+        encode_batch(broken, ["a c"])
+    text = {"tokenizer": tmp_path / "broken.json", "ids": "input_ids", "mask": "attention_mask", "max_tokens": 8}
+    with pytest.raises(ModelSpecError, match="does not tokenize"):
+        export_package(model, examples, tmp_path / "x.eexit", dynamic_axes=AXES, text=text, log=None)
+    with pytest.raises(ModelSpecError, match="dynamic token axis"):   # a tokenizer pads batches to their longest
+        export_package(model, examples, tmp_path / "y.eexit", text=text, log=None)
+    with pytest.raises(ModelSpecError, match="max_tokens"):
+        export_package(model, examples, tmp_path / "z.eexit", dynamic_axes=AXES, text={**text, "max_tokens": "8"},
+                       log=None)
+
+
+def test_patience_scores_from_the_full_model_are_not_made_up(package):
+    from edgeexit.runtime import ExitSession
+
+    sess = ExitSession(package.root)
+    feeds = _batch([4, 7], seed=2)
+    full = sess.run(feeds, policy="patience", thresholds=[None, None])     # every exit disabled: full.onnx answers
+    assert full.engine == "full" and np.isnan(full.scores).all() and full.nonfinite_scores == 0
+    loop = ExitSession(package.root, engine="stages").run(feeds, policy="patience", thresholds=[None, None])
+    np.testing.assert_allclose(full.logits, loop.logits, atol=1e-5)
+    assert np.isfinite(loop.scores).all()                                  # the loop counted along the way
+
+
+def test_text_files_drop_a_byte_order_mark_and_split_on_newlines_only(tmp_path):
+    from edgeexit.datafiles import load_text_lines
+
+    path = tmp_path / "in.txt"
+    path.write_bytes("\ufefffirst line\r\nsecond\x0cstill second\n\n".encode())
+    assert load_text_lines(path) == ["first line", "second\x0cstill second"]

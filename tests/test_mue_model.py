@@ -280,6 +280,7 @@ def test_the_plain_baseline_and_the_joint_encoder_ablation(model, exported, tmp_
 
     from edgeexit.export.seq2seq import export_plain_mue
     from edgeexit.runtime import ExitSession
+    from edgeexit.runtime.seq2seq import cosine
 
     feeds = _inputs(6)
     enc_path, dec_path = export_plain_mue(model, tmp_path)
@@ -296,11 +297,20 @@ def test_the_plain_baseline_and_the_joint_encoder_ablation(model, exported, tmp_
                               engine=engine)
         assert all((v == 1).all() for v in first.encoder_layers.values()) and first.encoder_engine == engine
     # between the two: the modalities leave together, at the layer where their joint similarity passes
-    joint = {"encoder": 0.9}
-    a, b = (sess.generate(feeds, max_new_tokens=8, thresholds=joint, encoder_exit="joint", engine=e)
-            for e in ("compiled", "stages"))
+    runner = sess._seq2seq
+    parts = []       # layer 1's output and input per modality, joined: the joint similarity of each sample
+    for m, valid in zip(runner.spec.modalities, runner._valids(feeds)):
+        bias = np.where(valid, np.float32(0), np.float32(-1e9))[:, None, None, :]
+        entering, out, _ = runner._run(runner.first[m["name"]], {m["input"]: feeds[m["input"]], "bias": bias}, "probe")
+        parts.append((out * valid[:, :, None], entering * valid[:, :, None]))
+    joint_similarity = cosine(np.concatenate([p[0] for p in parts], 1), np.concatenate([p[1] for p in parts], 1))
+    seen = np.unique(joint_similarity)
+    threshold = float((seen[0] + seen[1]) / 2)                      # one sample leaves at layer 1, the rest go on
+    a, b = (sess.generate(feeds, max_new_tokens=8, thresholds={"encoder": threshold}, encoder_exit="joint",
+                          engine=e) for e in ("compiled", "stages"))
     assert a.tokens == b.tokens and all((a.encoder_layers[m] == b.encoder_layers[m]).all() for m in ("image", "text"))
     assert (a.encoder_layers["image"] == a.encoder_layers["text"]).all()
+    assert len(set(a.encoder_layers["image"].tolist())) > 1        # samples leave at different layers: rows gathered
 
 
 def test_the_in_graph_encoder_equals_the_per_layer_graphs_on_real_digits(exported):
@@ -389,3 +399,17 @@ def test_thresholds_at_one_equal_the_full_model_and_bad_inputs_are_typed(model, 
         sess.generate({**feeds, "question": np.full((5, 5), 999, np.int64)})
     with pytest.raises(InputError, match="kv="):
         sess.generate(feeds, kv="keep")
+
+
+def test_a_session_opened_on_stages_generates_per_layer(exported):
+    from edgeexit.runtime import ExitSession
+
+    feeds = _inputs(3)
+    one = {k: v[:1] for k, v in feeds.items()}
+    stages = ExitSession(exported.root, engine="stages")
+    assert stages._seq2seq.encoder_exits == {} and stages._seq2seq.decoder_steps == {}   # never built
+    got = stages.generate(one, max_new_tokens=8)
+    assert (got.encoder_engine, got.decoder_engine) == ("stages", "stages")
+    assert got.tokens == ExitSession(exported.root).generate(one, max_new_tokens=8).tokens
+    auto = ExitSession(exported.root).generate(one, max_new_tokens=8)
+    assert (auto.encoder_engine, auto.decoder_engine) == ("compiled", "compiled")

@@ -39,7 +39,7 @@ def test_stateless_policies_score_each_exit_alone():
     assert get_policy("patience").stateful
 
 
-def test_a_patience_threshold_below_zero_is_refused():
+def test_a_non_finite_patience_is_refused():
     from edgeexit.errors import ThresholdError
     from edgeexit.policies import check_thresholds
 

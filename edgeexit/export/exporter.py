@@ -43,6 +43,10 @@ from .model import EarlyExitModel, as_tuple
 DEFAULT_OPSET = 18
 VALIDATION_BATCHES = (3, 5)
 TOKENIZER_FILE = "tokenizer.json"
+# how far each named dynamic axis grows to find the axes that follow it: distinct primes, so
+# an axis that follows a named one at another rate (stride 2, twice the tokens) is not credited
+# to the wrong name or taken for fixed; the validation then runs at both lengths
+_GROWTH = (7, 11, 13, 17, 19, 23)
 
 
 @dataclass(frozen=True)
@@ -132,23 +136,40 @@ def _symbolic_shape(t: torch.Tensor, axes: Mapping[int, str]) -> list[int | str]
     return ["batch", *(axes.get(i, d) for i, d in enumerate(t.shape[1:], 1))]
 
 
-def _check_text(text: Mapping[str, Any] | None, examples: Mapping[str, torch.Tensor]
-                ) -> tuple[dict[str, Any] | None, Path | None]:
-    """The manifest's ``text`` object and the tokenizer file to copy in, checked."""
+def _check_text(text: Mapping[str, Any] | None, examples: Mapping[str, torch.Tensor],
+                axes: Mapping[str, Mapping[int, str]]) -> tuple[dict[str, Any] | None, Path | None]:
+    """The manifest's ``text`` object and the tokenizer file to copy in, checked (the tokenizer
+    is loaded and tried on a text here, not on a device)."""
     if not text:
         return None, None
     tokenizer = Path(text.get("tokenizer", ""))
     if not tokenizer.is_file():
         raise ModelSpecError(f"text['tokenizer'] must be a tokenizers JSON file; {tokenizer} is not a file")
+    numbers = {key: text.get(key, default) for key, default in (("max_tokens", 0), ("pad_id", 0))}
+    for key, value in numbers.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < (1 if key == "max_tokens" else 0):
+            raise ModelSpecError(f"text[{key!r}] must be a {'positive' if key == 'max_tokens' else 'non-negative'} "
+                                 f"integer, got {value!r}")
     entry: dict[str, Any] = {"tokenizer": TOKENIZER_FILE, "ids": text.get("ids"), "mask": text.get("mask"),
-             "max_tokens": int(text.get("max_tokens", 0)), "pad_id": int(text.get("pad_id", 0))}
+                             **numbers}
+    if entry["mask"] is not None and entry["mask"] == entry["ids"]:
+        raise ModelSpecError("text['mask'] must name another input than text['ids'] (or be None)")
     for key in ("ids", "mask"):
         name = entry[key]
         if (name is not None or key == "ids") and (name not in examples or examples[name].dtype not in
                                                    (torch.int64, torch.int32) or examples[name].dim() != 2):
             raise ModelSpecError(f"text[{key!r}] must name a 2-D integer input ({list(examples)}), got {name!r}")
-    if entry["max_tokens"] < 1:
-        raise ModelSpecError("text['max_tokens'] must be a positive number of tokens")
+    for key in ("ids", "mask"):
+        if entry[key] is not None and 1 not in axes.get(entry[key], {}):
+            raise ModelSpecError(f"text[{key!r}] input {entry[key]!r} needs a dynamic token axis: a tokenizer pads a "
+                                 "batch to its longest text. Pass dynamic_axes={"
+                                 + repr(entry[key]) + ": {1: 'tokens'}}")
+    from ..runtime._text import encode_batch, load_tokenizer_bytes
+
+    try:
+        encode_batch(load_tokenizer_bytes(tokenizer.read_bytes(), entry["max_tokens"]), ["a test"], entry["pad_id"])
+    except Exception as exc:
+        raise ModelSpecError(f"text['tokenizer'] {tokenizer} does not tokenize a test text: {exc}") from None
     return entry, tokenizer
 
 
@@ -173,14 +194,16 @@ def _check_dynamic_axes(dynamic_axes: Mapping[str, Mapping[int, str]] | None, ex
                 raise ModelSpecError(f"dynamic_axes[{name!r}][{axis}]: name an axis with an identifier other than "
                                      f"'batch', got {label!r}")
         out[name] = dict(axes)
+    if len({label for a in out.values() for label in a.values()}) > len(_GROWTH):
+        raise ModelSpecError(f"dynamic_axes names more than {len(_GROWTH)} distinct axes; share names between inputs")
     return out
 
 
 def _grown(examples: Mapping[str, torch.Tensor], axes: Mapping[str, Mapping[int, str]]) -> dict[str, torch.Tensor]:
-    """The examples with every named dynamic axis longer: the k-th distinct name by k + 1
+    """The examples with every named dynamic axis longer: the k-th distinct name by _GROWTH[k]
     positions (the last position repeated), so each axis a carry inherits can be told apart."""
     labels = sorted({label for a in axes.values() for label in a.values()})
-    grow = {label: k + 1 for k, label in enumerate(labels)}
+    grow = {label: _GROWTH[k] for k, label in enumerate(labels)}
     out = {}
     for name, t in examples.items():
         for axis, label in axes.get(name, {}).items():
@@ -194,7 +217,7 @@ def _inherited_axes(small: Sequence[torch.Tensor], large: Sequence[torch.Tensor]
                     axes: Mapping[str, Mapping[int, str]]) -> dict[str, dict[int, str]]:
     """Which axes of the outputs ``names`` follow a named input axis (their size changed with it)."""
     labels = sorted({label for a in axes.values() for label in a.values()})
-    by_growth = {k + 1: label for k, label in enumerate(labels)}
+    by_growth = {_GROWTH[k]: label for k, label in enumerate(labels)}
     found: dict[str, dict[int, str]] = {}
     for name, a, b in zip(names, small, large):
         for axis in range(1, min(a.dim(), b.dim())):
@@ -411,7 +434,7 @@ def export_package(
     was_training = model.training
     model.eval()
     try:
-        manifest_text, tokenizer = _check_text(text, examples)
+        manifest_text, tokenizer = _check_text(text, examples, axes)
         return _export(model, examples, path, pol.name, values, labels, name, include_full_model, opset, dynamo,
                        atol, rtol, preprocessing, seed, compile, say, axes, manifest_text, tokenizer)
     finally:

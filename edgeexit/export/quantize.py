@@ -288,7 +288,8 @@ def _int8_manifest(package: Package, say: Callable[[str], None]) -> dict[str, An
     manifest = copy.deepcopy(dict(package.manifest))
     manifest.pop("files", None)
     manifest.pop("compiled", None)  # built from the fp32 stages; recompiled from the int8 ones
-    manifest["format_version"] = FORMAT_VERSION  # the `quantization` record is a version-2 field
+    # the `quantization` record is a version-2 field; a later version (a shipped tokenizer: 7) stays
+    manifest["format_version"] = max(int(manifest["format_version"]), FORMAT_VERSION)
     stale = []
     for where, cost in [(s.get("name"), s.get("cost")) for s in manifest["stages"]] + [
             ("full_model", (manifest.get("full_model") or {}).get("cost"))]:

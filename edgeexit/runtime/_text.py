@@ -42,13 +42,19 @@ def encode_batch(tokenizer: Any, texts: Sequence[str], pad_id: int = 0,
     bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
     if bad:
         raise InputError(f"texts must be strings; item(s) {bad[:10]} are not")
-    encodings = tokenizer.encode_batch(list(texts))
-    length = max(1, max(len(e.ids) for e in encodings))
+    try:
+        encodings = tokenizer.encode_batch(list(texts))
+    except Exception as exc:     # tokenizers raises bare exceptions (e.g. a vocabulary without [UNK])
+        raise InputError(f"the tokenizer could not encode the texts: {str(exc)[:200]}") from None
+    cut = getattr(tokenizer, "truncation", None)
+    limit = cut["max_length"] if isinstance(cut, dict) and "max_length" in cut else None
+    rows = [e.ids[:limit] if limit else e.ids for e in encodings]   # added specials never exceed max_tokens
+    length = max(1, max(len(r) for r in rows))
     ids = np.full((len(encodings), length), pad_id, dtype)
     mask = np.zeros((len(encodings), length), dtype)
-    for i, e in enumerate(encodings):
-        ids[i, :len(e.ids)] = e.ids
-        mask[i, :len(e.ids)] = 1
+    for i, row in enumerate(rows):
+        ids[i, :len(row)] = row
+        mask[i, :len(row)] = 1
     return ids, mask
 
 

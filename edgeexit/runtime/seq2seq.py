@@ -105,7 +105,8 @@ def encode_texts(spec: Seq2SeqSpec, texts: Any, length: int, name: str = "questi
 def decoder_threshold(base: float | None, t: int, limit: int, decay: float | None) -> float | None:
     """The decoder exits' threshold for generated token ``t`` (0-based) of at most ``limit``.
 
-    Without ``decay`` it is ``base`` for every token.  With it, CALM's decaying schedule:
+    Without ``decay`` (None) it is ``base`` for every token; ``decay=0`` is CALM's schedule at
+    temperature 0 (0.9 base + 0.1 for every token), not "no decay".  With it, CALM's schedule:
     ``clip(0.9 * base + 0.1 * exp(-decay * t / limit))``, strict for the first tokens and looser
     later, clipped to the similarity's range [-1, 1]."""
     if base is None or decay is None:
@@ -126,7 +127,7 @@ def _exits(threshold: float | None, out: np.ndarray, entering: np.ndarray,
 class Seq2SeqRunner:
     """The generation loop over a seq2seq package's graphs (built by ``ExitSession``)."""
 
-    def __init__(self, package: Package, build: Callable[[str, str], Any]) -> None:
+    def __init__(self, package: Package, build: Callable[[str, str], Any], in_graph: bool = True) -> None:
         assert package.seq2seq is not None
         self.spec: Seq2SeqSpec = package.seq2seq
         s = self.spec
@@ -135,9 +136,9 @@ class Seq2SeqRunner:
         self.decoder = [build(d["step"], f"decoder layer {k}") for k, d in enumerate(s.decoder)]
         self.decoder_kv = [build(d["kv"], f"decoder layer {k} key/value") for k, d in enumerate(s.decoder)]
         self.encoder_exits = {mode: build(f, f"encoder with in-graph exits ({mode})")
-                              for mode, f in (s.encoder_exits or {}).items()}
+                              for mode, f in (s.encoder_exits or {}).items()} if in_graph else {}
         self.decoder_steps = {kv: build(f, f"decoder step with in-graph exits (kv={kv})")
-                              for kv, f in (s.decoder_steps or {}).items()}
+                              for kv, f in (s.decoder_steps or {}).items()} if in_graph else {}
 
     @staticmethod
     def _run(session: Any, feeds: dict[str, np.ndarray], what: str) -> list[np.ndarray]:
@@ -177,7 +178,8 @@ class Seq2SeqRunner:
     def decoder_engine(self, engine: str, kv: str, batch: int) -> str:
         """"compiled" (one call per token, exits decided in-graph) at batch 1 where the package has
         the decoder step for ``kv`` and ``engine`` allows it; else "stages" (one call per layer, with
-        batch compaction)."""
+        batch compaction): the decoder step is a batch-1 graph, so even ``engine="compiled"``
+        decodes a batch per layer."""
         if engine == "compiled" and kv not in self.decoder_steps:
             raise InputError(f"this package has no decoder step with in-graph exits for kv={kv!r} (format version "
                              "5, or built without); re-export it with this edgeexit, or use engine='stages'")

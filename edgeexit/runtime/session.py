@@ -131,6 +131,7 @@ class ExitSession:
         self.num_exits = len(self.exit_stages)
 
         self._seq2seq: Seq2SeqRunner | None = None
+        self._seq2seq_engine = "auto"
         self._tokenizer: Any = None
         self._stages: list[Stage] = []
         self._compiled: CompiledGraph | None = None
@@ -141,7 +142,8 @@ class ExitSession:
         self._measures_lock = threading.Lock()
         if self.package.kind == "seq2seq":   # an encoder-decoder: generate(), not run()
             self.engine_choice, self.io_binding_device = {}, None
-            self._seq2seq = Seq2SeqRunner(self.package, self._build)
+            self._seq2seq = Seq2SeqRunner(self.package, self._build, in_graph=engine != "stages")
+            self._seq2seq_engine = engine
             return
 
         device = binding_device(self.providers)
@@ -572,7 +574,8 @@ class ExitSession:
 
     def generate(self, inputs: dict[str, np.ndarray], *, max_new_tokens: int | None = None,
                  thresholds: dict[str, float | None] | None = None, kv: str = "drop",
-                 encoder_exit: str = "per_modality", engine: str = "auto", decay: float | None = None) -> Generation:
+                 encoder_exit: str = "per_modality", engine: str | None = None,
+                 decay: float | None = None) -> Generation:
         """Generate answers with a seq2seq package (MuE's exits; see ``edgeexit.runtime.seq2seq``).
 
         Args:
@@ -585,7 +588,8 @@ class ExitSession:
                 all tokens, one threshold, ``thresholds["encoder"]``).
             engine: ``"auto"`` runs the encoder with in-graph exits where the package has it (one
                 onnxruntime call instead of one per layer and modality); ``"stages"`` always runs
-                the per-layer graphs; ``"compiled"`` insists on the in-graph one.  The decoder step
+                the per-layer graphs; ``"compiled"`` insists on the in-graph one.  Default: the
+                session's ``engine`` (a session opened with ``"stages"`` builds no in-graph graph).  The decoder step
                 with in-graph exits runs at batch 1; a batch runs the per-layer decoder, which
                 computes only the samples still in each layer.
             decay: CALM's decaying decoder threshold, its temperature: token t of at most N exits
@@ -599,7 +603,7 @@ class ExitSession:
                              "seq2seq packages")
         feeds, _n = self._checker.feeds(inputs)
         return self._seq2seq.generate(feeds, max_new_tokens=max_new_tokens, thresholds=thresholds, kv=kv,
-                                      encoder_exit=encoder_exit, engine=engine, decay=decay)
+                                      encoder_exit=encoder_exit, engine=engine or self._seq2seq_engine, decay=decay)
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
         """Token-id inputs for ``texts`` with the tokenizer the package ships (format version 7,
