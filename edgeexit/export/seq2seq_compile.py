@@ -49,7 +49,6 @@ from .compile import _Names, _opsets, _Scope, _splice
 
 ENCODER_FILE = "encoder_exits.onnx"
 JOINT_ENCODER_FILE = "encoder_exits_joint.onnx"
-DISABLED = 2.0   # a cosine similarity never exceeds 1
 NEG = np.float32(-1e9)
 
 
@@ -184,22 +183,26 @@ def build_encoder_exits(folder: Path, spec: dict, *, joint: bool) -> onnx.ModelP
     main.nodes.extend(helper.make_node("Identity", [c], [o], name=f"ee/{o}") for c, o in zip(counts, outputs[1:]))
     graph_outputs = [helper.make_tensor_value_info("memory", TensorProto.FLOAT, ["batch", sum(tokens), width])] + [
         helper.make_tensor_value_info(o, TensorProto.INT64, ["batch"]) for o in outputs[1:]]
-    graph = helper.make_graph(main.nodes, "encoder_exits_joint" if joint else "encoder_exits", inputs, graph_outputs,
-                              initializer=main.initializers, value_info=main.value_info)
-    model = helper.make_model(graph, opset_imports=imports, producer_name="edgeexit", doc_string=(
-        "MuE encoder with in-graph exits compiled by edgeexit: feed the inputs and thresholds (float64, "
-        + ("one for all modalities together" if joint else "one per modality") + "; 2 disables an exit)."))
-    model.ir_version = max(m.ir_version for m in embeds + layers)
+    return _checked_model(main, "encoder_exits_joint" if joint else "encoder_exits", inputs, graph_outputs,
+                          imports, embeds + layers, "the compiled encoder", (
+                              "MuE encoder with in-graph exits compiled by edgeexit: feed the inputs and thresholds "
+                              "(float64, " + ("one for all modalities together" if joint else "one per modality")
+                              + "; 2 disables an exit)."))
+
+
+def _checked_model(main: _Scope, name: str, inputs: Sequence[onnx.ValueInfoProto],
+                   outputs: Sequence[onnx.ValueInfoProto], imports: list[onnx.OperatorSetIdProto],
+                   sources: Sequence[onnx.ModelProto], what: str, doc: str) -> onnx.ModelProto:
+    """The model of the main scope, at the sources' IR version, checked with ``onnx.checker``."""
+    graph = helper.make_graph(main.nodes, name, list(inputs), list(outputs), initializer=main.initializers,
+                              value_info=main.value_info)
+    model = helper.make_model(graph, opset_imports=imports, producer_name="edgeexit", doc_string=doc)
+    model.ir_version = max(m.ir_version for m in sources)
     try:
         onnx.checker.check_model(model, full_check=True)
     except Exception as exc:
-        raise CompileError(f"onnx.checker refused the compiled encoder: {exc}") from exc
+        raise CompileError(f"onnx.checker refused {what}: {exc}") from exc
     return model
-
-
-def fed_thresholds(values: Sequence[float | None]) -> np.ndarray:
-    """Thresholds as the graph takes them: a disabled exit (None) gets one no cosine passes."""
-    return np.array([DISABLED if v is None else float(v) for v in values], np.float64)
 
 
 CHECK_THRESHOLDS = (None, -1.0, 0.5, 0.9, 0.99)
@@ -352,14 +355,8 @@ def build_decoder_step(folder: Path, spec: dict, *, kv: str) -> onnx.ModelProto:
                      helper.make_tensor_value_info("exit", TensorProto.INT64, [1])] + [
         helper.make_tensor_value_info(o, TensorProto.FLOAT, [1, heads, f"present_{o.rsplit('_', 1)[1]}", dh])
         for o in outputs[2:]]
-    graph = helper.make_graph(main.nodes, f"decoder_step_{kv}", inputs, graph_outputs,
-                              initializer=main.initializers, value_info=main.value_info)
-    model = helper.make_model(graph, opset_imports=imports, producer_name="edgeexit", doc_string=(
-        f"MuE decoder step with in-graph exits (kv={kv}) compiled by edgeexit: batch 1; feed the token, its "
-        "position, the memory, each layer's cache and the threshold (float64; 2 disables the exits)."))
-    model.ir_version = max(m.ir_version for m in layers + kvs)
-    try:
-        onnx.checker.check_model(model, full_check=True)
-    except Exception as exc:
-        raise CompileError(f"onnx.checker refused the compiled decoder step: {exc}") from exc
-    return model
+    return _checked_model(main, f"decoder_step_{kv}", inputs, graph_outputs, imports, layers + kvs,
+                          "the compiled decoder step", (
+                              f"MuE decoder step with in-graph exits (kv={kv}) compiled by edgeexit: batch 1; feed the "
+                              "token, its position, the memory, each layer's cache and the threshold (float64; 2 "
+                              "disables the exits)."))

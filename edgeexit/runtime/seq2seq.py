@@ -102,6 +102,11 @@ def encode_texts(spec: Seq2SeqSpec, texts: Any, length: int, name: str = "questi
     return ids
 
 
+def _fed(values: list[float | None]) -> np.ndarray:
+    """Thresholds as the in-graph exits take them: float64, a disabled exit (None) as ``DISABLED``."""
+    return np.array([DISABLED if v is None else v for v in values], np.float64)
+
+
 def decoder_threshold(base: float | None, t: int, limit: int, decay: float | None) -> float | None:
     """The decoder exits' threshold for generated token ``t`` (0-based) of at most ``limit``.
 
@@ -201,7 +206,7 @@ class Seq2SeqRunner:
             mode = "joint" if joint_exit else "per_modality"
             fed = [joint] if joint_exit else [thresholds[m["name"]] for m in self.spec.modalities]
             inputs = {m["input"]: feeds[m["input"]] for m in self.spec.modalities}
-            inputs["thresholds"] = np.array([DISABLED if v is None else v for v in fed], np.float64)
+            inputs["thresholds"] = _fed(fed)
             memory, *ran = self._run(self.encoder_exits[mode], inputs, f"the encoder with in-graph exits ({mode})")
             return memory, np.concatenate(self._valids(feeds), axis=1), \
                 {m["name"]: r for m, r in zip(self.spec.modalities, ran)}
@@ -299,7 +304,7 @@ class Seq2SeqRunner:
         s, session = self.spec, self.decoder_steps[kv]
         empty = np.zeros((1, s.heads, 0, s.head_dim), np.float32)
         feeds = {"memory": memory, "memory_bias": mem_bias}
-        thresholds = [np.array([DISABLED if v is None else v], np.float64) for v in schedule]
+        thresholds = [_fed([v]) for v in schedule]
         caches = [f"past_{w}_{k}" for k in range(len(self.decoder)) for w in ("key", "value")]
         feeds.update(dict.fromkeys(caches, empty))
         token, tokens, layers, step_ms = s.bos, [], [], []

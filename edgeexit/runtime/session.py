@@ -487,7 +487,7 @@ class ExitSession:
                 continue
             logits = outs[stage.logits_pos]
             policy = plan.policies[e]
-            s = _stateful_scores(policy, states, logits) if policy.stateful else policy.scores(logits)
+            s = policy.scores(logits) if policy.step is None else _stateful_scores(policy, states, logits)
             last = e == self.num_exits - 1
             leave = np.ones(len(active), dtype=bool) if last else policy.accepts(s, plan.thresholds[e])
             if logits_out is None:
@@ -500,7 +500,8 @@ class ExitSession:
                 stay = ~leave
                 active = active[stay]
                 tensors = {name: take(tensors[name], stay) for name in stage.keep_after}
-                states = {name: tuple(a[stay] for a in state) for name, state in states.items()}
+                if states:                                      # a stateful policy's rows go with them
+                    states = {name: tuple(a[stay] for a in state) for name, state in states.items()}
         assert logits_out is not None
         return ExitResult(
             predictions=logits_out.argmax(axis=1), logits=logits_out, exit_index=exit_index,
@@ -521,8 +522,8 @@ class ExitSession:
             if e is not None:
                 row = outs[stage.logits_pos][0]
                 policy = plan.policies[e]
-                score = float(_stateful_scores(policy, states, row[None])[0]) if policy.stateful \
-                    else policy.score_one(row)
+                score = policy.score_one(row) if policy.step is None \
+                    else float(_stateful_scores(policy, states, row[None])[0])
                 if e == last_exit or plan.policies[e].accepts_one(score, plan.thresholds[e]):
                     return ExitResult(
                         predictions=np.array([row.argmax()]), logits=row[None], exit_index=np.array([e]),
