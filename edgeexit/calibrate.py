@@ -48,14 +48,18 @@ def record_exits(session, inputs, labels: np.ndarray, policy: str | None = None,
     n = len(labels)
     if n == 0:
         raise InputError("the labelled set is empty; calibration needs samples")
-    chunks: list[list[np.ndarray]] = []
+    if any(session.package.stages[k].exit.output(pol.reads) is None for k in session.exit_stages):
+        raise InputError(f"policy {pol.name!r} scores the exits' {pol.reads!r} signal, which this package's exits "
+                         "do not output; calibrate a policy that reads the logits")
+    chunks: list[list[dict[str, np.ndarray]]] = []
     for start in range(0, n, batch_size):
         part = {k: v[start:start + batch_size] for k, v in feeds.items()}
-        chunks.append(session.run_all_exits(part))
-    per_exit = [np.concatenate([c[e] for c in chunks]) for e in range(session.num_exits)]
+        chunks.append(session.exit_outputs(part))
+    per_exit = [{what: np.concatenate([c[e][what] for c in chunks]) for what in ("logits", pol.reads)}
+                for e in range(session.num_exits)]
     return ExitRecords(
-        scores=pol.score_table(per_exit),
-        predictions=np.stack([logits.argmax(axis=1) for logits in per_exit]),
+        scores=pol.score_table([outputs[pol.reads] for outputs in per_exit]),
+        predictions=np.stack([outputs["logits"].argmax(axis=1) for outputs in per_exit]),
         labels=labels,
         policy=pol.name,
     )

@@ -33,7 +33,7 @@ from .errors import (
     UnsafePathError,
     UnsupportedFormatError,
 )
-from .policies import get_policy
+from .policies import SIGNALS, get_policy
 
 FORMAT_NAME = "edgeexit"
 # Version 2 added the optional `calibration` history, `quantization` record and
@@ -42,13 +42,16 @@ FORMAT_NAME = "edgeexit"
 # threshold be null: that exit is disabled (not calibrated yet, or slower than the full
 # model on the device it was calibrated on).  Versions 1-3 load unchanged.
 FORMAT_VERSION = 4
-SUPPORTED_FORMAT_VERSIONS = frozenset({1, 2, 3, 4, 5, 6, 7})
+SUPPORTED_FORMAT_VERSIONS = frozenset({1, 2, 3, 4, 5, 6, 7, 8})
 SEQ2SEQ_VERSION = 5   # adds kind "seq2seq" (the `seq2seq` object); classifiers are still written as 4
 # version 6 adds `seq2seq.encoder_exits` and `seq2seq.decoder_steps`: the encoder and a decoder step
 # with in-graph exits (optional; 5 loads unchanged)
 ENCODER_EXITS_VERSION = 6
 # version 7 adds the optional `text` object: the package's own tokenizer for token-id inputs
 TEXT_VERSION = 7
+# version 8 adds `stages[].exit.signals`: exit outputs besides the logits (PALBERT's halting
+# probability, JEI-DNN's gate value) that the q_exit and gate policies score
+SIGNALS_VERSION = 8
 DISABLED_EXITS_VERSION = 4
 MANIFEST_NAME = "manifest.json"
 KINDS = ("classifier", "seq2seq", "pipeline")
@@ -77,6 +80,11 @@ class ExitSpec:
     logits: str
     policy: str
     threshold: float | None
+    signals: Mapping[str, str] = field(default_factory=dict)   # signal ("halt", "gate") -> output; version 8
+
+    def output(self, reads: str) -> str | None:
+        """The graph output a policy reading ``reads`` scores ("logits" or a signal), or None."""
+        return self.logits if reads == "logits" else self.signals.get(reads)
 
 
 @dataclass(frozen=True)
@@ -382,9 +390,10 @@ def _verify_files(root: Path, files: Mapping[str, Any], verify_hashes: bool) -> 
                 )
 
 
-def _parse_exit(raw: Any, where: str) -> ExitSpec | None:
+def _parse_exit(raw: Any, where: str, version: int) -> ExitSpec | None:
     if raw is None:
         return None
+    _schema(isinstance(raw, Mapping), where, "an object or null", raw)
     logits = _field(raw, "logits", where)
     policy = _field(raw, "policy", where)
     threshold = raw.get("threshold")
@@ -393,8 +402,23 @@ def _parse_exit(raw: Any, where: str) -> ExitSpec | None:
     _schema(threshold is None or (isinstance(threshold, (int, float)) and not isinstance(threshold, bool)
                                   and math.isfinite(threshold)),
             f"{where}.threshold", "a finite number or null", threshold)
-    get_policy(policy)  # unknown policy -> UnknownPolicyError with the valid names
-    return ExitSpec(logits, policy, None if threshold is None else float(threshold))
+    pol = get_policy(policy)  # unknown policy -> UnknownPolicyError with the valid names
+    signals = raw.get("signals")
+    if signals is not None:
+        _schema(version >= SIGNALS_VERSION, f"{where}.signals",
+                f"absent in a version-{version} package (exit signals need format version {SIGNALS_VERSION})", signals)
+        _schema(isinstance(signals, Mapping) and all(k in SIGNALS and isinstance(v, str) and v for k, v in signals.items())
+                and len({logits, *signals.values()}) == len(signals) + 1, f"{where}.signals",
+                f"an object mapping signals ({', '.join(SIGNALS)}) to distinct output names other than the logits",
+                signals)
+    signals = dict(signals or {})
+    if pol.reads != "logits" and pol.reads not in signals:
+        raise ManifestSchemaError(
+            f"{where}: policy {policy!r} scores the exit's {pol.reads!r} signal, but this exit has "
+            f"{'only the signals ' + str(sorted(signals)) if signals else 'no signals'}; re-export the model with "
+            f"exit heads that return it, or choose a policy that reads the logits"
+        )
+    return ExitSpec(logits, policy, None if threshold is None else float(threshold), signals)
 
 
 def parse_manifest(manifest: Mapping[str, Any], root: Path) -> Package:
@@ -454,7 +478,7 @@ def parse_manifest(manifest: Mapping[str, Any], root: Path) -> Package:
                 file=sfile,
                 inputs=_str_list(_field(raw, "inputs", where), f"{where}.inputs"),
                 carry=_str_list(_field(raw, "carry", where), f"{where}.carry"),
-                exit=_parse_exit(raw.get("exit"), f"{where}.exit"),
+                exit=_parse_exit(raw.get("exit"), f"{where}.exit", version),
                 cost=dict(cost),
             )
         )
@@ -631,6 +655,8 @@ def _parse_compiled(raw: Any, version: int, inputs: list[InputSpec], stages: lis
 def _check_stage_wiring(stages: list[StageSpec], inputs: list[InputSpec], version: int) -> None:
     available = {i.name for i in inputs}
     for i, stage in enumerate(stages):
+        clash = set(stage.exit.signals.values()) & set(stage.carry) if stage.exit else set()
+        _schema(not clash, f"stages[{i}].exit.signals", "output names other than the stage's carry", sorted(clash))
         missing = [n for n in stage.inputs if n not in available]
         if missing:
             raise ManifestSchemaError(

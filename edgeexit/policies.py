@@ -27,6 +27,10 @@ from .errors import PolicyError, ThresholdError, UnknownPolicyError
 
 Direction = Literal["higher", "lower"]
 
+# Exit outputs besides the logits that a policy may score (package format version 8), each of
+# shape (batch, 1): PALBERT's per-layer halting probability and JEI-DNN's gate value.
+SIGNALS = ("halt", "gate")
+
 # Below this many classes a pure-Python score of one row beats numpy's per-call cost.
 _SCALAR_PATH_MAX_CLASSES = 64
 
@@ -59,6 +63,10 @@ class ExitPolicy:
     # runtime keeps the state per sample and compacts it with the batch.
     initial: Callable[[int], tuple[np.ndarray, ...]] | None = None
     step: Callable[[tuple[np.ndarray, ...], np.ndarray], tuple[np.ndarray, tuple[np.ndarray, ...]]] | None = None
+    # What the policy scores: the exit's ``"logits"`` (batch, classes), or one of its signals
+    # (format version 8), an extra exit output of shape (batch, 1) such as PALBERT's halting
+    # probability ``"halt"`` or JEI-DNN's gate value ``"gate"``.
+    reads: str = "logits"
 
     @property
     def stateful(self) -> bool:
@@ -69,27 +77,40 @@ class ExitPolicy:
             raise PolicyError(
                 f"policy {self.name!r}: direction must be 'higher' or 'lower', got {self.direction!r}"
             )
+        if self.reads != "logits" and self.reads not in SIGNALS:
+            raise PolicyError(
+                f"policy {self.name!r}: reads must be 'logits' or a signal ({', '.join(SIGNALS)}), got {self.reads!r}"
+            )
 
     def scores(self, logits: np.ndarray) -> np.ndarray:
-        """Scores of a (n, classes) logits batch as float64, shape (n,)."""
+        """Scores of a (n, classes) logits batch (or (n, 1) signal, for a policy that reads
+        one) as float64, shape (n,)."""
         logits = np.asarray(logits)
-        if logits.ndim != 2:
+        if logits.ndim != 2 or (self.reads != "logits" and logits.shape[1] != 1):
             raise PolicyError(
-                f"policy {self.name!r} scores 2-D logits (batch, classes); got shape {logits.shape}"
+                f"policy {self.name!r} scores 2-D "
+                f"{'logits (batch, classes)' if self.reads == 'logits' else self.reads + ' values (batch, 1)'}; "
+                f"got shape {logits.shape}"
             )
         return self.batch_score(logits)
 
     def score_table(self, per_exit: Sequence[np.ndarray]) -> np.ndarray:
         """Scores of every exit for every sample, (exits, n), as the runtime computes them when a
-        sample reaches each exit in turn (a stateful policy carries its state along)."""
+        sample reaches each exit in turn (a stateful policy carries its state along).
+        ``per_exit`` holds what the policy reads at each exit (logits, or its signal)."""
         if self.step is None or self.initial is None:
             return np.stack([self.scores(logits) for logits in per_exit])
         state = self.initial(len(per_exit[0]))
         table = []
         for logits in per_exit:
-            scores, state = self.step(state, np.asarray(logits))
+            scores, state = self.step(state, self._checked(np.asarray(logits)))
             table.append(scores)
         return np.stack(table)
+
+    def _checked(self, values: np.ndarray) -> np.ndarray:
+        if values.ndim != 2 or (self.reads != "logits" and values.shape[1] != 1):
+            self.scores(values)   # raises the shape error
+        return values
 
     def accepts(self, scores: np.ndarray, threshold: float) -> np.ndarray:
         """Boolean mask of samples whose score passes ``threshold``; NaN/Inf never passes."""
@@ -203,6 +224,40 @@ def _patience_fresh(logits: np.ndarray) -> np.ndarray:
 def _patience_fresh_row(row: list[float]) -> float:
     top = max(row) if row else math.nan
     return 0.0 if math.isfinite(top) and not any(v != v for v in row) else math.nan
+
+
+def _signal_batch(values: np.ndarray) -> np.ndarray:
+    """A (n, 1) signal as float64 scores (n,); NaN stays NaN (never an exit)."""
+    return values[:, 0].astype(np.float64)
+
+
+def _signal_row(row: list[float]) -> float:
+    return float(row[0])
+
+
+def _halt_initial(n: int) -> tuple[np.ndarray]:
+    return (np.ones(n, np.float64),)
+
+
+def _halt_step(state: tuple[np.ndarray, ...], halt: np.ndarray) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
+    """PALBERT's Q-exit: with halting probabilities lambda_j, the probability of having exited
+    by this exit is sum_j p_j = 1 - prod_j (1 - lambda_j); the state is that product (the
+    probability of still running).  A lambda outside [0, 1] or NaN makes it NaN: never an exit."""
+    (running,) = state
+    lam = halt[:, 0].astype(np.float64)
+    with np.errstate(invalid="ignore"):
+        valid = (lam >= 0.0) & (lam <= 1.0)
+    running = np.where(valid, running * (1.0 - np.where(valid, lam, 0.0)), np.nan)
+    return 1.0 - running, (running,)
+
+
+def _stateful_fresh(values: np.ndarray) -> np.ndarray:
+    """A stateful policy's score without its earlier exits (the full-model shortcut): NaN."""
+    return np.full(len(values), np.nan)
+
+
+def _stateful_fresh_row(row: list[float]) -> float:
+    return math.nan
 
 
 # --- registry ---------------------------------------------------------------------
@@ -323,5 +378,21 @@ register_policy(
         "patience", "higher", _patience_fresh, _patience_fresh_row,
         "PABEE: consecutive earlier exits agreeing on the argmax; exits when the count >= threshold (the patience)",
         (0.0, None), initial=_patience_initial, step=_patience_step,
+    )
+)
+register_policy(
+    ExitPolicy(
+        "q_exit", "higher", _stateful_fresh, _stateful_fresh_row,
+        "PALBERT Q-exit: cumulative exit probability 1 - prod(1 - lambda) of the exits' halting heads; exits when "
+        "it reaches the threshold q (0.5 in the paper)",
+        (0.0, 1.0), initial=_halt_initial, step=_halt_step, reads="halt",
+    )
+)
+register_policy(
+    ExitPolicy(
+        "gate", "higher", _signal_batch, _signal_row,
+        "JEI-DNN gate: a learned sigmoid of four uncertainty features of the exit's softmax; exits when "
+        "score >= threshold (0.5 by default)",
+        (0.0, 1.0), reads="gate",
     )
 )

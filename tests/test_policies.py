@@ -62,7 +62,16 @@ REFERENCE: dict[str, tuple[str, Callable[[np.ndarray], float]]] = {
     "patience": ("higher", ref_patience_alone),
 }
 
-POLICIES = list_policies()
+# Policies that score a signal (an exit output of shape (n, 1)) rather than the logits:
+# name -> (direction, signal, reference score of a sample at its first exit); q_exit's score
+# needs the exits before it, which tests/test_policy_tables.py follows across exits.
+SIGNAL_REFERENCE: dict[str, tuple[str, str, Callable[[float], float]]] = {
+    "gate": ("higher", "gate", lambda value: float(value)),
+    "q_exit": ("higher", "halt", lambda value: math.nan),
+}
+
+POLICIES = [name for name in list_policies() if name not in SIGNAL_REFERENCE]
+SIGNAL_POLICIES = sorted(SIGNAL_REFERENCE)
 ATOL = 1e-9
 
 
@@ -128,7 +137,7 @@ def logits(request: pytest.FixtureRequest) -> np.ndarray:
 
 
 def test_every_registered_policy_has_a_reference() -> None:
-    assert set(REFERENCE) == set(list_policies()), (
+    assert set(REFERENCE) | set(SIGNAL_REFERENCE) == set(list_policies()), (
         "add a plain-numpy reference for every registered policy to REFERENCE (and remove stale ones)"
     )
 
@@ -189,6 +198,30 @@ def test_known_values_on_uniform_logits(name: str, width: int) -> None:
 def test_scores_refuse_non_2d_logits(name: str) -> None:
     with pytest.raises(PolicyError, match=r"2-D logits \(batch, classes\); got shape \(3,\)"):
         get_policy(name).scores(np.zeros(3))
+
+
+@pytest.mark.parametrize("name", SIGNAL_POLICIES)
+def test_signal_policies_read_their_signal(name: str) -> None:
+    direction, signal, reference = SIGNAL_REFERENCE[name]
+    policy = get_policy(name)
+    assert (policy.direction, policy.reads) == (direction, signal)
+    values = np.array([[0.0], [0.25], [0.5], [1.0], [np.nan], [np.inf]], dtype=np.float32)
+    expected = [reference(v) for v in values[:, 0]]
+    np.testing.assert_array_equal(policy.scores(values), expected)
+    for row, want in zip(values, expected):
+        got = policy.score_one(row)
+        assert (math.isnan(got) and math.isnan(want)) or got == want
+    assert not policy.accepts(policy.scores(values)[4:], 0.0).any()     # NaN and inf never exit
+    with pytest.raises(PolicyError, match=rf"{signal} values \(batch, 1\); got shape \(6, 2\)"):
+        policy.scores(np.zeros((6, 2)))
+    with pytest.raises(PolicyError, match=r"got shape \(3,\)"):
+        policy.scores(np.zeros(3))
+
+
+def test_a_policy_reads_the_logits_or_a_known_signal() -> None:
+    p = get_policy("gate")
+    with pytest.raises(PolicyError, match="reads must be 'logits' or a signal"):
+        ExitPolicy("bad", "higher", p.batch_score, p.row_score, "", reads="lambda")
 
 
 # --- accepts --------------------------------------------------------------------------------
@@ -295,7 +328,7 @@ def test_registry_refuses_duplicate_names(name: str) -> None:
     with pytest.raises(PolicyError, match=rf"a policy named '{name}' is already registered"):
         register_policy(clone)
     assert get_policy(name) is original
-    assert list_policies() == POLICIES
+    assert list_policies() == sorted(POLICIES + SIGNAL_POLICIES)
 
 
 def test_unknown_policy_lists_names_and_suggests_the_nearest() -> None:

@@ -39,6 +39,59 @@ def test_stateless_policies_score_each_exit_alone():
     assert get_policy("patience").stateful
 
 
+def test_q_exit_scores_the_cumulative_exit_probability():
+    """PALBERT: p_i = lambda_i prod_{j<i} (1 - lambda_j); the score at exit i is sum_{j<=i} p_j, summed
+    term by term here (not through the closed form the policy uses)."""
+    rng = np.random.default_rng(2)
+    halts = [rng.uniform(size=(300, 1)) for _ in range(6)]
+    halts[1][3, 0] = np.nan          # a broken signal: NaN from there on, never an exit
+    halts[2][4, 0] = 1.5             # outside [0, 1] is no probability either
+    halts[0][5, 0] = 1.0             # certain to halt at the first exit
+    halts[3][6, 0] = 0.0
+    policy = get_policy("q_exit")
+    table = policy.score_table(halts)
+    for i in range(300):
+        total, running, broken = 0.0, 1.0, False
+        for k in range(6):
+            lam = float(halts[k][i, 0])
+            broken = broken or not (0.0 <= lam <= 1.0)
+            if broken:
+                assert np.isnan(table[k, i]), (i, k)
+                continue
+            total += lam * running
+            running *= 1.0 - lam
+            assert table[k, i] == pytest.approx(total, abs=1e-12), (i, k)
+    assert table[0, 5] == 1.0 and np.all(np.diff(table[:, :3], axis=0) >= 0)
+
+
+def test_q_exit_exits_where_palbert_does():
+    """The first exit whose cumulative exit probability passes q, per sample, against a loop."""
+    from edgeexit.calibrate import ExitRecords, exits_taken
+
+    rng = np.random.default_rng(3)
+    halts = [rng.uniform(0, 0.6, size=(500, 1)) for _ in range(6)]
+    policy = get_policy("q_exit")
+    records = ExitRecords(policy.score_table(halts), np.zeros((6, 500), np.int64), np.zeros(500, np.int64), "q_exit")
+    for q in (0.3, 0.5, 0.8):
+        taken = exits_taken(records, [q] * 5)
+        for i in range(500):
+            survive, expected = 1.0, 5
+            for k in range(5):
+                survive *= 1.0 - halts[k][i, 0]
+                if 1.0 - survive >= q:
+                    expected = k
+                    break
+            assert taken[i] == expected, (q, i)
+
+
+def test_the_gate_scores_its_signal_at_each_exit_alone():
+    rng = np.random.default_rng(4)
+    gates = [rng.uniform(size=(50, 1)).astype(np.float32) for _ in range(4)]
+    table = get_policy("gate").score_table(gates)
+    np.testing.assert_array_equal(table, np.stack([g[:, 0].astype(np.float64) for g in gates]))
+    assert not get_policy("gate").stateful and get_policy("q_exit").stateful
+
+
 def test_a_non_finite_patience_is_refused():
     from edgeexit.errors import ThresholdError
     from edgeexit.policies import check_thresholds

@@ -46,7 +46,7 @@ COMPILED_FILE = "compiled.onnx"
 # a recompile writes the other name, so the manifest switches files in one atomic replace
 COMPILED_FILE_NEXT = "compiled-next.onnx"
 THRESHOLDS_INPUT = "thresholds"
-IN_GRAPH_POLICIES = ("confidence", "entropy", "margin")
+IN_GRAPH_POLICIES = ("confidence", "entropy", "margin", "gate")
 MIN_OPSET = 13   # Softmax over one axis, ReduceSum with axes as an input
 _DTYPE = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "float64": TensorProto.DOUBLE,
           "int64": TensorProto.INT64, "int32": TensorProto.INT32, "int8": TensorProto.INT8,
@@ -214,8 +214,11 @@ def _splice(scope: _Scope, model: onnx.ModelProto, prefix: str, feeds: Mapping[s
 
 
 def _score(scope: _Scope, logits: str, policy: str, classes: int | None) -> str:
-    """float64 score per row, as ``edgeexit.policies`` computes it."""
+    """float64 score per row, as ``edgeexit.policies`` computes it; ``logits`` is what the policy
+    reads (the gate policy: the exit's (batch, 1) gate signal)."""
     z = scope.one("Cast", [logits], "z64", to=TensorProto.DOUBLE)
+    if policy == "gate":
+        return scope.one("Reshape", [z, scope.const(np.array([-1], np.int64), "flat")], "gate")
     p = scope.one("Softmax", [z], "p", axis=1)
     if policy == "confidence":
         return scope.reduce("ReduceMax", p, "confidence")
@@ -293,15 +296,16 @@ class _Compiler:
         """
         seg, rest = segments[0], segments[1:]
         tensors = dict(tensors)
-        logits = ""
+        logits = scored = policy = ""
         for k in seg.stages:
             spec = self.package.stages[k]
             outs = _splice(scope, self.models[k], f"s{k}/", {n: tensors[n] for n in spec.inputs})
             tensors.update({c: outs[c] for c in spec.carry})
             if spec.exit is not None:
                 logits = outs[spec.exit.logits]
-        policy = self.package.stages[seg.stages[-1]].exit.policy  # type: ignore[union-attr]
-        score = _score(scope, logits, policy, self.classes)   # from the exit's own logits, as the stage loop
+                policy = spec.exit.policy
+                scored = outs[spec.exit.output(get_policy(policy).reads) or spec.exit.logits]
+        score = _score(scope, scored, policy, self.classes)   # from the exit's own outputs, as the stage loop
         if self._elem_type(seg.stages[-1]) != self.logits_type:  # returned in exit 0's dtype, as the stage loop
             logits = scope.one("Cast", [logits], f"logits{seg.exit_number}_cast", to=self.logits_type)
         if not rest and not need_exit:

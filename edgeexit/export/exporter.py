@@ -29,6 +29,7 @@ from ..package import (
     DTYPES,
     FORMAT_NAME,
     FORMAT_VERSION,
+    SIGNALS_VERSION,
     TEXT_VERSION,
     Package,
     load_package,
@@ -70,8 +71,13 @@ class _StageGraph(nn.Module):
         carry = as_tuple(self.stage(*args))
         outs = list(carry) if self.emit_carry else []
         if self.head is not None:
-            outs.append(self.head(*carry))
+            outs.extend(_exit_outputs(self.head(*carry)))
         return tuple(outs)
+
+
+def _exit_outputs(out: Any) -> tuple[torch.Tensor, ...]:
+    """An exit head's result as (logits, *signals)."""
+    return tuple(out) if isinstance(out, (tuple, list)) else (out,)
 
 
 class _FullGraph(nn.Module):
@@ -96,7 +102,7 @@ class _FullGraph(nn.Module):
         carries: list[tuple[torch.Tensor, ...]] = [()] * self.model.num_stages
         for k in self.path:
             carries[k] = as_tuple(self.model.stages[k](*self.model.stage_args(k, inputs, carries)))
-        return self.head(*carries[-1])
+        return _exit_outputs(self.head(*carries[-1]))[0]
 
 
 def _carry_name(stage: int, i: int) -> str:
@@ -105,6 +111,23 @@ def _carry_name(stage: int, i: int) -> str:
 
 def _logits_name(stage: int) -> str:
     return f"logits{stage}"
+
+
+def _exit_names(stage: int, signals: Sequence[str]) -> list[str]:
+    """The graph outputs of stage ``stage``'s exit: its logits, then each signal."""
+    return [_logits_name(stage), *(f"{signal}{stage}" for signal in signals)]
+
+
+def _check_exit_outputs(out: Any, signals: Sequence[str], stage: int) -> None:
+    outs = _exit_outputs(out)
+    if len(outs) != 1 + len(signals) or not all(isinstance(t, torch.Tensor) for t in outs):
+        wanted = (f"the tuple (logits, {', '.join(signals)}), as the model's signals say" if signals else
+                  "its logits (build the model with EarlyExitModel(signals=...) for heads that return signals too)")
+        raise ModelSpecError(f"the exit of stage {stage} returned {len(outs)} value(s); an exit returns {wanted}")
+    for name, t in zip(signals, outs[1:]):
+        if t.dim() != 2 or t.shape[1] != 1 or not t.is_floating_point():
+            raise ModelSpecError(f"signal {name!r} of the exit of stage {stage} has shape {tuple(t.shape)} and dtype "
+                                 f"{t.dtype}; a signal is a float tensor of shape (batch, 1)")
 
 
 def _dtype_name(t: torch.Tensor) -> str:
@@ -427,6 +450,10 @@ def export_package(
     examples = _check_inputs(example_inputs)
     axes = _check_dynamic_axes(dynamic_axes, examples, dynamo)
     pol = get_policy(policy)
+    if pol.reads != "logits" and pol.reads not in model.signals:
+        raise ModelSpecError(f"policy {pol.name!r} scores the exits' {pol.reads!r} signal, but the model's exits "
+                             f"return {'the signals ' + str(list(model.signals)) if model.signals else 'only logits'}; "
+                             f"build it with EarlyExitModel(..., signals=[{pol.reads!r}]) and heads that return it")
     if thresholds is None:
         thresholds = [None] * (model.num_exits - 1)
     values = check_thresholds(pol, thresholds, model.num_exits - 1, allow_disabled=True)
@@ -469,12 +496,12 @@ def _export(
             exit_flops = 0
             if head is not None:
                 with FlopCounter([head]) as counter:
-                    _call(head, one, f"the exit of stage {k}")
+                    _check_exit_outputs(_call(head, one, f"the exit of stage {k}"), model.signals, k)
                 exit_flops = counter.total
             carries.append(as_tuple(stage(*args)))
             emit = k in read_later
             carry_names.append([_carry_name(k, i) for i in range(len(carries[k]))] if emit else [])
-            outputs = carry_names[k] + ([_logits_name(k)] if head is not None else [])
+            outputs = carry_names[k] + (_exit_names(k, model.signals) if head is not None else [])
             graphs.append(_Graph(f"stage{k}", f"stage{k}.onnx", _StageGraph(stage, head, emit).eval(),
                                  list(reads), outputs, args))
             stage_specs.append({
@@ -486,6 +513,8 @@ def _export(
                     "logits": _logits_name(k),
                     "policy": policy,
                     "threshold": None if last else next(early),
+                    **({"signals": dict(zip(model.signals, _exit_names(k, model.signals)[1:]))}
+                       if model.signals else {}),
                 },
                 "cost": {
                     "params": count_parameters([stage] + ([head] if head is not None else [])),
@@ -504,8 +533,8 @@ def _export(
                     axes.update(_inherited_axes(small, large, spec["carry"], axes))
                     head = model.exit_at(k)
                     if head is not None:
-                        axes.update(_inherited_axes(as_tuple(head(*small)), as_tuple(head(*large)),
-                                                    [spec["exit"]["logits"]], axes))
+                        axes.update(_inherited_axes(_exit_outputs(head(*small)), _exit_outputs(head(*large)),
+                                                    _exit_names(k, model.signals), axes))
     full_spec = None
     if include_full_model:
         full = _FullGraph(model).eval()
@@ -570,6 +599,8 @@ def _export(
         if text and tokenizer is not None:
             files[text["tokenizer"]] = tokenizer
             manifest["format_version"] = max(manifest["format_version"], TEXT_VERSION)
+        if model.signals:
+            manifest["format_version"] = max(manifest["format_version"], SIGNALS_VERSION)
         if compile is not False:
             manifest, files = _compiled_in(folder, manifest, files, required=bool(compile), final=Path(path), say=say)
         write_package(path, manifest, files)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -31,6 +32,11 @@ class EarlyExitModel(nn.Module):
     returns the next carry.  Exit k receives stage k's carry the same way and returns
     logits of shape (batch, classes).  Every exit but the last may be ``None``.
 
+    ``signals`` names what every exit head returns after its logits, for policies that score
+    more than the logits (package format version 8): ``("halt",)`` for PALBERT's halting
+    probability (``q_exit``), ``("gate",)`` for JEI-DNN's gate value (``gate``).  A head then
+    returns the tuple ``(logits, *signals)``, each signal of shape (batch, 1).
+
     ``reads`` changes what a stage receives: ``"inputs"`` (the model inputs) or the index
     of any earlier stage whose carry it takes.  A pipeline such as CBNet uses it to run
     its fallback stages on the original image rather than on the converted one.
@@ -45,8 +51,15 @@ class EarlyExitModel(nn.Module):
         stages: Sequence[nn.Module],
         exits: Sequence[nn.Module | None],
         reads: Sequence[str | int] | None = None,
+        signals: Sequence[str] = (),
     ) -> None:
         super().__init__()
+        from ..policies import SIGNALS
+
+        unknown = [s for s in signals if s not in SIGNALS]
+        if unknown or len(set(signals)) != len(signals):
+            raise ModelSpecError(f"signals must be distinct names among {list(SIGNALS)}; got {list(signals)}")
+        self.signals: tuple[str, ...] = tuple(signals)
         if len(stages) == 0:
             raise ModelSpecError("an EarlyExitModel needs at least one stage")
         if len(stages) != len(exits):
@@ -95,8 +108,9 @@ class EarlyExitModel(nn.Module):
         source = self.reads[k]
         return inputs if source == "inputs" else carries[source]  # type: ignore[index]
 
-    def forward(self, *inputs: torch.Tensor) -> list[torch.Tensor]:
-        """Logits of every exit, in order (all stages run; for training)."""
+    def forward(self, *inputs: torch.Tensor) -> list[Any]:
+        """What every exit returns, in order (all stages run; for training): its logits, or
+        ``(logits, *signals)`` for a model with signals."""
         carries: list[tuple[torch.Tensor, ...]] = []
         outs = []
         for k, stage in enumerate(self.stages):

@@ -46,7 +46,7 @@ def check_stage_graphs(package: Package, sessions: Sequence[Any]) -> None:
     for spec, session in zip(package.stages, sessions):
         graph_inputs = {a.name: a for a in session.get_inputs()}
         graph_outputs = {a.name: a for a in session.get_outputs()}
-        wanted = list(spec.carry) + ([spec.exit.logits] if spec.exit else [])
+        wanted = list(spec.carry) + ([spec.exit.logits, *spec.exit.signals.values()] if spec.exit else [])
         missing = [o for o in wanted if o not in graph_outputs]
         if sorted(graph_inputs) != sorted(spec.inputs) or missing:
             raise _fail(spec.name, spec.file, f"the manifest declares inputs {list(spec.inputs)} and outputs "
@@ -83,6 +83,13 @@ def check_stage_graphs(package: Package, sessions: Sequence[Any]) -> None:
                             f"exit of {classes[1]} has {classes[0]}; every exit answers over the same classes")
             if classes is None or classes[0] is None:
                 classes = (count, f"stage {spec.name!r}")
+            for signal, name in spec.exit.signals.items():
+                arg = graph_outputs[name]
+                shape = list(arg.shape)
+                if arg.type not in _LOGIT_TYPES or len(shape) != 2 or _static(shape[0]) is not None \
+                        or _static(shape[1]) != 1:
+                    raise _fail(spec.name, spec.file, f"exit signal {signal!r} ({name!r}) is {arg.type} {shape}; a "
+                                "signal is floating point of shape (batch, 1) with a symbolic batch axis")
     if classes is not None and classes[0] is not None and package.labels and len(package.labels) != classes[0]:
         raise GraphMismatchError(f"{package.root}: the exits have {classes[0]} classes but the manifest lists "
                                  f"{len(package.labels)} labels; re-export the package")

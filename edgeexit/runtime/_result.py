@@ -19,7 +19,8 @@ class ExitResult:
         exit_index: which exit each sample left at (0 = first exit; the last exit is
             ``num_exits - 1``), shape (n,).
         scores: the policy score at that exit, float64, shape (n,); NaN from the full model (exits
-            disabled) for a stateful policy such as patience, whose score needs every exit.
+            disabled) for a stateful policy such as patience, whose score needs every exit, and for a
+            policy that scores a signal (q_exit, gate), which the full model does not compute.
         stage_ms: onnxruntime time per stage for this call in ms (0.0 for stages that
             did not run).
         nonfinite_scores: how many scores were NaN/Inf (they never trigger an exit).
@@ -84,7 +85,8 @@ class ExitResult:
     def scores(self) -> np.ndarray:
         if self._scores is None:
             assert self._policy is not None
-            if self._policy.stateful:       # its score needs every exit; the full model has only the last
+            if self._policy.stateful or self._policy.reads != "logits":   # needs every exit, or a signal
+                #                                the full model has only the last exit's logits
                 self._scores = np.full(self.logits.shape[0], np.nan)
             elif self.logits.shape[0] == 1:   # the batch-1 score the stage loop computes, bit for bit
                 self._scores = np.array([self._policy.score_one(self.logits[0])])
@@ -94,7 +96,8 @@ class ExitResult:
 
     @property
     def nonfinite_scores(self) -> int:
-        if self._nonfinite is None and self._policy is not None and self._policy.stateful:
+        if self._nonfinite is None and self._policy is not None and (self._policy.stateful
+                                                                     or self._policy.reads != "logits"):
             self._nonfinite = 0             # not computed (see scores), not a non-finite score
         if self._nonfinite is None:
             scores = self.scores

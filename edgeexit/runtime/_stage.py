@@ -33,7 +33,7 @@ class Stage:
 
     With ``device`` set (``"cuda"``), ``run`` binds the carry outputs to device memory and
     returns them as ``OrtValue``s that the next stage binds directly, so they never cross
-    to the host; only exit logits come back as numpy.  Without it, ``run`` is a plain
+    to the host; only the exit's logits and signals come back as numpy.  Without it, ``run`` is a plain
     ``session.run`` on numpy arrays, which is faster on the CPU.
     """
 
@@ -42,9 +42,12 @@ class Stage:
         self.spec = spec
         self.session = session
         self.inputs = spec.inputs
-        self.outputs = list(spec.carry) + ([spec.exit.logits] if spec.exit else [])
+        signals = sorted(spec.exit.signals.items()) if spec.exit else []
+        self.outputs = list(spec.carry) + ([spec.exit.logits] if spec.exit else []) + [out for _, out in signals]
         self.exit_number = exit_number            # None: this stage has no exit
         self.logits_pos = len(spec.carry)
+        # where each exit output a policy may score sits in ``run``'s result ("logits", or a signal)
+        self.read_pos = {"logits": self.logits_pos, **{sig: self.logits_pos + 1 + i for i, (sig, _) in enumerate(signals)}}
         self.keep_after = keep_after              # tensors later stages still read
         self.device = device
         self.run = self._run_plain if device is None else self._run_bound
@@ -78,10 +81,11 @@ class Stage:
                 io.bind_cpu_input(name, value)
         for name in self.spec.carry:
             io.bind_output(name, self.device)
-        if self.spec.exit is not None:
-            io.bind_output(self.spec.exit.logits, "cpu")
+        exit_outputs = self.outputs[self.logits_pos:]
+        for name in exit_outputs:
+            io.bind_output(name, "cpu")
         self.session.run_with_iobinding(io)
         outs: list[Any] = list(io.get_outputs())
-        if self.spec.exit is not None:
-            outs[self.logits_pos] = outs[self.logits_pos].numpy()
+        for pos in range(self.logits_pos, len(outs)):
+            outs[pos] = outs[pos].numpy()
         return outs

@@ -214,6 +214,14 @@ class ExitSession:
                     "thresholds mean something else, so pass thresholds= with it"
                 )
             thresholds = [s.threshold for s in specs[:-1]]  # type: ignore[union-attr,misc]
+        for pol in {p.name: p for p in policies}.values():
+            lacking = [e for e, s in enumerate(specs) if s.output(pol.reads) is None]  # type: ignore[union-attr]
+            if lacking:
+                raise InputError(
+                    f"policy {pol.name!r} scores the exits' {pol.reads!r} signal, which exit(s) {lacking} of this "
+                    "package do not output; use a policy that reads the logits (entropy, confidence, margin, "
+                    "patience), or export the model with exit heads that return the signal (format version 8)"
+                )
         checked = check_thresholds(policies[0], thresholds, self.num_exits - 1, allow_disabled=True)
         values = [never_threshold(p) if t is None else t for p, t in zip(policies, checked)]   # None: disabled
         compiled = self._compiled is not None and tuple(p.name for p in policies) == self._compiled.policies
@@ -487,7 +495,8 @@ class ExitSession:
                 continue
             logits = outs[stage.logits_pos]
             policy = plan.policies[e]
-            s = policy.scores(logits) if policy.step is None else _stateful_scores(policy, states, logits)
+            scored = outs[stage.read_pos[policy.reads]]         # the logits, or the signal the policy reads
+            s = policy.scores(scored) if policy.step is None else _stateful_scores(policy, states, scored)
             last = e == self.num_exits - 1
             leave = np.ones(len(active), dtype=bool) if last else policy.accepts(s, plan.thresholds[e])
             if logits_out is None:
@@ -522,8 +531,9 @@ class ExitSession:
             if e is not None:
                 row = outs[stage.logits_pos][0]
                 policy = plan.policies[e]
-                score = policy.score_one(row) if policy.step is None \
-                    else float(_stateful_scores(policy, states, row[None])[0])
+                scored = outs[stage.read_pos[policy.reads]][0]
+                score = policy.score_one(scored) if policy.step is None \
+                    else float(_stateful_scores(policy, states, scored[None])[0])
                 if e == last_exit or plan.policies[e].accepts_one(score, plan.thresholds[e]):
                     return ExitResult(
                         predictions=np.array([row.argmax()]), logits=row[None], exit_index=np.array([e]),
@@ -621,14 +631,19 @@ class ExitSession:
 
         This is what calibration records: one pass through all stages.
         """
+        return [outputs["logits"] for outputs in self.exit_outputs(inputs)]
+
+    def exit_outputs(self, inputs: np.ndarray | dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+        """Every exit's outputs for every sample (no early stopping), in exit order: ``"logits"``
+        and each signal the exit has (``"halt"``, ``"gate"``; format version 8)."""
         tensors, _ = self._checker.feeds(inputs)
-        all_logits = []
+        outputs = []
         for stage in self._stages:
             outs = stage.run(tensors)
             tensors.update(zip(stage.outputs, outs))
             if stage.exit_number is not None:
-                all_logits.append(outs[stage.logits_pos])
-        return all_logits
+                outputs.append({what: outs[pos] for what, pos in stage.read_pos.items()})
+        return outputs
 
     def run_full(self, inputs: np.ndarray | dict[str, np.ndarray]) -> np.ndarray:
         """Logits of the whole model with every early exit disabled (the baseline).

@@ -1,0 +1,191 @@
+"""Golden manifests of format versions 5, 6 and 7 still parse, and each version's fields are refused
+in a manifest that claims an older version.
+
+The goldens are the manifest.json of real tiny packages (``tests/golden/make_goldens.py``): v5 and v6
+a MuE seq2seq export (v6 with the in-graph encoder exits and decoder steps, v5 without them), v7 a
+small BERT classifier with its own tokenizer (the ``text`` object) and a dynamic token axis.  As for
+versions 1-4, only the manifest is kept and parsed with ``parse_manifest``; the graphs are not.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from edgeexit.errors import ManifestSchemaError
+from edgeexit.package import (
+    ENCODER_EXITS_VERSION,
+    SEQ2SEQ_VERSION,
+    SUPPORTED_FORMAT_VERSIONS,
+    TEXT_VERSION,
+    Seq2SeqSpec,
+    TextSpec,
+    parse_manifest,
+)
+
+GOLDEN_DIR = Path(__file__).parent / "golden"
+SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def golden(version: int) -> dict[str, Any]:
+    return json.loads((GOLDEN_DIR / f"manifest_v{version}.json").read_text(encoding="utf-8"))
+
+
+def _check_files_table(files: dict[str, Any]) -> None:
+    """Every entry of a real export's files table: a 64-hex sha256 and a positive size."""
+    assert files
+    for name, meta in files.items():
+        assert SHA256.fullmatch(meta["sha256"]), name
+        assert type(meta["size"]) is int and meta["size"] > 0, name
+
+
+def test_the_version_constants_are_the_goldens_versions() -> None:
+    assert (SEQ2SEQ_VERSION, ENCODER_EXITS_VERSION, TEXT_VERSION) == (5, 6, 7)
+    assert {5, 6, 7} <= SUPPORTED_FORMAT_VERSIONS
+    for version in (5, 6, 7):
+        assert golden(version)["format_version"] == version
+
+
+def _check_seq2seq_common(spec: Seq2SeqSpec, package: Any) -> None:
+    assert isinstance(spec, Seq2SeqSpec)
+    assert spec.vocab[:3] == ("<pad>", "<bos>", "<eos>") and len(set(spec.vocab)) == len(spec.vocab) == 34
+    assert (spec.pad, spec.bos, spec.eos) == (0, 1, 2)
+    assert spec.max_answer == 9
+    assert (spec.width, spec.heads, spec.head_dim) == (16, 2, 8) and spec.heads * spec.head_dim == spec.width
+    assert [m["name"] for m in spec.modalities] == ["image", "text"]
+    assert [m["input"] for m in spec.modalities] == [i.name for i in package.inputs] == ["image", "question"]
+    assert [m["threshold"] for m in spec.modalities] == [0.9, None]
+    assert [m["tokens"] for m in spec.modalities] == [16, 5]
+    assert [m["first"] for m in spec.modalities] == ["encoder0_image.onnx", "encoder0_text.onnx"]
+    assert spec.encoder == ("encoder0.onnx", "encoder1.onnx")
+    assert spec.decoder == ({"step": "decoder0.onnx", "kv": "decoder0_kv.onnx"},
+                            {"step": "decoder1.onnx", "kv": "decoder1_kv.onnx"})
+    assert (spec.encoder_norm, spec.embed_answer, spec.head) == ("encoder_norm.onnx", "embed_answer.onnx", "head.onnx")
+    assert spec.decoder_threshold == 0.95
+    # a seq2seq package has no stages, labels, full model, compiled graph or text
+    assert package.kind == "seq2seq" and package.stages == () and package.labels is None
+    assert package.full_model is None and package.compiled is None and package.text is None
+    assert package.inputs[0].shape == ("batch", 1, 28, 28) and package.inputs[1].dtype == "int64"
+    # every file of the package is one of its graphs, and every graph has its sha256 and size
+    assert len(spec.graph_files()) == len(set(spec.graph_files()))
+    assert sorted(spec.graph_files()) == sorted(package.files)
+    _check_files_table(dict(package.files))
+
+
+def test_version_5_golden_parses_as_a_seq2seq_package_without_in_graph_exits(tmp_path: Path) -> None:
+    manifest = golden(5)
+    package = parse_manifest(manifest, tmp_path)
+    assert package.format_version == 5 and package.name == "mue-golden"
+    spec = package.seq2seq
+    assert spec is not None
+    _check_seq2seq_common(spec, package)
+    assert spec.encoder_exits is None and spec.decoder_steps is None
+    assert "encoder_exits" not in manifest["seq2seq"] and "decoder_steps" not in manifest["seq2seq"]
+    assert len(package.files) == 13
+
+
+def test_version_6_golden_parses_with_the_encoder_exits_and_decoder_steps(tmp_path: Path) -> None:
+    package = parse_manifest(golden(6), tmp_path)
+    assert package.format_version == 6 and package.name == "mue-golden"
+    spec = package.seq2seq
+    assert spec is not None
+    _check_seq2seq_common(spec, package)
+    assert spec.encoder_exits == {"per_modality": "encoder_exits.onnx", "joint": "encoder_exits_joint.onnx"}
+    assert spec.decoder_steps == {"drop": "decoder_step_drop.onnx", "copy_hidden": "decoder_step_copy_hidden.onnx"}
+    # version 6 is version 5 plus the four in-graph graphs; the per-layer graphs are the same bytes
+    v5 = parse_manifest(golden(5), tmp_path)
+    extra = set(package.files) - set(v5.files)
+    assert extra == set(spec.encoder_exits.values()) | set(spec.decoder_steps.values())
+    assert set(v5.files) < set(package.files)
+    assert all(package.files[name] == meta for name, meta in v5.files.items())
+
+
+def test_version_7_golden_parses_with_its_tokenizer_and_a_dynamic_token_axis(tmp_path: Path) -> None:
+    package = parse_manifest(golden(7), tmp_path)
+    assert package.format_version == 7 and package.kind == "classifier" and package.seq2seq is None
+    assert package.text == TextSpec(tokenizer="tokenizer.json", ids="input_ids", mask="attention_mask",
+                                    max_tokens=16, pad_id=0)
+    assert isinstance(package.text, TextSpec)
+    assert [(i.name, i.dtype, i.shape) for i in package.inputs] == [
+        ("input_ids", "int64", ("batch", "tokens")), ("attention_mask", "int64", ("batch", "tokens"))]
+    assert package.labels == ("neg", "neutral", "pos")
+    assert [s.file for s in package.stages] == ["stage0.onnx", "stage1.onnx"]
+    assert package.stages[0].inputs == ("input_ids", "attention_mask")
+    assert package.thresholds == [0.5] and package.policies == ["entropy", "entropy"]
+    assert package.full_model is not None and package.full_model.inputs == ("input_ids", "attention_mask")
+    assert package.compiled is not None
+    assert all(package.compiled.sources[f] == package.files[f]["sha256"] for f in ("stage0.onnx", "stage1.onnx"))
+    # the tokenizer is a file of the package, hashed like the graphs, and not a graph
+    graphs = {s.file for s in package.stages} | {package.full_model.file, package.compiled.file}
+    assert sorted(package.files) == sorted(graphs | {"tokenizer.json"})
+    _check_files_table(dict(package.files))
+
+
+# --- a newer version's field in an older version's manifest is refused ------------------------------
+
+
+def _v5_with_in_graph_exits(version: int, keys: tuple[str, ...]) -> dict[str, Any]:
+    """The v5 golden given the v6 golden's ``keys`` (and their files), claiming ``version``."""
+    manifest, v6 = golden(5), golden(6)
+    for key in keys:
+        manifest["seq2seq"][key] = copy.deepcopy(v6["seq2seq"][key])
+        for file in v6["seq2seq"][key].values():
+            manifest["files"][file] = dict(v6["files"][file])
+    manifest["format_version"] = version
+    return manifest
+
+
+@pytest.mark.parametrize("key", ["encoder_exits", "decoder_steps"])
+def test_a_version_5_manifest_with_a_version_6_field_is_refused(tmp_path: Path, key: str) -> None:
+    with pytest.raises(ManifestSchemaError, match=rf"6 or later for seq2seq\.{key}"):
+        parse_manifest(_v5_with_in_graph_exits(5, (key,)), tmp_path)
+    # the very same manifest is fine once it says version 6: the version is what was refused
+    accepted = parse_manifest(_v5_with_in_graph_exits(6, (key,)), tmp_path)
+    assert getattr(accepted.seq2seq, key) == golden(6)["seq2seq"][key]
+
+
+def test_the_v6_golden_relabelled_version_5_is_refused(tmp_path: Path) -> None:
+    manifest = golden(6)
+    manifest["format_version"] = 5
+    with pytest.raises(ManifestSchemaError, match=r"format_version: expected 6 or later for seq2seq\.encoder_exits"):
+        parse_manifest(manifest, tmp_path)
+
+
+def test_a_seq2seq_manifest_below_version_5_is_refused(tmp_path: Path) -> None:
+    manifest = golden(5)
+    manifest["format_version"] = 4
+    with pytest.raises(ManifestSchemaError, match="5 or later for kind 'seq2seq'"):
+        parse_manifest(manifest, tmp_path)
+
+
+def _v6_with_text(version: int) -> dict[str, Any]:
+    """The v6 golden given a ``text`` object filling its question input, with the v7 golden's tokenizer."""
+    manifest, v7 = golden(6), golden(7)
+    manifest["text"] = {"tokenizer": "tokenizer.json", "ids": "question", "mask": None, "max_tokens": 5, "pad_id": 0}
+    manifest["files"]["tokenizer.json"] = dict(v7["files"]["tokenizer.json"])
+    manifest["format_version"] = version
+    return manifest
+
+
+def test_a_version_6_manifest_with_text_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ManifestSchemaError, match="7 or later for the text object"):
+        parse_manifest(_v6_with_text(6), tmp_path)
+    accepted = parse_manifest(_v6_with_text(7), tmp_path)
+    assert accepted.text == TextSpec("tokenizer.json", "question", None, 5, 0)
+    assert accepted.seq2seq is not None and accepted.seq2seq.encoder_exits is not None
+
+
+@pytest.mark.parametrize("version", [4, 5, 6])
+def test_the_v7_golden_relabelled_older_is_refused(tmp_path: Path, version: int) -> None:
+    manifest = golden(7)
+    manifest["format_version"] = version
+    with pytest.raises(ManifestSchemaError, match="7 or later for the text object"):
+        parse_manifest(manifest, tmp_path)
+    del manifest["text"]
+    del manifest["files"]["tokenizer.json"]
+    assert parse_manifest(manifest, tmp_path).text is None   # without its text object it is a valid classifier
