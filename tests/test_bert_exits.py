@@ -21,7 +21,16 @@ def tiny():
     config = transformers.BertConfig(vocab_size=120, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
                                      intermediate_size=64, max_position_embeddings=64, attn_implementation="eager")
     encoder = transformers.BertModel(config, add_pooling_layer=False).eval()
-    return encoder, bert_exits(encoder, classes=3).eval()
+    after_encoder = torch.get_rng_state()
+    model = bert_exits(encoder, classes=3).eval()
+    torch.set_rng_state(after_encoder)   # the classifiers drawn first, as before the exits had signals
+    with torch.no_grad():
+        for k in range(model.num_stages):
+            model.exit_at(k).classifier.reset_parameters()
+        for k in range(model.num_stages):   # untrained signals, spread wide enough to disagree across samples
+            model.exit_at(k).halting[2].weight.normal_(0.0, 2.0)
+            model.exit_at(k).gate.weight.normal_(0.0, 2.0)
+    return encoder, model
 
 
 @pytest.fixture(scope="module")
@@ -62,8 +71,10 @@ def test_the_token_axis_is_dynamic_in_every_graph_and_the_manifest(package):
     assert [list(i.shape) for i in package.inputs] == [["batch", "tokens"], ["batch", "tokens"]]
     for stage in package.stages:
         session = ort.InferenceSession(str(package.file_path(stage.file)), providers=["CPUExecutionProvider"])
-        shapes = [i.shape for i in session.get_inputs()]
-        assert all(s[:2] == ["batch", "tokens"] for s in shapes), (stage.name, shapes)
+        shapes = {i.name: i.shape for i in session.get_inputs()}
+        hidden_and_mask = list(stage.inputs[:2])          # stage k > 0 also reads the pooled hidden states (batch, 32)
+        assert all(shapes[n][:2] == ["batch", "tokens"] for n in hidden_and_mask), (stage.name, shapes)
+        assert all(shapes[n] == ["batch", 32] for n in stage.inputs[2:]), (stage.name, shapes)
 
 
 @pytest.mark.parametrize("lengths", [[5], [9], [3, 11, 7]])
@@ -163,7 +174,7 @@ def test_a_package_ships_its_tokenizer_and_runs_text(text_package, tmp_path):
     from edgeexit.runtime import ExitSession
 
     package, tokenizer = text_package
-    assert package.format_version == 7 and package.text is not None and "tokenizer.json" in package.files
+    assert package.format_version == 8 and package.text is not None and "tokenizer.json" in package.files
     sess = ExitSession(package.root)
     texts = ["w1 w2 w3", "w4 w99 nothing w7 w8 w9 w10 w11 w12 w13"]
     feeds = sess.tokenize(texts)
@@ -284,7 +295,7 @@ def test_text_packages_quantize_and_keep_their_tokenizer(text_package, tmp_path)
     sess = ExitSession(package.root)
     feeds = sess.tokenize(["w1 w2 w3", "w4 w5", "w6 w7 w8 w9"])
     int8 = quantize_package(package.root, tmp_path / "int8.eexit", sess.tokenize(["w1 w2 w3 w4 w5 w6"] * 4), log=None)
-    assert int8.format_version == 7 and int8.text == package.text
+    assert int8.format_version == 8 and int8.text == package.text
     assert int8.files["tokenizer.json"] == package.files["tokenizer.json"]
     quantized = ExitSession(int8.root)
     np.testing.assert_array_equal(quantized.tokenize(["w1 w2 w3", "w4 w5", "w6 w7 w8 w9"])["input_ids"],
@@ -336,3 +347,168 @@ def test_text_files_drop_a_byte_order_mark_and_split_on_newlines_only(tmp_path):
     path = tmp_path / "in.txt"
     path.write_bytes("\ufefffirst line\r\nsecond\x0cstill second\n\n".encode())
     assert load_text_lines(path) == ["first line", "second\x0cstill second"]
+
+
+# --- signals: PALBERT's halting probability and JEI-DNN's gate (format version 8) --------------
+
+
+def _sigmoid(x):
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def _np_linear(layer, x):
+    return x @ layer.weight.detach().numpy().T.astype(np.float64) + layer.bias.detach().numpy()
+
+
+def _np_gate_features(row):
+    """JEI-DNN's features of one exit's logits, written out per sample."""
+    z = np.asarray(row, np.float64)
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    q = p ** 2 / (p ** 2).sum()
+    top = np.sort(p)[::-1]
+    return [top[0], -(p * np.log(p)).sum(), top[0] - top[1], -(q * np.log(q)).sum()]
+
+
+def test_exit_signals_match_a_numpy_reference(tiny, package):
+    """halt_k = sigmoid(MLP([pooled_k, pooled_{k-1}])) on the transformers model's own hidden states
+    (pooled_0: the embeddings'); gate_k = sigmoid(w . features(softmax of exit k) + b)."""
+    from edgeexit.runtime import ExitSession
+
+    encoder, model = tiny
+    assert package.format_version == 8
+    assert [s.exit.signals for s in package.stages] == [{"halt": f"halt{k}", "gate": f"gate{k}"} for k in range(3)]
+    feeds = _batch([3, 11, 7], seed=8)
+    got = ExitSession(package.root).exit_outputs(feeds)
+    with torch.no_grad():
+        hidden = encoder(input_ids=torch.from_numpy(feeds["input_ids"]),
+                         attention_mask=torch.from_numpy(feeds["attention_mask"]), output_hidden_states=True).hidden_states
+    mask = feeds["attention_mask"].astype(np.float64)
+    pooled = [(h.numpy() * mask[:, :, None]).sum(1) / mask.sum(1, keepdims=True) for h in hidden]
+    for k, outputs in enumerate(got):
+        head = model.exit_at(k)
+        mlp = _np_linear(head.halting[2], np.maximum(_np_linear(head.halting[0], np.concatenate([pooled[k + 1], pooled[k]], 1)), 0))
+        np.testing.assert_allclose(outputs["halt"], _sigmoid(mlp), atol=1e-5, err_msg=f"halt {k}")
+        features = np.array([_np_gate_features(row) for row in outputs["logits"]])
+        np.testing.assert_allclose(outputs["gate"], _sigmoid(_np_linear(head.gate, features)), atol=1e-5,
+                                   err_msg=f"gate {k}")
+    assert np.ptp(np.concatenate([o["gate"] for o in got])) > 0.05   # the reference is not a constant
+
+
+def _first_passing(per_exit, threshold, policy):
+    """Per sample, the exit a plain loop picks: q_exit sums p_i = lambda_i prod_{j<i}(1 - lambda_j)."""
+    exits = []
+    for i in range(len(per_exit[0]["logits"])):
+        cumulative, running, chosen = 0.0, 1.0, len(per_exit) - 1
+        for k, outputs in enumerate(per_exit[:-1]):
+            if policy == "q_exit":
+                lam = float(outputs["halt"][i, 0])
+                cumulative += lam * running
+                running *= 1.0 - lam
+                score = cumulative
+            else:
+                score = float(outputs["gate"][i, 0])
+            if threshold[k] is not None and score >= threshold[k]:
+                chosen = k
+                break
+        exits.append(chosen)
+    return exits
+
+
+@pytest.fixture(scope="module")
+def gate_package(tiny, tmp_path_factory):
+    from edgeexit.export import export_package
+
+    _, model = tiny
+    ids = torch.randint(1, 120, (2, 7), generator=torch.Generator().manual_seed(1))
+    return export_package(model, {"input_ids": ids, "attention_mask": torch.ones(2, 7, dtype=torch.int64)},
+                          tmp_path_factory.mktemp("gate") / "gate.eexit", dynamic_axes=AXES, policy="gate",
+                          thresholds=[0.5, 0.5], log=None)
+
+
+@pytest.mark.parametrize("policy", ["q_exit", "gate"])
+def test_signal_policies_exit_where_the_reference_does_in_batches_and_alone(package, gate_package, policy):
+    from edgeexit.runtime import ExitSession
+
+    root = gate_package.root if policy == "gate" else package.root
+    feeds = _batch([5, 9, 3, 12, 7, 2, 11, 6, 8, 4, 10, 1], seed=12)
+    per_exit = ExitSession(root).exit_outputs(feeds)
+    first = per_exit[0]["gate"] if policy == "gate" else get_policy_table("q_exit", [o["halt"] for o in per_exit])[0]
+    middle = float(np.median(first))                  # about half the samples leave at the first exit
+    for thresholds in ([middle, middle], [None, middle], [middle, None]):
+        want = _first_passing(per_exit, thresholds, policy)
+        assert len(set(want)) > 1 or None in thresholds
+        for engine in ("stages", "auto"):
+            sess = ExitSession(root, engine=engine)
+            batch = sess.run(feeds, policy=policy, thresholds=thresholds)
+            assert batch.exit_index.tolist() == want, (engine, thresholds)
+            assert batch.engine == ("compiled" if engine == "auto" and policy == "gate" else "stages")
+            for i in range(len(want)):             # compaction keeps each sample's own cumulative probability
+                n = int(feeds["attention_mask"][i].sum())
+                one = sess.run({k: v[i:i + 1, :n] for k, v in feeds.items()}, policy=policy, thresholds=thresholds)
+                assert one.exit_index[0] == want[i], (engine, thresholds, i)
+                np.testing.assert_allclose(one.logits[0], batch.logits[i], atol=1e-5)
+
+
+def get_policy_table(name, per_exit):
+    from edgeexit.policies import get_policy
+
+    return get_policy(name).score_table(per_exit)
+
+
+def test_a_policy_needs_the_signal_it_reads(tmp_path):
+    from edgeexit.errors import InputError, ModelSpecError
+    from edgeexit.export import export_package
+    from edgeexit.export.model import EarlyExitModel
+    from edgeexit.runtime import ExitSession
+
+    plain = EarlyExitModel([torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)], [torch.nn.Linear(4, 2), torch.nn.Linear(4, 2)])
+    with pytest.raises(ModelSpecError, match="scores the exits' 'halt' signal, but the model's exits return only"):
+        export_package(plain, {"x": torch.randn(2, 4)}, tmp_path / "p.eexit", policy="q_exit", log=None)
+    path = export_package(plain, {"x": torch.randn(2, 4)}, tmp_path / "p.eexit", log=None).root
+    assert [s.exit.signals for s in ExitSession(path).package.stages] == [{}, {}]
+    with pytest.raises(InputError, match="policy 'gate' scores the exits' 'gate' signal"):
+        ExitSession(path).run(np.zeros((1, 4), np.float32), policy="gate", thresholds=[0.5])
+    wrong = EarlyExitModel([torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)],
+                           [torch.nn.Linear(4, 2), torch.nn.Linear(4, 2)], signals=["gate"])
+    with pytest.raises(ModelSpecError, match=r"returned 1 value\(s\); an exit returns the tuple \(logits, gate\)"):
+        export_package(wrong, {"x": torch.randn(2, 4)}, tmp_path / "w.eexit", policy="gate", log=None)
+
+
+def test_the_training_helpers_fit_halting_and_gates(tiny):
+    """On the tiny model's own features with labels it can learn: the gates separate right from
+    wrong predictions better than chance, and PonderNet's halting distribution sums to one."""
+    import copy
+
+    from edgeexit.zoo.bert_exits import halting_distribution, out_of_fold_logits, train_gates, train_halting
+
+    _, model = tiny
+    model = copy.deepcopy(model)
+    halts = torch.tensor([[0.2, 0.5, 0.9], [1.0, 0.3, 0.0]])
+    p = halting_distribution(halts)
+    np.testing.assert_allclose(p.numpy(), [[0.2, 0.8 * 0.5, 0.8 * 0.5], [1.0, 0.0, 0.0]], atol=1e-7)
+    rng = np.random.default_rng(0)
+    n, width = 300, 32
+    labels = rng.integers(0, 3, n)
+    centres = rng.normal(size=(3, width))
+    features = [centres[labels] * scale + rng.normal(size=(n, width)) for scale in (0.0, 0.3, 0.6, 1.0)]
+    features = [f.astype(np.float32) for f in features]
+    oof = out_of_fold_logits(features, labels, 3, epochs=10)
+    accuracy = [(z.argmax(1) == labels).mean() for z in oof]
+    assert accuracy[-1] > accuracy[0] + 0.2            # later layers separate the classes better
+    before = train_halting(model, features, oof, labels, steps=1)
+    after = train_halting(model, features, oof, labels, steps=300)
+    assert after < before
+    losses = train_gates(model, oof, labels)
+    from edgeexit.zoo.bert_exits import gate_features
+
+    for k, z in enumerate(oof):
+        right = z.argmax(1) == labels
+        share = right.mean()
+        with torch.no_grad():
+            g = torch.sigmoid(model.exit_at(k).gate(gate_features(torch.from_numpy(z)))).numpy()[:, 0]
+        if 0.0 < share < 1.0:
+            base_rate = -(share * np.log(share) + (1 - share) * np.log(1 - share))
+            assert losses[k] < base_rate, k     # better than always guessing the base rate
+        if 0.2 < share < 0.8:
+            assert g[right].mean() > g[~right].mean(), k

@@ -4,8 +4,19 @@ Stages (one per encoder layer, as DeeBERT and PABEE place their exits):
 
 - stage 0 = the embeddings + layer 1, reading ``input_ids`` and ``attention_mask`` (batch, tokens);
 - stage k = encoder layer k + 1;
-- carry = (hidden states (batch, tokens, width), attention mask as float (batch, tokens));
-- exit k = a linear classifier on the masked mean of the hidden states after layer k + 1.
+- carry = (hidden states (batch, tokens, width), attention mask as float (batch, tokens), the
+  masked mean of the hidden states the stage received (batch, width));
+- exit k = a linear classifier on the masked mean of the hidden states after layer k + 1, and
+  two signals (package format version 8):
+
+  - ``halt``: PALBERT's halting probability lambda_k = sigmoid(MLP([pooled_k, pooled_{k-1}]))
+    for the ``q_exit`` policy (pooled_0 is the embeddings' masked mean);
+  - ``gate``: JEI-DNN's gate, sigmoid(Linear(4 -> 1)) of the exit softmax's max, entropy,
+    top-1 minus top-2, and the entropy of p^2 / sum p^2, for the ``gate`` policy.
+
+  ``train_halting`` and ``train_gates`` fit them on the frozen encoder's features, from
+  out-of-fold predictions of the classifiers (a classifier is surer of the texts it was
+  trained on than of new ones, and the signals must judge new ones).
 
 Masked mean pooling is the pooling all-MiniLM-L6-v2 was trained with (sentence-transformers'
 ``1_Pooling`` config says ``pooling_mode_mean_tokens``); its BERT pooler (the tanh layer on
@@ -66,28 +77,9 @@ def _bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return (1.0 - mask)[:, None, None, :].to(dtype) * torch.finfo(dtype).min
 
 
-class FirstStage(nn.Module):
-    """Embeddings + the first encoder layer: (input_ids, attention_mask) -> (hidden, mask)."""
-
-    def __init__(self, embeddings: nn.Module, layer: nn.Module) -> None:
-        super().__init__()
-        self.embeddings, self.layer = embeddings, layer
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        mask = attention_mask.to(torch.float32)
-        hidden = self.embeddings(input_ids=input_ids, token_type_ids=torch.zeros_like(input_ids))
-        return self.layer(hidden, attention_mask=_bias(mask, hidden.dtype))[0], mask
-
-
-class LayerStage(nn.Module):
-    """One encoder layer: (hidden, mask) -> (hidden, mask)."""
-
-    def __init__(self, layer: nn.Module) -> None:
-        super().__init__()
-        self.layer = layer
-
-    def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.layer(hidden, attention_mask=_bias(mask, hidden.dtype))[0], mask
+Carry = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+SIGNALS = ("halt", "gate")
+HALT_HIDDEN = 32
 
 
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -96,15 +88,60 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return summed / mask.sum(dim=1, keepdim=True).clamp(min=1e-9)
 
 
+class FirstStage(nn.Module):
+    """Embeddings + the first encoder layer: (input_ids, attention_mask) -> (hidden, mask, pooled
+    embeddings)."""
+
+    def __init__(self, embeddings: nn.Module, layer: nn.Module) -> None:
+        super().__init__()
+        self.embeddings, self.layer = embeddings, layer
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Carry:
+        mask = attention_mask.to(torch.float32)
+        hidden = self.embeddings(input_ids=input_ids, token_type_ids=torch.zeros_like(input_ids))
+        return self.layer(hidden, attention_mask=_bias(mask, hidden.dtype))[0], mask, mean_pool(hidden, mask)
+
+
+class LayerStage(nn.Module):
+    """One encoder layer: (hidden, mask, _) -> (hidden after the layer, mask, pooled hidden before it)."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, hidden: torch.Tensor, mask: torch.Tensor, _previous: torch.Tensor) -> Carry:
+        return self.layer(hidden, attention_mask=_bias(mask, hidden.dtype))[0], mask, mean_pool(hidden, mask)
+
+
+def gate_features(logits: torch.Tensor) -> torch.Tensor:
+    """JEI-DNN's four uncertainty features of a softmax, (batch, 4): max probability, entropy,
+    top-1 minus top-2, and the entropy of p^2 / sum p^2 (= softmax(2 z))."""
+    log_p = torch.log_softmax(logits, dim=1)
+    p = log_p.exp()
+    log_q = torch.log_softmax(2.0 * logits, dim=1)
+    top = torch.topk(p, 2, dim=1).values
+    return torch.stack([top[:, 0], -(p * log_p).sum(dim=1), top[:, 0] - top[:, 1],
+                        -(log_q.exp() * log_q).sum(dim=1)], dim=1)
+
+
 class MeanPoolExit(nn.Module):
-    """A linear classifier on the masked mean of the hidden states."""
+    """A linear classifier on the masked mean of the hidden states, with PALBERT's halting head
+    and JEI-DNN's gate: returns (logits, halt, gate), the signals of shape (batch, 1)."""
 
     def __init__(self, width: int, classes: int) -> None:
         super().__init__()
+        if classes < 2:
+            raise ModelSpecError(f"bert-exits classifies into at least 2 classes, got {classes}")
         self.classifier = nn.Linear(width, classes)
+        self.halting = nn.Sequential(nn.Linear(2 * width, HALT_HIDDEN), nn.ReLU(), nn.Linear(HALT_HIDDEN, 1))
+        self.gate = nn.Linear(4, 1)
 
-    def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.classifier(mean_pool(hidden, mask))
+    def forward(self, hidden: torch.Tensor, mask: torch.Tensor,
+                previous: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        pooled = mean_pool(hidden, mask)
+        logits = self.classifier(pooled)
+        halt = torch.sigmoid(self.halting(torch.cat([pooled, previous], dim=1)))
+        return logits, halt, torch.sigmoid(self.gate(gate_features(logits)))
 
 
 def load_encoder(folder: str | Path | None = None) -> nn.Module:
@@ -124,7 +161,8 @@ def bert_exits(encoder: Any = None, classes: int = 5) -> EarlyExitModel:
     if blocks is None or len(blocks) != layers or not hasattr(encoder, "embeddings"):
         raise ModelSpecError(f"{type(encoder).__name__} is not a BERT-like encoder (embeddings + encoder.layer)")
     stages = [FirstStage(encoder.embeddings, blocks[0]), *(LayerStage(b) for b in blocks[1:])]
-    return EarlyExitModel(stages=stages, exits=[MeanPoolExit(width, classes) for _ in range(layers)])
+    return EarlyExitModel(stages=stages, exits=[MeanPoolExit(width, classes) for _ in range(layers)],
+                          signals=SIGNALS)
 
 
 # --- tokenization ----------------------------------------------------------------
@@ -150,10 +188,11 @@ def tokenize(tokenizer: Any, texts: Sequence[str], pad_id: int = 0) -> dict[str,
 
 def layer_features(model: EarlyExitModel, tokenizer: Any, texts: Sequence[str], batch_size: int = 32,
                    progress: Callable[[int], None] | None = None) -> list[np.ndarray]:
-    """The pooled hidden states after every layer, per text: one (n, width) array per exit.
-    Texts are batched by length, so little padding is computed."""
+    """The pooled hidden states of every text: the embeddings', then after every layer, one
+    (n, width) array each (exit k reads entries k + 1, and k for its halting head).  Texts are
+    batched by length, so little padding is computed."""
     order = np.argsort([len(t) for t in texts], kind="stable")
-    pooled: list[list[np.ndarray]] = [[] for _ in model.stages]
+    pooled: list[list[np.ndarray]] = [[] for _ in range(model.num_stages + 1)]
     with torch.no_grad():
         for start in range(0, len(texts), batch_size):
             chunk = order[start:start + batch_size]
@@ -162,35 +201,132 @@ def layer_features(model: EarlyExitModel, tokenizer: Any, texts: Sequence[str], 
                                                torch.from_numpy(feeds["attention_mask"]))
             for k, stage in enumerate(model.stages):
                 carry = stage(*carry)
-                pooled[k].append(mean_pool(*carry).numpy())
+                if k == 0:
+                    pooled[0].append(carry[2].numpy())
+                pooled[k + 1].append(mean_pool(carry[0], carry[1]).numpy())
             if progress is not None:
                 progress(len(chunk))
     back = np.argsort(order)
     return [np.concatenate(p)[back] for p in pooled]
 
 
+def _class_weights(y: torch.Tensor, classes: int) -> torch.Tensor:
+    counts = torch.bincount(y, minlength=classes).float()
+    return counts.sum() / (classes * counts.clamp(min=1))
+
+
+def _fit_classifier(layer: nn.Linear, x: np.ndarray, labels: np.ndarray, *, epochs: int, lr: float,
+                    weight_decay: float) -> float:
+    """Full-batch AdamW on class-weighted cross-entropy; returns the final loss."""
+    data, y = torch.from_numpy(x), torch.from_numpy(labels.astype(np.int64))
+    opt = torch.optim.AdamW(layer.parameters(), lr=lr, weight_decay=weight_decay)
+    loss_fn = nn.CrossEntropyLoss(weight=_class_weights(y, layer.out_features))
+    loss = torch.tensor(math.nan)
+    for _ in range(epochs * 10):
+        loss = loss_fn(layer(data), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return float(loss.detach())
+
+
 def train_exit_heads(model: EarlyExitModel, features: Sequence[np.ndarray], labels: np.ndarray, *,
                      epochs: int = 60, lr: float = 3e-3, weight_decay: float = 1e-3, seed: int = 0) -> list[float]:
-    """Train every exit's classifier on the frozen encoder's pooled features (full-batch AdamW,
-    cross-entropy, classes weighted by inverse frequency); returns each exit's final loss."""
+    """Train every exit's classifier on the frozen encoder's pooled features (``layer_features``;
+    full-batch AdamW, cross-entropy, classes weighted by inverse frequency); returns each exit's
+    final loss."""
     torch.manual_seed(seed)
+    return [_fit_classifier(_head(model, k).classifier, features[k + 1], labels, epochs=epochs, lr=lr,
+                            weight_decay=weight_decay) for k in range(model.num_stages)]
+
+
+def _head(model: EarlyExitModel, k: int) -> MeanPoolExit:
+    head = model.exit_at(k)
+    if not isinstance(head, MeanPoolExit):
+        raise ModelSpecError(f"exit {k} is a {type(head).__name__}, not a bert-exits MeanPoolExit")
+    return head
+
+
+def out_of_fold_logits(features: Sequence[np.ndarray], labels: np.ndarray, classes: int, *, folds: int = 3,
+                       epochs: int = 60, seed: int = 0) -> list[np.ndarray]:
+    """Each exit's logits for each training text from a classifier trained without it (``folds``-fold
+    cross-fitting, stratified by label): what the exit would say of a new text."""
+    rng = np.random.default_rng(seed)
+    fold = np.empty(len(labels), np.int64)
+    for c in np.unique(labels):
+        rows = rng.permutation(np.flatnonzero(labels == c))
+        fold[rows] = np.arange(len(rows)) % folds
+    out = [np.empty((len(labels), classes), np.float32) for _ in features[1:]]
+    torch.manual_seed(seed)
+    for f in range(folds):
+        train, held = fold != f, fold == f
+        for k, x in enumerate(features[1:]):
+            layer = nn.Linear(x.shape[1], classes)
+            _fit_classifier(layer, x[train], labels[train], epochs=epochs, lr=3e-3, weight_decay=1e-3)
+            with torch.no_grad():
+                out[k][held] = layer(torch.from_numpy(x[held])).numpy()
+    return out
+
+
+def halting_distribution(halts: torch.Tensor) -> torch.Tensor:
+    """PALBERT/PonderNet: p_i = lambda_i prod_{j<i} (1 - lambda_j) for (n, exits) halting
+    probabilities; the last exit takes what is left, so each row sums to 1."""
+    running = torch.cumprod(torch.cat([torch.ones_like(halts[:, :1]), 1.0 - halts[:, :-1]], dim=1), dim=1)
+    p = halts * running
+    return torch.cat([p[:, :-1], running[:, -1:]], dim=1)
+
+
+def train_halting(model: EarlyExitModel, features: Sequence[np.ndarray], oof_logits: Sequence[np.ndarray],
+                  labels: np.ndarray, *, prior: float = 0.5, beta: float = 0.1, steps: int = 600,
+                  lr: float = 3e-3, seed: int = 0) -> float:
+    """Fit every exit's halting head (PALBERT's lambda) with PonderNet's loss: the expected
+    cross-entropy under the halting distribution, plus ``beta`` times its KL divergence from a
+    geometric prior with halting probability ``prior`` (which keeps it from always waiting for
+    the last layer).  The cross-entropies are the out-of-fold ones; returns the final loss."""
+    torch.manual_seed(seed)
+    exits = model.num_stages
+    heads = [_head(model, k).halting for k in range(exits)]
+    x = [torch.from_numpy(np.concatenate([features[k + 1], features[k]], axis=1)) for k in range(exits)]
     y = torch.from_numpy(labels.astype(np.int64))
-    counts = torch.bincount(y, minlength=int(y.max()) + 1).float()
-    weight = counts.sum() / (len(counts) * counts.clamp(min=1))
+    ce = torch.stack([nn.functional.cross_entropy(torch.from_numpy(z), y, reduction="none") for z in oof_logits], 1)
+    geometric = prior * (1.0 - prior) ** torch.arange(exits, dtype=torch.float32)
+    geometric[-1] = 1.0 - geometric[:-1].sum()
+    opt = torch.optim.Adam([p for h in heads for p in h.parameters()], lr=lr)
+    loss = torch.tensor(math.nan)
+    for h in heads:
+        h.train()
+    for _ in range(steps):
+        halts = torch.cat([torch.sigmoid(h(v)) for h, v in zip(heads, x)], dim=1)
+        p = halting_distribution(halts)
+        kl = (p * (torch.log(p.clamp(min=1e-12)) - torch.log(geometric))).sum(dim=1)
+        loss = ((p * ce).sum(dim=1) + beta * kl).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    for h in heads:
+        h.eval()
+    return float(loss.detach())
+
+
+def train_gates(model: EarlyExitModel, oof_logits: Sequence[np.ndarray], labels: np.ndarray, *,
+                steps: int = 600, lr: float = 0.05, seed: int = 0) -> list[float]:
+    """Fit every exit's JEI-DNN gate to the probability that the exit's prediction is right
+    (binary cross-entropy on out-of-fold predictions), so its default threshold 0.5 means "more
+    likely right than wrong"; calibration moves it.  Returns each gate's final loss."""
+    torch.manual_seed(seed)
     losses = []
-    for head, x in zip((model.exit_at(k) for k in range(model.num_stages)), features):
-        assert head is not None
-        data = torch.from_numpy(x)
-        opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
-        loss_fn = nn.CrossEntropyLoss(weight=weight)
-        head.train()
+    for k, z in enumerate(oof_logits):
+        gate = _head(model, k).gate
+        logits = torch.from_numpy(z)
+        features = gate_features(logits)
+        right = (logits.argmax(dim=1) == torch.from_numpy(labels.astype(np.int64))).float()[:, None]
+        opt = torch.optim.Adam(gate.parameters(), lr=lr)
         loss = torch.tensor(math.nan)
-        for _ in range(epochs * 10):
-            loss = loss_fn(head.classifier(data), y)   # type: ignore[union-attr, operator]
+        for _ in range(steps):
+            loss = nn.functional.binary_cross_entropy_with_logits(gate(features), right)
             opt.zero_grad()
             loss.backward()
             opt.step()
-        head.eval()
         losses.append(float(loss.detach()))
     return losses
 
@@ -232,8 +368,12 @@ def train_bert_exits(splits: Any, *, seed: int = 0, epochs: int = 60,
     tokenizer = load_tokenizer()
     say(f"pooled features of {len(splits.train):,} training texts after each of {model.num_stages} layers ...")
     features = layer_features(model, tokenizer, splits.train.texts)
-    losses = train_exit_heads(model, features, splits.train.labels, epochs=epochs, seed=seed)
+    labels = splits.train.labels
+    losses = train_exit_heads(model, features, labels, epochs=epochs, seed=seed)
     say("exit heads trained; final loss per exit: " + ", ".join(f"{v:.3f}" for v in losses))
+    oof = out_of_fold_logits(features, labels, len(splits.categories), epochs=epochs, seed=seed)
+    say(f"halting heads (q_exit) trained, PonderNet loss {train_halting(model, features, oof, labels, seed=seed):.3f}; "
+        "gates trained, loss per exit: " + ", ".join(f"{v:.3f}" for v in train_gates(model, oof, labels, seed=seed)))
     return model, tokenizer
 
 
