@@ -374,7 +374,8 @@ def main(argv: list[str] | None = None) -> int:
         for n in correct:
             if n != OPTIMUM:
                 discordant = float((correct[n] != correct[OPTIMUM]).mean())
-                needed[n] = {"discordant": discordant, "test_size_for_1pt_ci": int(np.ceil(discordant * (1.96 / 0.01) ** 2))}
+                needed[n] = {"discordant": discordant,
+                             "test_size_for_1pt_ci": int(np.ceil(discordant * (1.96 / 0.01) ** 2))}
         last_exit = test_logits[-1]
         agreement = {
             "optimum_vs_package_last_exit_predictions": float((preds[OPTIMUM] == last_exit.argmax(1)).mean()),
@@ -463,8 +464,8 @@ def main(argv: list[str] | None = None) -> int:
     print(table(["contender", "threshold", "cal layers", "test acc", "vs full, pts [95% CI]", "layers", "engine"],
                 rows))
     for p, d in defaults.items():
-        print(f"{p} at the paper's threshold {d['threshold']:g} (not calibrated): test accuracy {d['test_accuracy']:.2%}, "
-              f"{d['layers']:.2f} layers")
+        print(f"{p} at the paper's threshold {d['threshold']:g} (not calibrated): test accuracy "
+              f"{d['test_accuracy']:.2%}, {d['layers']:.2f} layers")
     ex_best = f"exits, {best}"
     print(f"noise: {ex_best} and the full model are differently right on {needed[ex_best]['discordant']:.1%} of the "
           f"test quotations; a +-1 point interval would need about {needed[ex_best]['test_size_for_1pt_ci']:,} of them "

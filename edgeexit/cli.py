@@ -992,7 +992,8 @@ def devices(device: str, as_json: bool, output: Path | None) -> None:
 @click.option("--max-drop", default=0.3, show_default=True,
               help="Accuracy drop (points) allowed when choosing the threshold on the calibration split.")
 def quickstart(model: str, epochs: int | None, seed: int, output: Path, max_drop: float, as_json: bool) -> None:
-    """Train a zoo model (MNIST-5k; bert-exits: Debian's fortunes), export it, and compare early exit with the full model."""
+    """Train a zoo model (MNIST-5k; bert-exits: Debian's fortunes), export it, and compare early exit with the
+    full model."""
     _check_outputs(output, folder=True)
     if model == "mue":
         from .zoo.mue_quickstart import EPOCHS, run_mue_quickstart

@@ -407,7 +407,8 @@ def _parse_exit(raw: Any, where: str, version: int) -> ExitSpec | None:
     if signals is not None:
         _schema(version >= SIGNALS_VERSION, f"{where}.signals",
                 f"absent in a version-{version} package (exit signals need format version {SIGNALS_VERSION})", signals)
-        _schema(isinstance(signals, Mapping) and all(k in SIGNALS and isinstance(v, str) and v for k, v in signals.items())
+        _schema(isinstance(signals, Mapping)
+                and all(k in SIGNALS and isinstance(v, str) and v for k, v in signals.items())
                 and len({logits, *signals.values()}) == len(signals) + 1, f"{where}.signals",
                 f"an object mapping signals ({', '.join(SIGNALS)}) to distinct output names other than the logits",
                 signals)

@@ -381,13 +381,14 @@ def test_exit_signals_match_a_numpy_reference(tiny, package):
     feeds = _batch([3, 11, 7], seed=8)
     got = ExitSession(package.root).exit_outputs(feeds)
     with torch.no_grad():
-        hidden = encoder(input_ids=torch.from_numpy(feeds["input_ids"]),
-                         attention_mask=torch.from_numpy(feeds["attention_mask"]), output_hidden_states=True).hidden_states
+        hidden = encoder(input_ids=torch.from_numpy(feeds["input_ids"]), output_hidden_states=True,
+                         attention_mask=torch.from_numpy(feeds["attention_mask"])).hidden_states
     mask = feeds["attention_mask"].astype(np.float64)
     pooled = [(h.numpy() * mask[:, :, None]).sum(1) / mask.sum(1, keepdims=True) for h in hidden]
     for k, outputs in enumerate(got):
         head = model.exit_at(k)
-        mlp = _np_linear(head.halting[2], np.maximum(_np_linear(head.halting[0], np.concatenate([pooled[k + 1], pooled[k]], 1)), 0))
+        hidden_layer = np.maximum(_np_linear(head.halting[0], np.concatenate([pooled[k + 1], pooled[k]], 1)), 0)
+        mlp = _np_linear(head.halting[2], hidden_layer)
         np.testing.assert_allclose(outputs["halt"], _sigmoid(mlp), atol=1e-5, err_msg=f"halt {k}")
         features = np.array([_np_gate_features(row) for row in outputs["logits"]])
         np.testing.assert_allclose(outputs["gate"], _sigmoid(_np_linear(head.gate, features)), atol=1e-5,
@@ -462,7 +463,8 @@ def test_a_policy_needs_the_signal_it_reads(tmp_path):
     from edgeexit.export.model import EarlyExitModel
     from edgeexit.runtime import ExitSession
 
-    plain = EarlyExitModel([torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)], [torch.nn.Linear(4, 2), torch.nn.Linear(4, 2)])
+    plain = EarlyExitModel([torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)],
+                           [torch.nn.Linear(4, 2), torch.nn.Linear(4, 2)])
     with pytest.raises(ModelSpecError, match="scores the exits' 'halt' signal, but the model's exits return only"):
         export_package(plain, {"x": torch.randn(2, 4)}, tmp_path / "p.eexit", policy="q_exit", log=None)
     path = export_package(plain, {"x": torch.randn(2, 4)}, tmp_path / "p.eexit", log=None).root
@@ -534,7 +536,10 @@ def test_quickstart_chooses_a_policy_and_times_it_against_the_plain_model(tmp_pa
     lines = out.output.splitlines()
     chosen = next(line for line in lines if line.endswith("<- chosen")).split()
     policy, threshold = chosen[0], float(chosen[2])
-    layers = [float(line.split("layers")[1].split()[0]) for line in lines if "threshold" in line and "accuracy" in line]
+    from edgeexit.zoo.bert_quickstart import POLICIES
+
+    rows = [line.split() for line in lines if line.startswith("  ") and line.split()[0] in POLICIES]
+    layers = [float(row[row.index("layers") + 1]) for row in rows]
     assert len(layers) == 6 and float(chosen[chosen.index("layers") + 1]) == min(layers)
     package = load_package(tmp_path / "qs" / "bert-exits.eexit")
     assert package.policies[0] == policy and package.thresholds[0] == pytest.approx(threshold, rel=1e-3)

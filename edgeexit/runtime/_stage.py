@@ -47,7 +47,8 @@ class Stage:
         self.exit_number = exit_number            # None: this stage has no exit
         self.logits_pos = len(spec.carry)
         # where each exit output a policy may score sits in ``run``'s result ("logits", or a signal)
-        self.read_pos = {"logits": self.logits_pos, **{sig: self.logits_pos + 1 + i for i, (sig, _) in enumerate(signals)}}
+        self.read_pos = {"logits": self.logits_pos,
+                         **{sig: self.logits_pos + 1 + i for i, (sig, _) in enumerate(signals)}}
         self.keep_after = keep_after              # tensors later stages still read
         self.device = device
         self.run = self._run_plain if device is None else self._run_bound
