@@ -525,6 +525,9 @@ def inspect(package: Path, as_json: bool, output: Path | None, raw: bool) -> Non
             f"{ex.policy if ex else '-':<12}{thr:>10}{spec.cost.get('params', 0):>10}"
             f"{spec.cost.get('flops', 0) / 1e6:>9.3f}{meta['size']:>10}  {meta['sha256'][:12]}"
         )
+    signals = sorted({signal for s in pkg.stages if s.exit is not None for signal in s.exit.signals})
+    if signals:
+        click.echo(f"exit signals: {', '.join(signals)} (policies q_exit and gate score them; format version 8)")
     if pkg.quantization:
         modes = ", ".join(f"{q['name']} {q['mode']}" for q in pkg.quantization.get("stages", []))
         status = (pkg.quantization.get("thresholds") or {}).get("status", "?")
@@ -562,7 +565,7 @@ def _package_view(pkg: Any) -> dict[str, Any]:
         if spec.exit is not None:
             last = spec is pkg.stages[-1]
             exit_info = {"index": exit_no, "logits": spec.exit.logits, "policy": spec.exit.policy,
-                         "threshold": spec.exit.threshold,
+                         "threshold": spec.exit.threshold, "signals": dict(spec.exit.signals),
                          "state": "final" if last else ("disabled" if spec.exit.threshold is None else "enabled")}
             exit_no += 1
         stages.append({"name": spec.name, "file": spec.file, "reads": list(spec.inputs), "carry": list(spec.carry),

@@ -394,6 +394,15 @@ def test_exit_signals_match_a_numpy_reference(tiny, package):
         np.testing.assert_allclose(outputs["gate"], _sigmoid(_np_linear(head.gate, features)), atol=1e-5,
                                    err_msg=f"gate {k}")
     assert np.ptp(np.concatenate([o["gate"] for o in got])) > 0.05   # the reference is not a constant
+    import json
+
+    from click.testing import CliRunner
+
+    from edgeexit.cli import cli
+
+    shown = json.loads(CliRunner().invoke(cli, ["inspect", str(package.root), "--json"]).stdout)
+    assert [st["exit"]["signals"] for st in shown["stages"]] == [s.exit.signals for s in package.stages]
+    assert "exit signals: gate, halt" in CliRunner().invoke(cli, ["inspect", str(package.root)]).output
 
 
 def _first_passing(per_exit, threshold, policy):
