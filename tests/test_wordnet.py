@@ -14,9 +14,9 @@ from edgeexit.zoo.wordnet import CATEGORIES, load_wordnet, parse_data_noun, word
 SAMPLE = """\
   1 This software and database is being provided to you, the LICENSEE, by
   2 Princeton University under the following license. | not a synset
-00015388 03 n 01 animal 0 002 @ 00004475 n 0000 ~ 01317541 n 0000 | a living organism characterized by voluntary movement
+00015388 03 n 01 animal 0 001 @ 00004475 n 0000 | a living organism characterized by voluntary movement
 02084071 05 n 02 dog 0 domestic_dog 0 001 @ 02083346 n 0000 | a member of the genus Canis; "the dog barked all night"
-02121620 05 n 01 cat 0 001 @ 02120997 n 0000 | feline mammal usually having thick soft fur;  "cats purr"; "more"
+02121620 05 n 01 cat 0 001 @ 02120997 n 0000 | feline mammal usually having thick soft fur;  "cats purr"; "b"
 07609840 13 n 01 dessert 0 001 @ 07557434 n 0000 | a dish served as the last course of a meal
 04379243 06 n 01 table 0 001 @ 03405725 n 0000 | a piece of furniture having a smooth flat top
 09999999 06 n 01 twin 0 000 | a member of the genus Canis
@@ -44,9 +44,9 @@ def test_categories_keep_a_repeated_definition_once(tmp_path, monkeypatch):
     assert texts == ["a member of the genus Canis", "feline mammal usually having thick soft fur",
                      "a dish served as the last course of a meal", "a piece of furniture having a smooth flat top"]
     assert labels.tolist() == [0, 0, 1, 2]
-    with pytest.raises(InputError, match="unknown WordNet noun categories \\['noun.dogs'\\]"):
+    with pytest.raises(InputError, match=r"unknown WordNet noun categories \['noun\.dogs'\]"):
         load_wordnet(("noun.dogs",))
-    with pytest.raises(InputError, match="the splits ask for 13,000 definitions"):
+    with pytest.raises(InputError, match=r"the splits ask for 13,000 definitions"):
         wordnet_splits(0, ("noun.animal", "noun.food"))
     monkeypatch.setenv("EDGEEXIT_WORDNET_DIR", str(tmp_path / "nowhere"))
     with pytest.raises(InputFileError, match="apt-get install wordnet-base"):
@@ -61,7 +61,8 @@ def _count_by_hand(path: Path) -> dict[int, set[str]]:
             continue
         number = int(line.split(" ")[1])
         gloss = line.split(" | ", 1)[1]
-        cut = min([i for i in range(len(gloss)) if gloss[i] == '"' and gloss[:i].rstrip().endswith(";")] or [len(gloss)])
+        quotes = [i for i in range(len(gloss)) if gloss[i] == '"' and gloss[:i].rstrip().endswith(";")]
+        cut = min(quotes or [len(gloss)])
         definition = " ".join(gloss[:cut].rstrip().removesuffix(";").split()).strip(" ;")
         if definition:
             found.setdefault(number, set()).add(definition)

@@ -104,7 +104,7 @@ def wordnet_splits(seed: int = 0, categories: tuple[str, ...] = CATEGORIES, size
         idx = rng.permutation(np.flatnonzero(labels == c))
         start = 0
         for part, size in zip(parts, sizes):
-            take = int(round(size * counts[c] / len(labels)))
+            take = round(size * counts[c] / len(labels))
             part.extend(idx[start:start + take].tolist())
             start += take
     made = []
