@@ -656,8 +656,9 @@ def _parse_compiled(raw: Any, version: int, inputs: list[InputSpec], stages: lis
 def _check_stage_wiring(stages: list[StageSpec], inputs: list[InputSpec], version: int) -> None:
     available = {i.name for i in inputs}
     for i, stage in enumerate(stages):
-        clash = set(stage.exit.signals.values()) & set(stage.carry) if stage.exit else set()
-        _schema(not clash, f"stages[{i}].exit.signals", "output names other than the stage's carry", sorted(clash))
+        clash = set(stage.exit.signals.values()) & (set(stage.carry) | available) if stage.exit else set()
+        _schema(not clash, f"stages[{i}].exit.signals",
+                "output names other than the stage's carry, the model inputs and earlier carries", sorted(clash))
         missing = [n for n in stage.inputs if n not in available]
         if missing:
             raise ManifestSchemaError(
@@ -666,6 +667,12 @@ def _check_stage_wiring(stages: list[StageSpec], inputs: list[InputSpec], versio
             )
         available.update(stage.carry)
     exits = [s for s in stages if s.exit is not None]
+    policies = {s.exit.policy for s in exits if s.exit is not None}
+    if len(policies) > 1 and any(get_policy(p).stateful for p in policies):
+        raise ManifestSchemaError(
+            f"the exits name the policies {sorted(policies)}; a stateful policy (patience, q_exit) carries its state "
+            "through every exit, so all exits must name it; re-export with one policy"
+        )
     if not exits or stages[-1].exit is None:
         raise ManifestSchemaError(
             "the last stage must carry the final exit (it always accepts); re-export the package"

@@ -242,13 +242,18 @@ def _halt_initial(n: int) -> tuple[np.ndarray]:
 def _halt_step(state: tuple[np.ndarray, ...], halt: np.ndarray) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
     """PALBERT's Q-exit: with halting probabilities lambda_j, the probability of having exited
     by this exit is sum_j p_j = 1 - prod_j (1 - lambda_j); the state is that product (the
-    probability of still running).  A lambda outside [0, 1] or NaN makes it NaN: never an exit."""
+    probability of still running).  A lambda within 1e-6 of [0, 1] (rounding, int8 graphs) is
+    clipped into it; NaN or one further out is no probability: NaN from there on, never an exit."""
     (running,) = state
     lam = halt[:, 0].astype(np.float64)
     with np.errstate(invalid="ignore"):
-        valid = (lam >= 0.0) & (lam <= 1.0)
-    running = np.where(valid, running * (1.0 - np.where(valid, lam, 0.0)), np.nan)
+        valid = (lam >= -_HALT_SLACK) & (lam <= 1.0 + _HALT_SLACK)
+    lam = np.clip(np.where(valid, lam, 0.0), 0.0, 1.0)
+    running = np.where(valid, running * (1.0 - lam), np.nan)
     return 1.0 - running, (running,)
+
+
+_HALT_SLACK = 1e-6
 
 
 def _stateful_fresh(values: np.ndarray) -> np.ndarray:

@@ -301,6 +301,13 @@ def test_text_packages_quantize_and_keep_their_tokenizer(text_package, tmp_path)
     np.testing.assert_array_equal(quantized.tokenize(["w1 w2 w3", "w4 w5", "w6 w7 w8 w9"])["input_ids"],
                                   feeds["input_ids"])
     assert quantized.run(feeds).logits.shape == (3, 3)
+    # the exits' signals survive quantization, and the signal policies run on them
+    assert [s.exit.signals for s in int8.stages] == [s.exit.signals for s in package.stages]
+    per_exit = quantized.exit_outputs(feeds)
+    for policy in ("q_exit", "gate"):
+        got = quantized.run(feeds, policy=policy, thresholds=[0.5, 0.5])
+        assert got.exit_index.tolist() == _first_passing(per_exit, [0.5, 0.5], policy)
+        assert np.isfinite(got.scores[got.exit_index < 2]).all()
 
 
 def test_a_tokenizer_must_fit_the_model_and_work(tiny, tmp_path):
@@ -510,6 +517,10 @@ def test_the_training_helpers_fit_halting_and_gates(tiny):
     before = train_halting(model, features, oof, labels, steps=1)
     after = train_halting(model, features, oof, labels, steps=300)
     assert after < before
+    with torch.no_grad():     # PonderNet's convention: the last exit halts for sure
+        _, halt, _ = model.exit_at(model.num_stages - 1)(torch.randn(4, 5, width), torch.ones(4, 5),
+                                                         torch.randn(4, width))
+    assert torch.all(halt == 1.0)
     losses = train_gates(model, oof, labels)
     from edgeexit.zoo.bert_exits import gate_features
 

@@ -1,9 +1,10 @@
-"""Golden manifests of format versions 5, 6 and 7 still parse, and each version's fields are refused
+"""Golden manifests of format versions 5 to 8 still parse, and each version's fields are refused
 in a manifest that claims an older version.
 
 The goldens are the manifest.json of real tiny packages (``tests/golden/make_goldens.py``): v5 and v6
 a MuE seq2seq export (v6 with the in-graph encoder exits and decoder steps, v5 without them), v7 a
-small BERT classifier with its own tokenizer (the ``text`` object) and a dynamic token axis.  As for
+small BERT classifier with its own tokenizer (the ``text`` object) and a dynamic token axis, v8 the
+same BERT whose exits also return PALBERT's ``halt`` and JEI-DNN's ``gate`` signals.  As for
 versions 1-4, only the manifest is kept and parsed with ``parse_manifest``; the graphs are not.
 """
 
@@ -21,6 +22,7 @@ from edgeexit.errors import ManifestSchemaError
 from edgeexit.package import (
     ENCODER_EXITS_VERSION,
     SEQ2SEQ_VERSION,
+    SIGNALS_VERSION,
     SUPPORTED_FORMAT_VERSIONS,
     TEXT_VERSION,
     Seq2SeqSpec,
@@ -45,9 +47,9 @@ def _check_files_table(files: dict[str, Any]) -> None:
 
 
 def test_the_version_constants_are_the_goldens_versions() -> None:
-    assert (SEQ2SEQ_VERSION, ENCODER_EXITS_VERSION, TEXT_VERSION) == (5, 6, 7)
-    assert {5, 6, 7} <= SUPPORTED_FORMAT_VERSIONS
-    for version in (5, 6, 7):
+    assert (SEQ2SEQ_VERSION, ENCODER_EXITS_VERSION, TEXT_VERSION, SIGNALS_VERSION) == (5, 6, 7, 8)
+    assert {5, 6, 7, 8} <= SUPPORTED_FORMAT_VERSIONS
+    for version in (5, 6, 7, 8):
         assert golden(version)["format_version"] == version
 
 
@@ -189,3 +191,52 @@ def test_the_v7_golden_relabelled_older_is_refused(tmp_path: Path, version: int)
     del manifest["text"]
     del manifest["files"]["tokenizer.json"]
     assert parse_manifest(manifest, tmp_path).text is None   # without its text object it is a valid classifier
+
+
+# --- version 8: exit signals -----------------------------------------------------------------------------
+
+
+def test_version_8_golden_parses_with_the_exits_signals(tmp_path: Path) -> None:
+    package = parse_manifest(golden(8), tmp_path)
+    assert package.format_version == 8 and package.policies == ["q_exit", "q_exit"] and package.thresholds == [0.5]
+    assert [s.exit.signals for s in package.stages] == [{"halt": "halt0", "gate": "gate0"},
+                                                        {"halt": "halt1", "gate": "gate1"}]
+    assert package.stages[0].exit.output("halt") == "halt0" and package.stages[1].exit.output("logits") == "logits1"
+    assert package.text is not None and package.compiled is None    # q_exit runs on the stage loop
+    assert [len(s.carry) for s in package.stages] == [3, 0]          # hidden, mask, pooled hidden before layer 1
+    _check_files_table(dict(package.files))
+
+
+@pytest.mark.parametrize("version", [4, 7])
+def test_signals_in_a_manifest_below_version_8_are_refused(tmp_path: Path, version: int) -> None:
+    manifest = golden(8)
+    manifest["format_version"] = version
+    with pytest.raises(ManifestSchemaError, match=rf"absent in a version-{version} package \(exit signals need"):
+        parse_manifest(manifest, tmp_path)
+
+
+def _v8(change: Any) -> dict[str, Any]:
+    manifest = golden(8)
+    change(manifest)
+    return manifest
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (lambda m: m["stages"][0]["exit"]["signals"].pop("halt"),
+     r"policy 'q_exit' scores the exit's 'halt' signal, but this exit has only the signals \['gate'\]"),
+    (lambda m: m["stages"][0]["exit"].pop("signals"), r"policy 'q_exit' scores the exit's 'halt' signal, but this "
+                                                      r"exit has no signals"),
+    (lambda m: m["stages"][0]["exit"]["signals"].update(halt="attention_mask"),
+     r"output names other than the stage's carry, the model inputs and earlier carries"),
+    (lambda m: m["stages"][1]["exit"]["signals"].update(gate="carry0_0"),
+     r"output names other than the stage's carry, the model inputs and earlier carries"),
+    (lambda m: m["stages"][0]["exit"]["signals"].update(gate="logits0"), r"distinct output names other than the "
+                                                                         r"logits"),
+    (lambda m: m["stages"][0]["exit"]["signals"].update(lam="x"), r"signals \(halt, gate\)"),
+    (lambda m: m["stages"][1]["exit"].update(policy="entropy"),
+     r"a stateful policy \(patience, q_exit\) carries its state through every exit"),
+], ids=["missing-halt", "no-signals", "clashes-with-input", "clashes-with-carry", "same-as-logits",
+        "unknown-signal", "mixed-with-stateful"])
+def test_bad_signals_are_refused(tmp_path: Path, change: Any, message: str) -> None:
+    with pytest.raises(ManifestSchemaError, match=message):
+        parse_manifest(_v8(change), tmp_path)

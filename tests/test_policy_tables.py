@@ -64,6 +64,16 @@ def test_q_exit_scores_the_cumulative_exit_probability():
     assert table[0, 5] == 1.0 and np.all(np.diff(table[:, :3], axis=0) >= 0)
 
 
+def test_q_exit_clips_a_halting_probability_a_rounding_away_from_0_or_1():
+    """An int8 graph or a float rounding may give 1 + 1e-9 or -1e-9; that is still a probability.
+    Further out (1.01, -0.01) or NaN is not: NaN from there on."""
+    policy = get_policy("q_exit")
+    halts = [np.array([[1.0 + 1e-9], [-1e-9], [1.01], [-0.01], [np.nan]]), np.full((5, 1), 0.5)]
+    table = policy.score_table(halts)
+    assert table[:, 0].tolist() == [1.0, 1.0] and table[:, 1].tolist() == [0.0, 0.5]
+    assert np.isnan(table[:, 2:]).all()
+
+
 def test_q_exit_exits_where_palbert_does():
     """The first exit whose cumulative exit probability passes q, per sample, against a loop."""
     from edgeexit.calibrate import ExitRecords, exits_taken

@@ -450,9 +450,10 @@ def export_package(
     examples = _check_inputs(example_inputs)
     axes = _check_dynamic_axes(dynamic_axes, examples, dynamo)
     pol = get_policy(policy)
-    if pol.reads != "logits" and pol.reads not in model.signals:
+    signals = getattr(model, "signals", ())   # a model pickled before signals existed has none
+    if pol.reads != "logits" and pol.reads not in signals:
         raise ModelSpecError(f"policy {pol.name!r} scores the exits' {pol.reads!r} signal, but the model's exits "
-                             f"return {'the signals ' + str(list(model.signals)) if model.signals else 'only logits'}; "
+                             f"return {'the signals ' + str(list(signals)) if signals else 'only logits'}; "
                              f"build it with EarlyExitModel(..., signals=[{pol.reads!r}]) and heads that return it")
     if thresholds is None:
         thresholds = [None] * (model.num_exits - 1)
@@ -477,6 +478,7 @@ def _export(
 ) -> Package:
 
     input_names = list(examples)
+    signals: tuple[str, ...] = tuple(getattr(model, "signals", ()))
     graphs: list[_Graph] = []
     stage_specs: list[dict[str, Any]] = []
     read_later = set(model.reads)
@@ -496,12 +498,12 @@ def _export(
             exit_flops = 0
             if head is not None:
                 with FlopCounter([head]) as counter:
-                    _check_exit_outputs(_call(head, one, f"the exit of stage {k}"), model.signals, k)
+                    _check_exit_outputs(_call(head, one, f"the exit of stage {k}"), signals, k)
                 exit_flops = counter.total
             carries.append(as_tuple(stage(*args)))
             emit = k in read_later
             carry_names.append([_carry_name(k, i) for i in range(len(carries[k]))] if emit else [])
-            outputs = carry_names[k] + (_exit_names(k, model.signals) if head is not None else [])
+            outputs = carry_names[k] + (_exit_names(k, signals) if head is not None else [])
             graphs.append(_Graph(f"stage{k}", f"stage{k}.onnx", _StageGraph(stage, head, emit).eval(),
                                  list(reads), outputs, args))
             stage_specs.append({
@@ -513,8 +515,8 @@ def _export(
                     "logits": _logits_name(k),
                     "policy": policy,
                     "threshold": None if last else next(early),
-                    **({"signals": dict(zip(model.signals, _exit_names(k, model.signals)[1:]))}
-                       if model.signals else {}),
+                    **({"signals": dict(zip(signals, _exit_names(k, signals)[1:]))}
+                       if signals else {}),
                 },
                 "cost": {
                     "params": count_parameters([stage] + ([head] if head is not None else [])),
@@ -534,7 +536,7 @@ def _export(
                     head = model.exit_at(k)
                     if head is not None:
                         axes.update(_inherited_axes(_exit_outputs(head(*small)), _exit_outputs(head(*large)),
-                                                    _exit_names(k, model.signals), axes))
+                                                    _exit_names(k, signals), axes))
     full_spec = None
     if include_full_model:
         full = _FullGraph(model).eval()
@@ -599,7 +601,7 @@ def _export(
         if text and tokenizer is not None:
             files[text["tokenizer"]] = tokenizer
             manifest["format_version"] = max(manifest["format_version"], TEXT_VERSION)
-        if model.signals:
+        if signals:
             manifest["format_version"] = max(manifest["format_version"], SIGNALS_VERSION)
         if compile is not False:
             manifest, files = _compiled_in(folder, manifest, files, required=bool(compile), final=Path(path), say=say)

@@ -387,7 +387,8 @@ def quantize_package(
         f"activations {activation_type}; {n} calibration sample(s), fed through the fp32 stages)")
     per_stage = stage_calibration_data(package, feeds)
     jobs = [
-        _Job(s.name, s.file, s.inputs, tuple(s.carry) + ((s.exit.logits,) if s.exit else ()), per_stage[k])
+        _Job(s.name, s.file, s.inputs,
+             tuple(s.carry) + ((s.exit.logits, *s.exit.signals.values()) if s.exit else ()), per_stage[k])
         for k, s in enumerate(package.stages)
     ]
     full = package.full_model

@@ -305,6 +305,9 @@ def train_halting(model: EarlyExitModel, features: Sequence[np.ndarray], oof_log
         opt.step()
     for h in heads:
         h.eval()
+    with torch.no_grad():   # PonderNet's convention: the last exit halts for sure (lambda_N = 1), so a
+        heads[-1][2].weight.zero_()   # q_exit score there is 1; the loss above gives its head no gradient
+        heads[-1][2].bias.fill_(40.0)
     return float(loss.detach())
 
 
@@ -381,7 +384,8 @@ def export_bert_exits(model: EarlyExitModel, path: str | Path, labels: Sequence[
                       tokenizer_dir: Path | None = None,
                       thresholds: Sequence[float | None] | None = None, policy: str = "entropy",
                       log: Callable[[str], None] | None = print) -> Any:
-    """Export with a dynamic token axis and the tokenizer shipped in the package (format 7)."""
+    """Export with a dynamic token axis, the tokenizer shipped in the package and the exits' halt and
+    gate signals (format version 8)."""
     from ..export import export_package
 
     folder = Path(tokenizer_dir or minilm_dir())

@@ -99,14 +99,21 @@ def wordnet_splits(seed: int = 0, categories: tuple[str, ...] = CATEGORIES, size
                          f"{len(texts):,}")
     rng = np.random.default_rng(seed)
     counts = np.bincount(labels, minlength=len(categories))
+    # each split's size shared among the categories in proportion, rounded by largest remainder so
+    # the sizes are exact
+    quotas = []
+    for size in sizes:
+        exact = size * counts / len(labels)
+        take = np.floor(exact).astype(np.int64)
+        take[np.argsort(take - exact, kind="stable")[:size - int(take.sum())]] += 1
+        quotas.append(take)
     parts: list[list[int]] = [[], [], []]
     for c in range(len(categories)):
         idx = rng.permutation(np.flatnonzero(labels == c))
         start = 0
-        for part, size in zip(parts, sizes):
-            take = round(size * counts[c] / len(labels))
-            part.extend(idx[start:start + take].tolist())
-            start += take
+        for part, take in zip(parts, quotas):
+            part.extend(idx[start:start + int(take[c])].tolist())
+            start += int(take[c])
     made = []
     for part in parts:
         order = rng.permutation(np.array(part, dtype=np.int64))

@@ -1,4 +1,4 @@
-"""Regenerate tests/golden/manifest_v5.json, manifest_v6.json and manifest_v7.json from real exports.
+"""Regenerate tests/golden/manifest_v5.json to manifest_v8.json from real exports.
 
     python tests/golden/make_goldens.py
 
@@ -12,7 +12,9 @@ alone, as for versions 1-4):
   ``write_package`` of the per-layer graphs with ``encoder_exits``/``decoder_steps`` left out and
   ``format_version`` 5 (files re-hashed by ``write_package``, then verified by ``load_package``);
 - version 7: ``export_package`` of a tiny BERT with early exits and its own word-level tokenizer
-  (the ``text`` object) and a dynamic ``tokens`` axis.
+  (the ``text`` object) and a dynamic ``tokens`` axis, its exit heads returning logits only;
+- version 8: the same BERT with the heads of ``bert_exits`` as they are, which also return the
+  ``halt`` and ``gate`` signals (``stages[].exit.signals``), exported with the q_exit policy.
 
 Needs torch, transformers and tokenizers.  The producer versions and sha256 of the graphs depend on
 the installed torch/onnx; the tests check only what the reader parses, so regenerating is optional.
@@ -67,6 +69,7 @@ def make_text(work: Path) -> None:
     from tokenizers.pre_tokenizers import Whitespace
 
     from edgeexit.export import export_package
+    from edgeexit.export.model import EarlyExitModel
     from edgeexit.zoo.bert_exits import bert_exits
 
     torch.manual_seed(0)
@@ -81,10 +84,27 @@ def make_text(work: Path) -> None:
     ids = torch.randint(2, len(words), (2, 6), generator=torch.Generator().manual_seed(2))
     text = {"tokenizer": work / "tok.json", "ids": "input_ids", "mask": "attention_mask", "max_tokens": 16}
     axes = {"input_ids": {1: "tokens"}, "attention_mask": {1: "tokens"}}
-    package = export_package(model, {"input_ids": ids, "attention_mask": torch.ones(2, 6, dtype=torch.int64)},
-                             work / "text.eexit", name="bert-text-golden", labels=["neg", "neutral", "pos"],
-                             thresholds=[0.5], dynamic_axes=axes, text=text, log=None)
+    examples = {"input_ids": ids, "attention_mask": torch.ones(2, 6, dtype=torch.int64)}
+    logits_only = EarlyExitModel(list(model.stages), [_LogitsOnly(model.exit_at(k)) for k in range(model.num_stages)])
+    package = export_package(logits_only, examples, work / "text.eexit", name="bert-text-golden",
+                             labels=["neg", "neutral", "pos"], thresholds=[0.5], dynamic_axes=axes, text=text,
+                             log=None)
     _copy(package.root, 7)
+    package = export_package(model, examples, work / "signals.eexit", name="bert-signals-golden", policy="q_exit",
+                             labels=["neg", "neutral", "pos"], thresholds=[0.5], dynamic_axes=axes, text=text,
+                             log=None)
+    _copy(package.root, 8)
+
+
+class _LogitsOnly(torch.nn.Module):
+    """A bert-exits head without its signals: (logits, halt, gate) -> logits."""
+
+    def __init__(self, head: torch.nn.Module) -> None:
+        super().__init__()
+        self.head = head
+
+    def forward(self, *carry: torch.Tensor) -> torch.Tensor:
+        return self.head(*carry)[0]  # type: ignore[no-any-return]
 
 
 def main() -> None:
