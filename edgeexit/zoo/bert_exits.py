@@ -305,9 +305,11 @@ def train_halting(model: EarlyExitModel, features: Sequence[np.ndarray], oof_log
         opt.step()
     for h in heads:
         h.eval()
+    last = heads[-1][2]
+    assert isinstance(last, nn.Linear)
     with torch.no_grad():   # PonderNet's convention: the last exit halts for sure (lambda_N = 1), so a
-        heads[-1][2].weight.zero_()   # q_exit score there is 1; the loss above gives its head no gradient
-        heads[-1][2].bias.fill_(40.0)
+        last.weight.zero_()   # q_exit score there is 1; the loss above gives its head no gradient
+        last.bias.fill_(40.0)
     return float(loss.detach())
 
 
