@@ -30,8 +30,8 @@ Every onnxruntime session here has one intra-op thread, no spinning
 
 Thresholds: per policy (entropy, confidence, margin, patience, q_exit, gate) one threshold
 shared by the 5 early exits, chosen on the calibration split: the outputs of every exit
-(logits, halting probability, gate value) are computed once (``exit_outputs``, texts batched
-by length); for every candidate threshold (the midpoints
+(logits, halting probability, gate value) are computed once (``text_exit_outputs``, texts
+batched by length); for every candidate threshold (the midpoints
 between consecutive distinct scores of the early exits, plus "everyone exits at exit 1") a
 sample leaves at its first exit whose score passes (the last exit always answers); the
 chosen threshold is the one with the fewest expected layers whose calibration accuracy is
@@ -191,21 +191,6 @@ def bare_full(package_root: Path, options: Any) -> Callable[[dict[str, np.ndarra
 # --- thresholds ----------------------------------------------------------------------
 
 
-def all_exit_outputs(session: Any, texts: Sequence[str], batch: int = 32) -> dict[str, np.ndarray]:
-    """Every exit's outputs for every text, texts batched by length: ``"logits"`` (exits, n,
-    classes) and each signal (exits, n, 1)."""
-    order = np.argsort([len(t) for t in texts], kind="stable")
-    out: dict[str, np.ndarray] = {}
-    for start in range(0, len(texts), batch):
-        chunk = order[start:start + batch]
-        per_exit = session.exit_outputs(session.tokenize([texts[i] for i in chunk]))
-        for what in per_exit[0]:
-            if what not in out:
-                out[what] = np.zeros((len(per_exit), len(texts), per_exit[0][what].shape[1]), np.float32)
-            out[what][:, chunk] = np.stack([o[what] for o in per_exit])
-    return out
-
-
 def simulate(policy: Any, scores: np.ndarray, threshold: float | None) -> np.ndarray:
     """Exit index per sample: the first early exit whose score passes, else the last exit."""
     n, early = scores.shape
@@ -304,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     from edgeexit.policies import get_policy
     from edgeexit.runtime import ExitSession
     from edgeexit.runtime._threads import session_options
-    from edgeexit.zoo.bert_exits import export_bert_exits
+    from edgeexit.zoo.bert_exits import export_bert_exits, text_exit_outputs
 
     started = time.time()
     splits = task_splits(args.task, args.seed)
@@ -336,8 +321,8 @@ def main(argv: list[str] | None = None) -> int:
         # --- thresholds on the calibration split (exit outputs do not depend on the policy) ---
         probe = ExitSession(first, sess_options=options)
         log(f"[bert] all exits' outputs on the calibration split ({len(cal)}) and the test split ({len(test)}) ...")
-        cal_outputs = all_exit_outputs(probe, cal.texts)
-        test_outputs = all_exit_outputs(probe, test.texts)
+        cal_outputs = text_exit_outputs(probe, cal.texts)
+        test_outputs = text_exit_outputs(probe, test.texts)
         test_logits = test_outputs["logits"]
         probe.close()
         calibration = {p: choose_threshold(get_policy(p), cal_outputs, cal.labels) for p in policies}

@@ -85,14 +85,7 @@ class ExitPolicy:
     def scores(self, logits: np.ndarray) -> np.ndarray:
         """Scores of a (n, classes) logits batch (or (n, 1) signal, for a policy that reads
         one) as float64, shape (n,)."""
-        logits = np.asarray(logits)
-        if logits.ndim != 2 or (self.reads != "logits" and logits.shape[1] != 1):
-            raise PolicyError(
-                f"policy {self.name!r} scores 2-D "
-                f"{'logits (batch, classes)' if self.reads == 'logits' else self.reads + ' values (batch, 1)'}; "
-                f"got shape {logits.shape}"
-            )
-        return self.batch_score(logits)
+        return self.batch_score(self._checked(np.asarray(logits)))
 
     def score_table(self, per_exit: Sequence[np.ndarray]) -> np.ndarray:
         """Scores of every exit for every sample, (exits, n), as the runtime computes them when a
@@ -108,8 +101,13 @@ class ExitPolicy:
         return np.stack(table)
 
     def _checked(self, values: np.ndarray) -> np.ndarray:
+        """``values`` if they have the shape this policy reads, else a ``PolicyError``."""
         if values.ndim != 2 or (self.reads != "logits" and values.shape[1] != 1):
-            self.scores(values)   # raises the shape error
+            raise PolicyError(
+                f"policy {self.name!r} scores 2-D "
+                f"{'logits (batch, classes)' if self.reads == 'logits' else self.reads + ' values (batch, 1)'}; "
+                f"got shape {values.shape}"
+            )
         return values
 
     def accepts(self, scores: np.ndarray, threshold: float) -> np.ndarray:

@@ -304,7 +304,7 @@ class _Compiler:
             if spec.exit is not None:
                 logits = outs[spec.exit.logits]
                 policy = spec.exit.policy
-                scored = outs[spec.exit.output(get_policy(policy).reads) or spec.exit.logits]
+                scored = outs[spec.exit.output(get_policy(policy).reads) or ""]   # the manifest has it (load checks)
         score = _score(scope, scored, policy, self.classes)   # from the exit's own outputs, as the stage loop
         if self._elem_type(seg.stages[-1]) != self.logits_type:  # returned in exit 0's dtype, as the stage loop
             logits = scope.one("Cast", [logits], f"logits{seg.exit_number}_cast", to=self.logits_type)

@@ -183,6 +183,22 @@ def tokenize(tokenizer: Any, texts: Sequence[str], pad_id: int = 0) -> dict[str,
     return {"input_ids": ids, "attention_mask": mask}
 
 
+def text_exit_outputs(session: Any, texts: Sequence[str], batch: int = 32) -> dict[str, np.ndarray]:
+    """Every exit's outputs for ``texts`` through an ``ExitSession`` of a text package, texts
+    batched by length (little padding): ``"logits"`` (exits, n, classes) and each signal
+    (exits, n, 1), rows in the order of ``texts``."""
+    order = np.argsort([len(t) for t in texts], kind="stable")
+    out: dict[str, np.ndarray] = {}
+    for start in range(0, len(texts), batch):
+        chunk = order[start:start + batch]
+        per_exit = session.exit_outputs(session.tokenize([texts[i] for i in chunk]))
+        for what in per_exit[0]:
+            if what not in out:
+                out[what] = np.zeros((len(per_exit), len(texts), per_exit[0][what].shape[1]), np.float32)
+            out[what][:, chunk] = np.stack([o[what] for o in per_exit])
+    return out
+
+
 # --- training --------------------------------------------------------------------
 
 

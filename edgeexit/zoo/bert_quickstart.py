@@ -74,29 +74,18 @@ class BertReport:
         return out
 
 
-def record(session: Any, texts: Sequence[str], labels: np.ndarray, policy: str, batch: int = 32) -> ExitRecords:
-    """Every exit's scores and predictions for ``texts`` (batched by length, so little padding)."""
-    pol = get_policy(policy)
-    order = np.argsort([len(t) for t in texts], kind="stable")
-    exits = session.num_exits
-    predictions = np.zeros((exits, len(texts)), np.int64)
-    parts: list[list[np.ndarray]] = [[] for _ in range(exits)]
-    for start in range(0, len(texts), batch):
-        chunk = order[start:start + batch]
-        for e, outputs in enumerate(session.exit_outputs(session.tokenize([texts[i] for i in chunk]))):
-            parts[e].append(outputs[pol.reads])
-            predictions[e, chunk] = outputs["logits"].argmax(axis=1)
-    back = np.argsort(order)
-    scored = [np.concatenate(p)[back] for p in parts]
-    return ExitRecords(pol.score_table(scored), predictions, np.asarray(labels), pol.name)
-
-
 def choose_policy(session: Any, texts: Sequence[str], labels: np.ndarray, max_drop: float,
                   policies: Sequence[str] = POLICIES) -> list[PolicyChoice]:
-    """The shared threshold of every policy within ``max_drop`` (a fraction) of the last exit."""
+    """The shared threshold of every policy within ``max_drop`` (a fraction) of the last exit,
+    from one recording of every exit's outputs."""
+    from .bert_exits import text_exit_outputs
+
+    outputs = text_exit_outputs(session, texts)
+    predictions = outputs["logits"].argmax(axis=2)
     choices = []
     for policy in policies:
-        records = record(session, texts, labels, policy)
+        pol = get_policy(policy)
+        records = ExitRecords(pol.score_table(list(outputs[pol.reads])), predictions, np.asarray(labels), pol.name)
         threshold, accuracy, shares = shared_threshold(records, max_drop)
         layers = float((shares * np.arange(1, len(shares) + 1)).sum())
         choices.append(PolicyChoice(policy, threshold, accuracy, layers))
