@@ -287,16 +287,20 @@ def test_calibrate_chooses_a_patience_on_a_text_package(tiny, tmp_path):
     assert (result.predictions == labels).mean() >= 0.6           # the budget: at most 40 points below the last exit
 
 
-def test_text_packages_quantize_and_keep_their_tokenizer(text_package, tmp_path):
+def test_text_packages_quantize_and_keep_their_tokenizer(text_package, tmp_path, monkeypatch):
     from edgeexit.export.quantize import quantize_package
     from edgeexit.runtime import ExitSession
 
     package, _ = text_package
+    workdir = tmp_path / "cwd"
+    workdir.mkdir()
+    monkeypatch.chdir(workdir)         # onnxruntime's shape inference leaves nothing in the caller's folder
     sess = ExitSession(package.root)
     feeds = sess.tokenize(["w1 w2 w3", "w4 w5", "w6 w7 w8 w9"])
     int8 = quantize_package(package.root, tmp_path / "int8.eexit", sess.tokenize(["w1 w2 w3 w4 w5 w6"] * 4), log=None)
     assert int8.format_version == 8 and int8.text == package.text
     assert int8.files["tokenizer.json"] == package.files["tokenizer.json"]
+    assert list(workdir.iterdir()) == []
     quantized = ExitSession(int8.root)
     np.testing.assert_array_equal(quantized.tokenize(["w1 w2 w3", "w4 w5", "w6 w7 w8 w9"])["input_ids"],
                                   feeds["input_ids"])

@@ -174,11 +174,19 @@ class _Job:
 def _preprocess(src: Path, dst: Path, say: Callable[[str], None], name: str) -> Path:
     # Shape inference + onnxruntime's basic graph optimizations, as onnxruntime recommends
     # before quantizing; a graph it cannot handle is quantized as exported.
+    # onnxruntime's symbolic shape inference, when it cannot finish, dumps sym_shape_infer_temp.onnx
+    # and its external-data files into the working directory: run it from the work folder, so
+    # nothing lands in the caller's (a process-wide change, as quantizing is a tool's job, not a
+    # device app's)
+    here = os.getcwd()
     try:
-        quant_pre_process(str(src), str(dst))
+        os.chdir(dst.parent)
+        quant_pre_process(str(src.resolve()), str(dst.resolve()))
     except Exception as exc:
         say(f"  {name:<10} pre-processing skipped ({str(exc).strip().splitlines()[0][:120]})")
         return src
+    finally:
+        os.chdir(here)
     return dst
 
 
