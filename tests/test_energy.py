@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgeexit.devices import energy
 from edgeexit.devices.energy import (
     EnergyMeter,
     EnergyMeterError,
@@ -41,6 +40,7 @@ from edgeexit.devices.energy import (
     read_power_log,
     register_meter,
 )
+from edgeexit.devices.meters import registry
 from edgeexit.errors import EdgeExitError
 
 # Each registered meter must appear here and have tests named test_<name>_*.
@@ -238,7 +238,7 @@ def test_registry_refuses_a_duplicate_name() -> None:
 
 
 def test_registry_adds_a_new_meter(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(energy, "_REGISTRY", dict(energy._REGISTRY))
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
 
     class Constant(EstimateMeter):
         name = "constant"

@@ -1,12 +1,12 @@
 """Device support: execution providers, device profiles, energy meters, throttling."""
 
-from .energy import EnergyMeter as EnergyMeter
-from .energy import EnergyMeterError as EnergyMeterError
-from .energy import EnergyReading as EnergyReading
-from .energy import create_meter as create_meter
-from .energy import detect_meters as detect_meters
-from .energy import list_meters as list_meters
-from .energy import measure_idle as measure_idle
+from .meters import EnergyMeter as EnergyMeter
+from .meters import EnergyMeterError as EnergyMeterError
+from .meters import EnergyReading as EnergyReading
+from .meters import create_meter as create_meter
+from .meters import detect_meters as detect_meters
+from .meters import list_meters as list_meters
+from .meters import measure_idle as measure_idle
 from .meters import meter_for_profile as meter_for_profile
 from .profiles import DeviceProfile as DeviceProfile
 from .profiles import PowerFigures as PowerFigures

@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .energy import Clock, CommandRunner, PeriodicSampler, _read_number, _run_command
+from .meters.base import CommandRunner, _read_number, _run_command
+from .meters.sampler import Clock, PeriodicSampler
 
 # Bits of ``vcgencmd get_throttled`` (Raspberry Pi firmware documentation).
 THROTTLE_BITS: dict[int, str] = {

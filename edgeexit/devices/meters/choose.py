@@ -5,8 +5,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from .energy import EnergyMeter, EstimateMeter, create_meter, get_meter
-from .profiles import DeviceProfile
+from ..profiles import DeviceProfile
+from .base import EnergyMeter
+from .estimate import EstimateMeter
+from .registry import create_meter, get_meter
 
 
 def meter_for_profile(
