@@ -2,7 +2,7 @@
 
 For each model: the package (copied to a temporary folder) is calibrated exactly as
 ``edgeexit calibrate PKG --data CAL.npz --max-drop 0.3 --device cpu`` does (this script
-calls the CLI's own flow, ``edgeexit.cli._calibrate``, on an .npz of the MNIST-5k
+calls the CLI's own flow, ``edgeexit.cli.calibrate.run_calibration``, on an .npz of the MNIST-5k
 calibration split), which times every exit path end to end through ``ExitSession.run``
 and the full model (``full.onnx``) interleaved, reports the expected mean speedup
 ``full_cost / expected_cost``, replays it, and writes the package with its early exits
@@ -109,11 +109,11 @@ def cnn3_package(epochs: int, seed: int, splits: Splits, folder: Path, train_thr
 
 def calibrate_like_the_cli(package: Path, cal_npz: Path, max_drop_pt: float) -> tuple[dict[str, Any], str]:
     """``edgeexit calibrate PACKAGE --data CAL --max-drop P --device cpu --json``: its JSON and its stderr."""
-    from edgeexit.cli import _calibrate
+    from edgeexit.cli.calibrate import run_calibration
 
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        _calibrate(package, cal_npz, max_drop=max_drop_pt, device="cpu", as_json=True)
+        run_calibration(package, cal_npz, max_drop=max_drop_pt, device="cpu", as_json=True)
     return json.loads(out.getvalue()), err.getvalue().strip()
 
 
@@ -337,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
             "config": {"models": models, "epochs": {m: epochs[m] for m in models}, "seed": args.seed,
                        "max_drop_pt": args.max_drop, "device": "cpu", "batch": 1, "duration_s": args.duration,
                        "windows": args.windows, "warmup_s": args.warmup, "quick": args.quick,
-                       "flow": "edgeexit.cli._calibrate (as `edgeexit calibrate --json`), then "
+                       "flow": "edgeexit.cli.calibrate.run_calibration (as `edgeexit calibrate --json`), then "
                                "edgeexit.bench.run_benchmark(compare_full=True) on the test split"},
             "seconds": round(time.perf_counter() - started, 1),
             "targets": targets, "results": results,
