@@ -73,8 +73,7 @@ from _common import (
     write_json,
 )
 
-from edgeexit.devices.energy import EnergyMeter, EstimateMeter
-from edgeexit.devices.meters import meter_for_profile
+from edgeexit.devices.meters import EnergyMeter, EstimateMeter, meter_for_profile
 from edgeexit.devices.profiles import get_profile
 from edgeexit.measure import LatencyStats
 from edgeexit.package import set_thresholds, sha256_file

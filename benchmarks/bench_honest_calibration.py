@@ -54,7 +54,7 @@ from _common import (
 from edgeexit.bench import BenchConfig, run_benchmark
 from edgeexit.datasets import Splits, mnist5k_splits
 from edgeexit.devices import get_profile
-from edgeexit.devices.energy import EstimateMeter
+from edgeexit.devices.meters import EstimateMeter
 from edgeexit.package import load_package
 from edgeexit.runtime import ExitSession
 from edgeexit.runtime._engines import interleaved_ms

@@ -23,7 +23,7 @@ import numpy as np
 import onnxruntime as ort
 
 from . import __version__
-from .devices.energy import EnergyMeter, EnergyReading, EstimateMeter
+from .devices.meters import EnergyMeter, EnergyReading, EstimateMeter
 from .devices.thermal import ThermalReport, ThrottleMonitor
 from .errors import InputError
 from .measure import LatencyStats

@@ -7,6 +7,9 @@ early exit, that keeps accuracy within ``max_drop`` of the full model; and
 ``calibrate_thresholds`` searches one threshold per exit against the stage costs
 measured on this device (see ``_search``), writing the result into the package with
 ``apply_calibration`` while keeping the previous thresholds recoverable.
+
+Why one file of ~600 lines: recording, replaying, choosing and writing share one record
+type and one history format; the joint search itself is in ``_search``.
 """
 
 from __future__ import annotations

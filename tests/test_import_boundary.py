@@ -12,6 +12,7 @@ import json
 import shutil
 import subprocess
 import sys
+import re
 import textwrap
 from pathlib import Path
 
@@ -102,3 +103,59 @@ def test_import_linter_contracts_are_kept() -> None:
         pytest.xfail("pyproject.toml sets include_external_packages inside the contracts; "
                      "import-linter refuses the config, so nothing is checked")
     assert proc.returncode == 0, f"lint-imports failed (exit {proc.returncode}):\n{output}"
+
+
+def _module_cycles(imports: dict[str, set[str]]) -> list[list[str]]:
+    """The groups of modules that import each other in a ring (Tarjan's strongly connected components)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in imports.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            ring = [stack.pop()]
+            while ring[-1] != v:
+                ring.append(stack.pop())
+            if len(ring) > 1:
+                found.append(sorted(ring))
+
+    for module in sorted(imports):
+        if module not in index:
+            visit(module)
+    return found
+
+
+def test_module_cycles_are_found() -> None:
+    # the detector itself, on a ring of three and a chain
+    assert _module_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert _module_cycles({"a": {"b"}, "b": {"c"}, "c": set()}) == []
+
+
+def test_no_module_imports_itself_round_a_ring() -> None:
+    # every import counts, those inside functions too (grimp reads them all, as import-linter does)
+    grimp = pytest.importorskip("grimp")
+    graph = grimp.build_graph("edgeexit")
+    imports = {m: {d for d in graph.find_modules_directly_imported_by(m) if d.startswith("edgeexit")}
+               for m in graph.modules}
+    assert _module_cycles(imports) == []
+
+
+def test_architecture_doc_names_modules_that_exist() -> None:
+    # docs/ARCHITECTURE.md says where things live: every path it names must be there
+    text = (REPO_ROOT / "docs" / "ARCHITECTURE.md").read_text()
+    part = r"[a-z_][a-z0-9_]*"
+    named = set(re.findall(rf"`((?:{part}/)*{part}(?:\.py|/))`", text))              # `devices/meters/`
+    named |= {m for line in re.findall(rf"^(?:{part}(?:\.py|/)\s+)+", text, flags=re.M)  # the diagram's lines
+              for m in line.split()}
+    missing = [p for p in sorted(named) if not (REPO_ROOT / "edgeexit" / p).exists() and not (REPO_ROOT / p).exists()]
+    assert len(named) >= 20, sorted(named)
+    assert missing == [], f"docs/ARCHITECTURE.md names paths that do not exist: {missing}"

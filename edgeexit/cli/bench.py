@@ -30,7 +30,7 @@ def _pick_meter(profile: Any, meter: str | None, meter_log: Path | None, meter_c
     if meter == "external" and "external" not in options:
         raise click.UsageError("--meter external needs --meter-log FILE.csv or --meter-command CMD")
     if meter == "estimate":
-        from ..devices.energy import EstimateMeter
+        from ..devices.meters import EstimateMeter
 
         p = profile.power
         return EstimateMeter(p.busy_watts, p.idle_watts, source=f"profile {profile.name}: {p.source}")

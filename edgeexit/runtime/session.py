@@ -1,4 +1,12 @@
-"""``ExitSession``: run an exit package stage by stage and stop at the first confident exit."""
+"""``ExitSession``: run an exit package stage by stage and stop at the first confident exit.
+
+Why one file of ~680 lines: it is one class, and its methods are the public API (run,
+generate, tune_engines, measure, the onnxruntime-style getters). What does not need the
+session's state already lives beside it: stages in ``_stage``, input checks in ``_inputs``,
+the compiled engine and its timing in ``_engines``, results in ``_result``, threads in
+``_threads``. The stage loop itself is ``_run_batch`` (and ``_run_one`` at batch 1), one
+screen each.
+"""
 
 from __future__ import annotations
 
@@ -15,8 +23,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from ..devices.energy import EnergyMeter, EstimateMeter
-from ..devices.meters import meter_for_profile
+from ..devices.meters import EnergyMeter, EstimateMeter, meter_for_profile
 from ..devices.profiles import DeviceProfile, get_profile
 from ..devices.providers import ProviderSpec, check_session_providers, resolve_providers
 from ..errors import InputError, SessionError
