@@ -13,9 +13,10 @@ if TYPE_CHECKING:
     from .exporter import export_package as export_package
     from .model import EarlyExitModel as EarlyExitModel
     from .quantize import quantize_package as quantize_package
+    from .seq2seq_model import EncoderDecoderDescription as EncoderDecoderDescription
 
 _LAZY = {"export_package": "exporter", "EarlyExitModel": "model", "quantize_package": "quantize",
-         "compile_package": "compile"}
+         "compile_package": "compile", "EncoderDecoderDescription": "seq2seq_model"}
 
 
 def __getattr__(name: str) -> Any:
@@ -26,4 +27,4 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["EarlyExitModel", "compile_package", "export_package", "quantize_package"]
+__all__ = ["EarlyExitModel", "EncoderDecoderDescription", "compile_package", "export_package", "quantize_package"]

@@ -2,9 +2,13 @@
 encoder layer (run once per modality), one per decoder layer with its key/value cache, one
 shared head, and the small graphs around them.
 
+The exporter reads the model only through an ``EncoderDecoderDescription``
+(``edgeexit.export.seq2seq_model``), which ``MuEModel.describe()`` returns; any encoder-decoder
+that describes itself the same way exports here.
+
 Graphs (every axis named ``batch``, ``tokens``, ``past`` or ``memory`` is dynamic):
 
-- ``embed_image.onnx``  image (batch, 1, 28, 28) -> hidden (batch, 16, width)
+- ``embed_image.onnx``  image (batch, 1, 28, 28) -> hidden (batch, 16, width) (MuE's image shape and tokens)
 - ``embed_text.onnx``   question (batch, tokens) int64 -> hidden (batch, tokens, width)
 - ``encoder{k}.onnx``   hidden, bias (batch, 1, 1, tokens) -> hidden_out and memory (the encoder
   norm of hidden_out: LayerNorm works per token, so the joined memory is the join of these);
@@ -51,8 +55,6 @@ from .. import __version__
 from .. import _leftovers as leftovers
 from ..errors import ExportError, ExportValidationError
 from ..package import Package, Seq2SeqSpec, load_package, write_package
-from ..zoo.mue import IMAGE_TOKENS, MuEModel
-from ..zoo.mue_task import BOS, EOS, PAD, VOCAB
 from .seq2seq_compile import (
     ENCODER_FILE,
     JOINT_ENCODER_FILE,
@@ -61,6 +63,7 @@ from .seq2seq_compile import (
     build_encoder_exits,
     check_in_graph_exits,
 )
+from .seq2seq_model import DescribesEncoderDecoder, EncoderDecoderDescription, as_description
 
 SEQ2SEQ_VERSION = 6   # 5 plus the encoder with in-graph exits (FORMAT.md section 3.5)
 
@@ -77,89 +80,91 @@ class _Call(nn.Module):
         return self.fn(*args)
 
 
-def _graphs(model: MuEModel) -> list[tuple[str, nn.Module, list[str], list[str], Callable[[int, int], tuple]]]:
+def _graphs(d: EncoderDecoderDescription) -> list[tuple[str, nn.Module, list[str], list[str],
+                                                         Callable[[int, int], tuple]]]:
     """(file, module, input names, output names, example(batch, length) -> args) for every graph."""
-    c = model.config
-    dh = c.width // c.heads
+    model = d.module   # the owner of every graph's weights
+    vocab, image_tokens = len(d.vocab), d.image_tokens
 
     def g(seed: int) -> torch.Generator:
         return torch.Generator().manual_seed(seed)
 
     def hidden(b: int, t: int, seed: int = 0) -> torch.Tensor:
-        return torch.randn(b, t, c.width, generator=g(seed))
+        return torch.randn(b, t, d.width, generator=g(seed))
 
     def bias(b: int, t: int, seed: int = 1) -> torch.Tensor:
         valid = torch.rand(b, t, generator=g(seed)) > 0.2
         valid[:, 0] = True
-        return model.key_bias(valid)
+        return d.key_bias(valid)
 
     out: list[tuple[str, nn.Module, list[str], list[str], Callable[[int, int], tuple]]] = [
-        ("embed_image.onnx", _Call(model, model.embed_image), ["image"], ["hidden"],
-         lambda b, t: (torch.rand(b, 1, 28, 28, generator=g(2)),)),
-        ("embed_text.onnx", _Call(model, model.embed_text), ["question"], ["hidden"],
-         lambda b, t: (torch.randint(0, c.vocab, (b, c.question_len), generator=g(3)),)),
+        ("embed_image.onnx", _Call(model, d.embed_image), ["image"], ["hidden"],
+         lambda b, t: (torch.rand(b, *d.image_shape, generator=g(2)),)),
+        ("embed_text.onnx", _Call(model, d.embed_text), ["question"], ["hidden"],
+         lambda b, t: (torch.randint(0, vocab, (b, d.question_len), generator=g(3)),)),
     ]
     def layer_and_norm(layer: nn.Module) -> Callable[..., Any]:
         def run(h, b):  # type: ignore[no-untyped-def]
             out_h = layer(h, b)
-            return out_h, model.encoder_norm(out_h)   # LayerNorm is per token: norm(join) = join(norms)
+            return out_h, d.encoder_norm(out_h)   # LayerNorm is per token: norm(join) = join(norms)
         return run
 
     def first_layer(embed: Callable[..., Any]) -> Callable[..., Any]:
         def run(x, b):  # type: ignore[no-untyped-def]
             h = embed(x)
-            out_h = model.encoder[0](h, b)
-            return h, out_h, model.encoder_norm(out_h)
+            out_h = d.encoder_layers[0](h, b)
+            return h, out_h, d.encoder_norm(out_h)
         return run
 
-    for k, layer in enumerate(model.encoder):
+    for k, layer in enumerate(d.encoder_layers):
         out.append((f"encoder{k}.onnx", _Call(model, layer_and_norm(layer)), ["hidden", "bias"],
                     ["hidden_out", "memory"], lambda b, t: (hidden(b, t + 2), bias(b, t + 2))))
     # layer 0 with each modality's embedding folded in: one call for a modality leaving at layer 1
-    out.append(("encoder0_image.onnx", _Call(model, first_layer(model.embed_image)), ["image", "bias"],
+    out.append(("encoder0_image.onnx", _Call(model, first_layer(d.embed_image)), ["image", "bias"],
                 ["hidden", "hidden_out", "memory"],
-                lambda b, t: (torch.rand(b, 1, 28, 28, generator=g(2)), torch.zeros(b, 1, 1, IMAGE_TOKENS))))
-    out.append(("encoder0_text.onnx", _Call(model, first_layer(model.embed_text)), ["question", "bias"],
+                lambda b, t: (torch.rand(b, *d.image_shape, generator=g(2)), torch.zeros(b, 1, 1, image_tokens))))
+    out.append(("encoder0_text.onnx", _Call(model, first_layer(d.embed_text)), ["question", "bias"],
                 ["hidden", "hidden_out", "memory"],
-                lambda b, t: (torch.randint(0, c.vocab, (b, c.question_len), generator=g(3)),
-                              bias(b, c.question_len))))
-    out.append(("encoder_norm.onnx", model.encoder_norm, ["hidden"], ["memory"],
-                lambda b, t: (hidden(b, IMAGE_TOKENS + t),)))
-    out.append(("embed_answer.onnx", _Call(model, model.embed_answer), ["token", "position"], ["hidden"],
-                lambda b, t: (torch.randint(0, c.vocab, (b, 1), generator=g(4)),
-                              torch.randint(0, c.answer_len, (b, 1), generator=g(5)))))
+                lambda b, t: (torch.randint(0, vocab, (b, d.question_len), generator=g(3)),
+                              bias(b, d.question_len))))
+    out.append(("encoder_norm.onnx", d.encoder_norm, ["hidden"], ["memory"],
+                lambda b, t: (hidden(b, image_tokens + t),)))
+    out.append(("embed_answer.onnx", _Call(model, d.embed_answer), ["token", "position"], ["hidden"],
+                lambda b, t: (torch.randint(0, vocab, (b, 1), generator=g(4)),
+                              torch.randint(0, d.answer_len, (b, 1), generator=g(5)))))
 
     def step(layer: nn.Module) -> Callable[..., Any]:
         def run(x, pk, pv, sb, mem, mb):  # type: ignore[no-untyped-def]
             out_x, key, value = layer(x, pk, pv, sb, mem, mb)
-            return out_x, key[:, :, -1:], value[:, :, -1:], model.head(out_x)
+            return out_x, key[:, :, -1:], value[:, :, -1:], d.head(out_x)
         return run
 
     def first_step(layer: nn.Module) -> Callable[..., Any]:
         def run(token, position, pk, pv, sb, mem, mb):  # type: ignore[no-untyped-def]
-            x = model.embed_answer(token, position)
+            x = d.embed_answer(token, position)
             out_x, key, value = layer(x, pk, pv, sb, mem, mb)
-            return x, out_x, key[:, :, -1:], value[:, :, -1:], model.head(out_x)
+            return x, out_x, key[:, :, -1:], value[:, :, -1:], d.head(out_x)
         return run
 
     def cache(b: int, t: int) -> tuple:
-        return (torch.randn(b, c.heads, t, dh, generator=g(6)), torch.randn(b, c.heads, t, dh, generator=g(7)),
-                bias(b, t + 1), hidden(b, IMAGE_TOKENS + c.question_len, 8),
-                bias(b, IMAGE_TOKENS + c.question_len, 9))
+        return (torch.randn(b, d.heads, t, d.head_dim, generator=g(6)),
+                torch.randn(b, d.heads, t, d.head_dim, generator=g(7)),
+                bias(b, t + 1), hidden(b, image_tokens + d.question_len, 8),
+                bias(b, image_tokens + d.question_len, 9))
 
     rest = ["past_key", "past_value", "self_bias", "memory", "memory_bias"]
-    for k, layer in enumerate(model.decoder):
+    for k, (layer, self_kv) in enumerate(zip(d.decoder_layers, d.decoder_self_kv)):
         if k == 0:   # the answer embedding folded in: one onnxruntime call for a token that leaves here
             out.append(("decoder0.onnx", _Call(model, first_step(layer)), ["token", "position", *rest],
                         ["hidden", "hidden_out", "key", "value", "logits"],
-                        lambda b, t: (torch.randint(0, c.vocab, (b, 1), generator=g(4)),
-                                      torch.randint(0, c.answer_len, (b, 1), generator=g(5)), *cache(b, t))))
+                        lambda b, t: (torch.randint(0, vocab, (b, 1), generator=g(4)),
+                                      torch.randint(0, d.answer_len, (b, 1), generator=g(5)), *cache(b, t))))
         else:
             out.append((f"decoder{k}.onnx", _Call(model, step(layer)), ["hidden", *rest],
                         ["hidden_out", "key", "value", "logits"], lambda b, t: (hidden(b, 1), *cache(b, t))))
-        out.append((f"decoder{k}_kv.onnx", _Call(layer, layer.self_kv), ["hidden"], ["key", "value"],  # type: ignore[arg-type]
+        out.append((f"decoder{k}_kv.onnx", _Call(layer, self_kv), ["hidden"], ["key", "value"],
                     lambda b, t: (hidden(b, 1),)))
-    out.append(("head.onnx", _Call(model, model.head), ["hidden"], ["logits"], lambda b, t: (hidden(b, 1),)))
+    out.append(("head.onnx", _Call(model, d.head), ["hidden"], ["logits"], lambda b, t: (hidden(b, 1),)))
     return out
 
 
@@ -236,18 +241,24 @@ def _in_graph_exits(folder: Path, spec: dict[str, Any], say: Callable[[str], Non
     return files
 
 
-def export_mue(model: MuEModel, path: str | os.PathLike[str], *, name: str = "mue", opset: int = 18,
-               atol: float = 1e-4, encoder_thresholds: Sequence[float | None] = (None, None),
-               decoder_threshold: float | None = None, log: Callable[[str], None] | None = print) -> Package:
+def export_mue(model: EncoderDecoderDescription | DescribesEncoderDecoder, path: str | os.PathLike[str], *,
+               name: str = "mue", opset: int = 18, atol: float = 1e-4,
+               encoder_thresholds: Sequence[float | None] = (None, None), decoder_threshold: float | None = None,
+               log: Callable[[str], None] | None = print) -> Package:
     """Write ``model`` as a seq2seq exit package at ``path`` (replaced atomically) and load it back.
 
-    Thresholds are MuE's cosine-similarity thresholds: ``encoder_thresholds`` one per modality
-    (image, text), ``decoder_threshold`` for every decoder layer; None leaves that exit disabled.
+    ``model`` is an ``EncoderDecoderDescription`` or a model whose ``describe()`` returns one
+    (``MuEModel``); the described module is put in eval mode.  Thresholds are MuE's
+    cosine-similarity thresholds: ``encoder_thresholds`` one per modality (image, text),
+    ``decoder_threshold`` for every decoder layer; None leaves that exit disabled.
+
+    Example:
+        >>> package = export_mue(MuEModel(), "mue.eexit", log=None)   # doctest: +SKIP
     """
     say = log or (lambda _line: None)
-    model = model.eval()
-    c = model.config
-    graphs = _graphs(model)
+    d = as_description(model)
+    d.module.eval()
+    graphs = _graphs(d)
     leftovers.collect_work_dirs("export")
     with tempfile.TemporaryDirectory(prefix=f"edgeexit-export-{os.getpid()}-") as tmp:
         folder = Path(tmp)
@@ -257,28 +268,28 @@ def export_mue(model: MuEModel, path: str | os.PathLike[str], *, name: str = "mu
         _validate(graphs, folder, atol, say)
         manifest = {
             "format": "edgeexit", "format_version": SEQ2SEQ_VERSION, "kind": "seq2seq", "name": name,
-            "inputs": [{"name": "image", "dtype": "float32", "shape": ["batch", 1, 28, 28]},
-                       {"name": "question", "dtype": "int64", "shape": ["batch", c.question_len]}],
+            "inputs": [{"name": "image", "dtype": "float32", "shape": ["batch", *d.image_shape]},
+                       {"name": "question", "dtype": "int64", "shape": ["batch", d.question_len]}],
             "labels": None,
             "stages": [],
             "seq2seq": {
-                "vocab": list(VOCAB), "pad": PAD, "bos": BOS, "eos": EOS, "max_answer": c.answer_len,
-                "width": c.width, "heads": c.heads, "head_dim": c.width // c.heads,
+                "vocab": list(d.vocab), "pad": d.pad, "bos": d.bos, "eos": d.eos, "max_answer": d.answer_len,
+                "width": d.width, "heads": d.heads, "head_dim": d.head_dim,
                 "modalities": [
                     {"name": "image", "input": "image", "embed": "embed_image.onnx", "first": "encoder0_image.onnx",
-                     "tokens": IMAGE_TOKENS, "threshold": encoder_thresholds[0]},
+                     "tokens": d.image_tokens, "threshold": encoder_thresholds[0]},
                     {"name": "text", "input": "question", "embed": "embed_text.onnx", "first": "encoder0_text.onnx",
-                     "tokens": c.question_len, "threshold": encoder_thresholds[1]},
+                     "tokens": d.question_len, "threshold": encoder_thresholds[1]},
                 ],
-                "encoder": [f"encoder{k}.onnx" for k in range(c.encoder_layers)],
+                "encoder": [f"encoder{k}.onnx" for k in range(len(d.encoder_layers))],
                 "encoder_norm": "encoder_norm.onnx",
                 "embed_answer": "embed_answer.onnx",
                 "decoder": [{"step": f"decoder{k}.onnx", "kv": f"decoder{k}_kv.onnx"}
-                            for k in range(c.decoder_layers)],
+                            for k in range(len(d.decoder_layers))],
                 "head": "head.onnx",
                 "policy": "similarity",
                 "decoder_threshold": decoder_threshold,
-                "config": c.to_dict(),
+                "config": dict(d.config),
                 "encoder_exits": {"per_modality": ENCODER_FILE, "joint": JOINT_ENCODER_FILE},
                 "decoder_steps": dict(STEP_FILES),
             },
@@ -294,58 +305,62 @@ def export_mue(model: MuEModel, path: str | os.PathLike[str], *, name: str = "mu
 
 
 class _PlainEncoder(nn.Module):
-    def __init__(self, model: MuEModel) -> None:
+    def __init__(self, d: EncoderDecoderDescription) -> None:
         super().__init__()
-        self.model = model
+        self.model = d.module   # registered, so the graph's weights are its parameters
+        self.description = d
 
     def forward(self, image: torch.Tensor, question: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        memory, valid = self.model.encode(image, question)
-        return memory, self.model.key_bias(valid)
+        memory, valid = self.description.encode(image, question)
+        return memory, self.description.key_bias(valid)
 
 
 class _PlainDecoderStep(nn.Module):
     """One generated token through every decoder layer, with the whole cache as two tensors."""
 
-    def __init__(self, model: MuEModel) -> None:
+    def __init__(self, d: EncoderDecoderDescription) -> None:
         super().__init__()
-        self.model = model
+        self.model = d.module   # registered, so the graph's weights are its parameters
+        self.description = d
 
     def forward(self, token: torch.Tensor, position: torch.Tensor, past_key: torch.Tensor, past_value: torch.Tensor,
                 memory: torch.Tensor, memory_bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        x = self.model.embed_answer(token, position)
+        x = self.description.embed_answer(token, position)
         bias = torch.zeros(x.shape[0], 1, 1, past_key.shape[3] + 1)
         keys, values = [], []
-        for k, layer in enumerate(self.model.decoder):
+        for k, layer in enumerate(self.description.decoder_layers):
             x, key, value = layer(x, past_key[k], past_value[k], bias, memory, memory_bias)
             keys.append(key)
             values.append(value)
-        return self.model.head(x), torch.stack(keys), torch.stack(values)
+        return self.description.head(x), torch.stack(keys), torch.stack(values)
 
 
-def export_plain_mue(model: MuEModel, folder: str | os.PathLike[str], opset: int = 18) -> tuple[Path, Path]:
+def export_plain_mue(model: EncoderDecoderDescription | DescribesEncoderDecoder, folder: str | os.PathLike[str],
+                     opset: int = 18) -> tuple[Path, Path]:
     """The plain model with the same weights, as an app without exits would ship it: one encoder
     graph (image, question -> memory, memory_bias) and one decoder-step graph over all layers
-    with the key/value cache as ``(layers, batch, heads, past, head_dim)`` tensors."""
-    c = model.config
+    with the key/value cache as ``(layers, batch, heads, past, head_dim)`` tensors.  ``model`` as
+    for ``export_mue``."""
+    d = as_description(model)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     g = torch.Generator().manual_seed(0)
-    image, question = torch.rand(2, 1, 28, 28, generator=g), torch.randint(3, c.vocab, (2, c.question_len), generator=g)
+    image = torch.rand(2, *d.image_shape, generator=g)
+    question = torch.randint(3, len(d.vocab), (2, d.question_len), generator=g)
     encoder = folder / "plain_encoder.onnx"
     decoder = folder / "plain_decoder.onnx"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(_PlainEncoder(model).eval(), (image, question), str(encoder),
+        torch.onnx.export(_PlainEncoder(d).eval(), (image, question), str(encoder),
                           input_names=["image", "question"], output_names=["memory", "memory_bias"],
                           dynamic_axes={"image": {0: "batch"}, "question": {0: "batch"}, "memory": {0: "batch"},
                                         "memory_bias": {0: "batch"}}, opset_version=opset, dynamo=False)
-        dh = c.width // c.heads
-        past = torch.randn(c.decoder_layers, 2, c.heads, 3, dh, generator=g)
+        past = torch.randn(len(d.decoder_layers), 2, d.heads, 3, d.head_dim, generator=g)
         with torch.no_grad():
-            memory, memory_bias = _PlainEncoder(model)(image, question)
-        torch.onnx.export(_PlainDecoderStep(model).eval(),
-                          (torch.randint(3, c.vocab, (2, 1), generator=g), torch.full((2, 1), 3), past, past.clone(),
-                           memory, memory_bias), str(decoder),
+            memory, memory_bias = _PlainEncoder(d)(image, question)
+        torch.onnx.export(_PlainDecoderStep(d).eval(),
+                          (torch.randint(3, len(d.vocab), (2, 1), generator=g), torch.full((2, 1), 3), past,
+                           past.clone(), memory, memory_bias), str(decoder),
                           input_names=["token", "position", "past_key", "past_value", "memory", "memory_bias"],
                           output_names=["logits", "present_key", "present_value"],
                           dynamic_axes={"token": {0: "batch"}, "position": {0: "batch"},

@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import cast
 
 import torch
 from torch import nn
 
-from .mue_task import MAX_ANSWER, MAX_QUESTION, PAD, VOCAB
+from ..export.seq2seq_model import EncoderDecoderDescription
+from .mue_task import BOS, EOS, MAX_ANSWER, MAX_QUESTION, PAD, VOCAB
 
 PATCH = 7
 IMAGE_TOKENS = (28 // PATCH) ** 2
@@ -164,6 +166,18 @@ class MuEModel(nn.Module):
         memory = self.encoder_norm(torch.cat([img, txt], dim=1))
         valid = torch.cat([torch.ones(img.shape[:2], dtype=torch.bool), txt_valid], dim=1)
         return memory, valid
+
+    def describe(self) -> EncoderDecoderDescription:
+        """What ``edgeexit.export.seq2seq`` exports of this model (it reads nothing else)."""
+        c = self.config
+        decoder = cast("list[DecoderLayer]", list(self.decoder))
+        return EncoderDecoderDescription(
+            module=self, encoder_layers=tuple(self.encoder), encoder_norm=self.encoder_norm, decoder_layers=decoder,
+            decoder_self_kv=[layer.self_kv for layer in decoder],
+            embed_image=self.embed_image, embed_text=self.embed_text, embed_answer=self.embed_answer,
+            head=self.head, key_bias=self.key_bias, encode=self.encode,
+            vocab=VOCAB, pad=PAD, bos=BOS, eos=EOS, image_shape=(1, 28, 28), image_tokens=IMAGE_TOKENS,
+            question_len=c.question_len, answer_len=c.answer_len, width=c.width, heads=c.heads, config=c.to_dict())
 
     def forward(self, image: torch.Tensor, question: torch.Tensor, answer_in: torch.Tensor) -> list[torch.Tensor]:
         """Teacher forcing on ``answer_in`` (b, t): the logits of every decoder layer, each (b, t, vocab)."""
