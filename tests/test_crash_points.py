@@ -28,7 +28,7 @@ CHILD = r"""
 import os, shutil, sys, json
 sys.path.insert(0, {tests!r})
 import numpy as np
-import edgeexit.package as pkg
+import edgeexit.package._write as pkg   # the module whose steps are wrapped
 step, when, fallback, op, dest = int(sys.argv[1]), sys.argv[2], sys.argv[3] == "1", sys.argv[4], sys.argv[5]
 count = [0]
 

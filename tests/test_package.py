@@ -514,7 +514,7 @@ def test_crash_while_swapping_restores_the_previous_package(
         real_rename(src, dst)
 
     monkeypatch.setattr(os, "rename", rename)
-    monkeypatch.setattr("edgeexit.package.exchange_paths", lambda a, b: False)   # the two-rename fallback
+    monkeypatch.setattr("edgeexit.package._write.exchange_paths", lambda a, b: False)   # the two-rename fallback
     manifest = tiny_manifest
     _stage(0)(manifest)["exit"]["threshold"] = 0.1
     with pytest.raises(OSError, match="simulated crash"):

@@ -1,0 +1,171 @@
+"""Writing exit packages atomically, so a crash at any step leaves the previous one loadable.
+
+``write_package`` builds a package in a temporary sibling directory, fsyncs it and
+renames (or exchanges) it into place; ``update_manifest`` and ``set_thresholds`` rewrite
+only ``manifest.json`` by temporary file and ``os.replace``; ``pack_package`` writes a
+verified package as one archive file.  Nothing is written that the reader would refuse.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from .. import _leftovers as leftovers
+from .._archive import archive_bytes
+from .._atomic import default_mode, exchange_paths, fsync_dir, output_errors, write_bytes_atomically
+from ..errors import ManifestSchemaError, MissingFileError, PackageError
+from ._files import check_file_name, sha256_file
+from ._parse import parse_manifest
+from ._read import _verify_files, load_package
+from ._spec import DISABLED_EXITS_VERSION, MANIFEST_NAME, Package
+
+
+def manifest_bytes(manifest: Mapping[str, Any]) -> bytes:
+    """The canonical bytes of a manifest: two-space indented JSON, key order kept, newline."""
+    return (json.dumps(manifest, indent=2, ensure_ascii=False, allow_nan=False) + "\n").encode("utf-8")
+
+
+def _write_bytes_synced(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_package(
+    path: str | os.PathLike[str],
+    manifest: Mapping[str, Any],
+    files: Mapping[str, str | os.PathLike[str]],
+    *,
+    overwrite: bool = True,
+) -> Path:
+    """Write a package atomically: build it in a temporary sibling, then rename into place.
+
+    ``files`` maps plain file names to source paths; their sha256 and size are added to
+    the manifest's ``files`` table.  If anything fails, a previous package at ``path``
+    is left untouched.  Returns the package path.
+    """
+    dest = Path(path)
+    with output_errors(dest):
+        return _write_package(dest, manifest, files, overwrite)
+
+
+def _write_package(dest: Path, manifest: Mapping[str, Any], files: Mapping[str, str | os.PathLike[str]],
+                   overwrite: bool) -> Path:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if dest.exists() and not overwrite:
+        raise PackageError(f"{dest} already exists; pass overwrite=True (CLI: --force) to replace it")
+    if dest.exists() and not (dest / MANIFEST_NAME).is_file():
+        raise PackageError(
+            f"{dest} exists and is not an exit package; refusing to replace it. Pick another path."
+        )
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-{leftovers.tag()}-", dir=dest.parent))
+    try:
+        os.chmod(tmp, default_mode(directory=True))
+        table: dict[str, dict[str, Any]] = {}
+        for name, src in files.items():
+            check_file_name(name, tmp)
+            if not Path(src).is_file():
+                raise MissingFileError(f"cannot write {dest}: its file {name!r} should come from {src}, which does "
+                                       "not exist (the export that made it failed or was cleaned up)")
+            target = tmp / name
+            shutil.copyfile(src, target)
+            with open(target, "rb+") as f:
+                os.fsync(f.fileno())
+            table[name] = {"sha256": sha256_file(target), "size": target.stat().st_size}
+        full = dict(manifest)
+        full["files"] = table
+        parse_manifest(full, tmp)  # never write a manifest this module would refuse to read
+        _write_bytes_synced(tmp / MANIFEST_NAME, manifest_bytes(full))
+        fsync_dir(tmp)
+        _swap_into_place(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dest
+
+
+def _swap_into_place(tmp: Path, dest: Path) -> None:
+    # A directory cannot be replaced by one rename.  Where the OS can exchange two paths in one
+    # step (Linux renameat2), the new package and the old one swap places and the old one, now
+    # at the temporary name, is deleted: there is no moment without a package at ``dest``.
+    # Elsewhere the old one is moved aside first; a crash between the two renames leaves it
+    # under .NAME.old-PID-*, which the next load of ``dest`` puts back (``leftovers.recover``).
+    if dest.exists() and exchange_paths(tmp, dest):
+        fsync_dir(dest.parent)
+        shutil.rmtree(tmp, ignore_errors=True)
+        leftovers.collect_siblings(dest)
+        return
+    old = None
+    if dest.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-{leftovers.tag()}-", dir=dest.parent))
+        old.rmdir()
+        os.rename(dest, old)
+    try:
+        os.rename(tmp, dest)
+    except BaseException:
+        if old is not None:
+            os.rename(old, dest)
+        raise
+    fsync_dir(dest.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    leftovers.collect_siblings(dest)
+
+
+def set_thresholds(path: str | os.PathLike[str], thresholds: Sequence[float | None]) -> Package:
+    """Write one threshold per early exit into a package's manifest (atomically); None disables that exit."""
+    values = [None if t is None else float(t) for t in thresholds]
+
+    def change(manifest: dict[str, Any]) -> None:
+        early = [s for s in manifest["stages"][:-1] if s.get("exit") is not None]
+        if len(early) != len(values):
+            raise ManifestSchemaError(
+                f"{len(values)} threshold(s) given but the package has {len(early)} early exit(s)"
+            )
+        for stage, t in zip(early, values):
+            stage["exit"]["threshold"] = t
+        if any(t is None for t in values):
+            manifest["format_version"] = max(manifest["format_version"], DISABLED_EXITS_VERSION)
+
+    return update_manifest(path, change)
+
+
+def update_manifest(path: str | os.PathLike[str], change: Callable[[dict[str, Any]], None]) -> Package:
+    """Apply ``change`` to a verified package's manifest and rewrite it atomically.
+
+    The new manifest is validated before it replaces the old one (temp file +
+    ``os.replace``), so a failure leaves the previous manifest in place.
+    """
+    package = load_package(path)
+    manifest = json.loads(json.dumps(package.manifest))
+    change(manifest)
+    _verify_files(package.root, parse_manifest(manifest, package.root).files, verify_hashes=True)
+    write_bytes_atomically(package.root / MANIFEST_NAME, manifest_bytes(manifest))
+    leftovers.collect_files(package.root)
+    return load_package(package.root)
+
+
+def pack_package(path: str | os.PathLike[str], output: str | os.PathLike[str]) -> Path:
+    """Pack a verified package directory into one file (``NAME.eexit.zip``), written atomically.
+
+    ``ExitSession`` and ``load_package`` take the file or its bytes, for apps that ship the
+    model inside their bundle.
+
+    Example:
+        >>> pack_package("lenet.eexit", "lenet.eexit.zip")            # doctest: +SKIP
+        >>> ExitSession(open("lenet.eexit.zip", "rb").read())          # doctest: +SKIP
+    """
+    package = load_package(path, keep_bytes=True)
+    assert package.blobs is not None
+    manifest = (package.root / MANIFEST_NAME).read_bytes()
+    data = archive_bytes(manifest, {name: package.blobs[name] for name in package.files})
+    load_package(data)   # never write an archive this module would refuse to read
+    write_bytes_atomically(output, data)
+    return Path(output)
