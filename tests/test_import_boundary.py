@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import shutil
 import subprocess
 import sys
-import re
 import textwrap
 from pathlib import Path
 
