@@ -4,23 +4,29 @@ An ONNX tensor may keep its bytes in another file (``data_location = EXTERNAL`` 
 ``location``).  onnxruntime then reads that file, relative to the model's folder or, for a
 model given as bytes, to the current directory: weights no hash covers, or any file the
 process can read fed in as a tensor.  A package's graphs must hold every byte themselves, so
-this scanner walks the protobuf wire format along the fields that can hold a tensor (graph
-initializers, node attributes, subgraphs of If/Loop/Scan, sparse tensors, functions) and
-reports every external reference.
+this scanner walks the protobuf wire format along every field that can hold a tensor (graph
+initializers and sparse initializers, node attributes, subgraphs of If/Loop/Scan at any depth,
+local functions' nodes and attribute defaults, training-info graphs) and reports every
+external reference.
 """
 
 from __future__ import annotations
 
-# (message kind, field number) -> kind of the embedded message, for the fields that can lead to a tensor
+# (message kind, field number) -> kind of the embedded message, for every field of onnx.proto that can
+# lead to a tensor: ModelProto.graph (7), .training_info (20), .functions (25); TrainingInfoProto's
+# initialization (1) and algorithm (2) graphs; GraphProto.node (1), .initializer (5),
+# .sparse_initializer (15); FunctionProto.node (7) and .attribute_proto (11, attribute defaults);
+# NodeProto.attribute (5); AttributeProto.t (5), .g (6), .tensors (10), .graphs (11),
+# .sparse_tensor (22), .sparse_tensors (23); SparseTensorProto.values (1), .indices (2).
 _CHILDREN = {
-    ("model", 7): "graph", ("model", 25): "function",
+    ("model", 7): "graph", ("model", 20): "training", ("model", 25): "function",
+    ("training", 1): "graph", ("training", 2): "graph",
     ("graph", 1): "node", ("graph", 5): "tensor", ("graph", 15): "sparse",
-    ("function", 7): "node",
+    ("function", 7): "node", ("function", 11): "attribute",
     ("node", 5): "attribute",
     ("attribute", 5): "tensor", ("attribute", 6): "graph", ("attribute", 10): "tensor", ("attribute", 11): "graph",
     ("attribute", 22): "sparse", ("attribute", 23): "sparse",
     ("sparse", 1): "tensor", ("sparse", 2): "tensor",
-    ("tensor", 13): "entry",
 }
 _TENSOR_EXTERNAL_DATA, _TENSOR_DATA_LOCATION = 13, 14
 MAX_NESTING = 64
@@ -89,7 +95,7 @@ def external_locations(data: bytes) -> list[str]:
                         key, val = (text, val) if n == 1 else (key, text)
                 if key == "location":
                     location = val
-            elif wire == 2 and (kind, number) in _CHILDREN and _CHILDREN[(kind, number)] != "entry":
+            elif wire == 2 and (kind, number) in _CHILDREN:
                 stack.append((_CHILDREN[(kind, number)], value[0], value[1], depth + 1))
         if external:
             found.append(location or "?")

@@ -2,12 +2,14 @@
 
 An ``.npz`` holds one array per package input, named after it, and optionally
 ``labels``.  A single-input package also takes a ``.npy`` or an ``.npz`` holding one
-lone array (plus, optionally, ``labels``).  Pickled objects are never loaded.
+lone array (plus, optionally, ``labels``).  Pickled objects are never loaded.  A package
+that ships its tokenizer also takes a UTF-8 text file, one text per line (``load_text_lines``).
 """
 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import BinaryIO
@@ -18,6 +20,10 @@ from ._atomic import replace_atomically
 from .errors import InputFileError
 
 LABELS_KEY = "labels"
+# The longest line ``load_text_lines`` takes, in characters: far more than any package reads (texts
+# are cut to max_tokens tokens), small enough that one line never costs more than a few MiB.
+MAX_LINE_CHARS = 1 << 20
+_UNDECODED = re.compile("[\udc80-\udcff]")   # what errors="surrogateescape" makes of a byte that is not UTF-8
 
 
 def _batch_array(array: np.ndarray, path: Path, name: str) -> np.ndarray:
@@ -98,17 +104,30 @@ def load_input_file(
 
 
 def load_text_lines(path: str | os.PathLike[str]) -> list[str]:
-    """The non-empty lines of a UTF-8 text file, one input text each."""
+    """The non-empty lines of a UTF-8 text file, one input text each (``\\n``, ``\\r\\n`` or ``\\r`` ends a
+    line); a line over ``MAX_LINE_CHARS`` characters is refused, naming it, before the rest is read."""
     p = Path(path)
     if not p.is_file():
         raise InputFileError(f"input file {p} does not exist" if not p.exists() else f"{p} is not a file")
-    try:
-        lines = p.read_text(encoding="utf-8-sig").replace("\r\n", "\n").split("\n")   # a BOM is no text
-    except UnicodeDecodeError as exc:
-        raise InputFileError(f"{p} is not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8") from None
+    texts = []
+    try:   # a BOM is no text; undecodable bytes come through as surrogates, to be named with their line
+        with open(p, encoding="utf-8-sig", errors="surrogateescape") as f:
+            for number, line in enumerate(iter(lambda: f.readline(MAX_LINE_CHARS + 2), ""), start=1):
+                text = line[:-1] if line.endswith("\n") else line
+                if len(text) > MAX_LINE_CHARS:
+                    raise InputFileError(
+                        f"{p}: line {number} has over {MAX_LINE_CHARS:,} characters, the most a line may hold; a "
+                        "package reads only its first max_tokens tokens anyway. Cut the line, or split it into "
+                        "several texts, one per line"
+                    )
+                bad = _UNDECODED.search(text)
+                if bad is not None:
+                    raise InputFileError(f"{p} is not UTF-8 text (byte 0x{ord(bad.group()) - 0xDC00:02x} on line "
+                                         f"{number}); save it as UTF-8")
+                if text.strip():
+                    texts.append(text.strip())
     except OSError as exc:
         raise InputFileError(f"cannot read {p}: {exc.strerror or exc}") from None
-    texts = [line.strip() for line in lines if line.strip()]
     if not texts:
         raise InputFileError(f"{p} holds no text; write one input text per line")
     return texts

@@ -208,6 +208,13 @@ def parse_manifest(manifest: Mapping[str, Any], root: Path) -> Package:
     )
 
 
+# The most answer positions a seq2seq package may declare (``seq2seq.max_answer``, <bos> included):
+# generation keeps a key/value cache and a threshold schedule as long as the answer, so an absurd
+# value (2**31 - 1) would take all memory.  An answer's positions index the decoder's answer-position
+# table (MuE's is 9 long); 4096 leaves room for any encoder-decoder edgeexit runs on a device.
+MAX_ANSWER = 4096
+
+
 def _parse_seq2seq(manifest: Mapping[str, Any], kind: str, version: int, inputs: list[InputSpec]) -> Seq2SeqSpec:
     _schema(version >= SEQ2SEQ_VERSION, "format_version", f"{SEQ2SEQ_VERSION} or later for kind 'seq2seq'",
             version)
@@ -219,6 +226,9 @@ def _parse_seq2seq(manifest: Mapping[str, Any], kind: str, version: int, inputs:
         value = _field(raw, key, "seq2seq")
         _schema(type(value) is int and 0 <= value <= MAX_DIM, f"seq2seq.{key}", "a non-negative integer", value)
         ints[key] = value
+    _schema(2 <= ints["max_answer"] <= MAX_ANSWER, "seq2seq.max_answer",
+            f"an integer from 2 to {MAX_ANSWER} (answer positions, <bos> included: generation sizes its caches by "
+            "it, so readers cap it)", ints["max_answer"])
     for key in ("pad", "bos", "eos"):
         _schema(ints[key] < len(vocab), f"seq2seq.{key}", f"a token id below the vocabulary size {len(vocab)}",
                 ints[key])

@@ -4,6 +4,11 @@
 the manifest and checks every listed file: present, a regular file inside the package,
 and its size and sha256 as recorded.  With ``keep_bytes`` (always for a packed package)
 the verified bytes are kept, so the bytes that were hashed are the bytes that run.
+
+A directory is opened once and the manifest and every file are read relative to it, so a
+load that races ``write_package`` (which exchanges the new version with the old one) sees
+one whole version.  The old version is deleted right after the exchange: a load that loses
+its files that way sees the path now names another directory and starts again on it.
 """
 
 from __future__ import annotations
@@ -15,67 +20,61 @@ from pathlib import Path
 from typing import Any
 
 from .. import _leftovers as leftovers
-from .._archive import is_archive, read_archive
+from .._archive import PackedPackage, is_archive
 from .._manifest_json import MAX_MANIFEST_BYTES, decode_manifest
-from ..errors import FileIntegrityError, MissingFileError, PackageNotFoundError, UnsafePathError
-from ._files import _verify_bytes, check_file_name, sha256_file
+from ..errors import MissingFileError, PackageError, PackageNotFoundError, UnsafePathError
+from ._files import PackageDir, _verify_bytes, check_file_name, check_sha256, check_size
 from ._parse import _schema, parse_manifest
 from ._spec import MANIFEST_NAME, Package
 
+# How often a load starts again when a new version replaced the package under it.  Each start
+# needs a publish to land mid-load to fail, so more than a couple means a writer in a tight loop.
+_LOAD_ATTEMPTS = 8
 
-def _read_verified(root: Path, files: Mapping[str, Any], blobs: Mapping[str, bytes] | None,
+
+def _check_entry(name: Any, meta: Any, root: Path) -> None:
+    check_file_name(name, root, on_disk=False)   # links are refused when opened (O_NOFOLLOW)
+    _schema(isinstance(meta, Mapping) and isinstance(meta.get("sha256"), str)
+            and type(meta.get("size")) is int, f"files[{name!r}]",
+            "an object with sha256 (string) and size (integer)", meta)
+
+
+def _read_verified(root: Path, files: Mapping[str, Any], source: PackageDir | PackedPackage,
                    verify_hashes: bool) -> dict[str, bytes]:
-    """Every listed file's bytes, read once and checked (from ``blobs`` for an archive, else from disk)."""
+    """Every listed file's bytes, read once and checked (from the archive, or the open directory)."""
     out = {}
     for name, meta in files.items():
-        check_file_name(name, root, on_disk=blobs is None)
-        _schema(isinstance(meta, Mapping) and isinstance(meta.get("sha256"), str)
-                and type(meta.get("size")) is int, f"files[{name!r}]",
-                "an object with sha256 (string) and size (integer)", meta)
-        if blobs is not None:
-            if name not in blobs:
+        _check_entry(name, meta, root)
+        digest = None
+        if isinstance(source, PackedPackage):
+            size = source.size(name)
+            if size is None:
                 raise MissingFileError(f"packed package {root} lists {name!r} but does not hold it; pack it again")
-            data = blobs[name]
+            check_size(root, name, meta, size)            # before anything is unpacked
+            data, digest = source.read(name, size, hashed=verify_hashes)
         else:
-            _verify_files(root, {name: meta}, verify_hashes=False)   # present, regular, not a link
-            with open(root / name, "rb") as f:
-                data = f.read(meta["size"] + 1)
-        _verify_bytes(root, name, meta, data, verify_hashes)
+            data = source.read(name, meta["size"])
+        _verify_bytes(root, name, meta, data, verify_hashes, digest)
         out[name] = data
     return out
 
 
-def _verify_files(root: Path, files: Mapping[str, Any], verify_hashes: bool) -> None:
+def _verify_files(root: Path, files: Mapping[str, Any], verify_hashes: bool,
+                  directory: PackageDir | None = None) -> None:
+    """Every listed file present, regular, of its size and (with ``verify_hashes``) sha256."""
+    if directory is None:
+        with PackageDir(root) as opened:
+            return _verify_files(root, files, verify_hashes, opened)
     for name, meta in files.items():
-        check_file_name(name, root)
-        _schema(isinstance(meta, Mapping) and isinstance(meta.get("sha256"), str)
-                and type(meta.get("size")) is int, f"files[{name!r}]",
-                "an object with sha256 (string) and size (integer)", meta)
-        path = root / name
-        if not path.exists():
-            raise MissingFileError(
-                f"package {root} lists {name!r} but the file is missing; the package was copied "
-                "incompletely. Copy the whole directory again or re-export it."
-            )
-        if not path.is_file():
-            raise UnsafePathError(f"package entry {name!r} in {root} is not a regular file")
-        size = path.stat().st_size
-        if size != meta["size"]:
-            raise FileIntegrityError(
-                f"{name!r} in {root} is {size} bytes but the manifest says {meta['size']}; the file "
-                "was truncated or replaced. Copy the package again or re-export it."
-            )
-        if verify_hashes:
-            digest = sha256_file(path)
-            if digest != meta["sha256"]:
-                raise FileIntegrityError(
-                    f"{name!r} in {root} has sha256 {digest[:16]}… but the manifest says "
-                    f"{meta['sha256'][:16]}…; the file was modified or corrupted. Copy the package "
-                    "again or re-export it."
-                )
+        _check_entry(name, meta, root)
+        size, digest = directory.measure(name, verify_hashes)
+        check_size(root, name, meta, size)
+        if digest is not None:
+            check_sha256(root, name, meta, digest)
+    return None
 
 
-def read_manifest(path: str | os.PathLike[str]) -> tuple[Path, dict[str, Any]]:
+def _package_dir(path: str | os.PathLike[str]) -> PackageDir:
     root = Path(path)
     if not root.exists() and not leftovers.recover(root):
         raise PackageNotFoundError(
@@ -86,15 +85,27 @@ def read_manifest(path: str | os.PathLike[str]) -> tuple[Path, dict[str, Any]]:
             f"{root} is a file, but an exit package is a directory holding {MANIFEST_NAME} and the "
             "stage graphs; pass the directory"
         )
-    mpath = root / MANIFEST_NAME
-    if mpath.is_symlink() or not mpath.is_file():
+    try:
+        return PackageDir(root)
+    except FileNotFoundError:
+        raise PackageNotFoundError(f"no exit package at {root} (it was moved away while loading); check the path"
+                                   ) from None
+
+
+def _manifest(directory: PackageDir) -> dict[str, Any]:
+    try:
+        data = directory.read(MANIFEST_NAME, MAX_MANIFEST_BYTES)
+    except (MissingFileError, UnsafePathError):
         raise PackageNotFoundError(
-            f"{root} has no {MANIFEST_NAME} (or it is not a regular file); this directory is not an "
+            f"{directory.root} has no {MANIFEST_NAME} (or it is not a regular file); this directory is not an "
             "exit package. Export one with `edgeexit export`."
-        )
-    with open(mpath, "rb") as f:
-        data = f.read(MAX_MANIFEST_BYTES + 1)
-    return root, decode_manifest(data, str(mpath))
+        ) from None
+    return decode_manifest(data, str(directory.root / MANIFEST_NAME))
+
+
+def read_manifest(path: str | os.PathLike[str]) -> tuple[Path, dict[str, Any]]:
+    with _package_dir(path) as directory:
+        return directory.root, _manifest(directory)
 
 
 def load_package(path: str | os.PathLike[str] | bytes, *, verify_hashes: bool = True,
@@ -121,15 +132,23 @@ def load_package(path: str | os.PathLike[str] | bytes, *, verify_hashes: bool = 
             head = f.read(4)
         if is_archive(head):
             return _load_packed(Path(path).read_bytes(), Path(path), verify_hashes)
-    root, manifest = read_manifest(path)
-    package = parse_manifest(manifest, root)
-    if not keep_bytes:
-        _verify_files(root, package.files, verify_hashes)
-        return package
-    return replace(package, blobs=_read_verified(root, package.files, None, verify_hashes))
+    attempt = 1
+    while True:
+        with _package_dir(path) as directory:
+            try:
+                package = parse_manifest(_manifest(directory), directory.root)
+                if not keep_bytes:
+                    _verify_files(directory.root, package.files, verify_hashes, directory)
+                    return package
+                return replace(package, blobs=_read_verified(directory.root, package.files, directory,
+                                                             verify_hashes))
+            except PackageError:
+                if attempt == _LOAD_ATTEMPTS or not directory.swapped():
+                    raise
+        attempt += 1
 
 
 def _load_packed(data: bytes, where: Path, verify_hashes: bool) -> Package:
-    manifest, members = read_archive(data, str(where))
-    package = parse_manifest(manifest, where)
-    return replace(package, blobs=_read_verified(where, package.files, members, verify_hashes))
+    archive = PackedPackage(data, str(where))      # checks the zip directory, reads only the manifest
+    package = parse_manifest(archive.manifest, where)
+    return replace(package, blobs=_read_verified(where, package.files, archive, verify_hashes))

@@ -15,6 +15,12 @@ import numpy as np
 from ..errors import InputError, MissingExtraError
 from ..package import Package
 
+# A text is cut to ``max_tokens * MAX_CHARS_PER_TOKEN`` characters before it is tokenized, so one
+# huge line costs no more than a text of that length (a 54 MB line took 66 s and 5.9 GB).  The
+# first ``max_tokens`` tokens only differ from the uncut text's when they average over 64
+# characters each (long runs of spaces, or words a WordPiece vocabulary turns into [UNK] anyway).
+MAX_CHARS_PER_TOKEN = 64
+
 
 def load_tokenizer_bytes(data: bytes, max_tokens: int) -> Any:
     """A ``tokenizers.Tokenizer`` from JSON bytes, truncating to ``max_tokens``, no padding."""
@@ -34,7 +40,8 @@ def load_tokenizer_bytes(data: bytes, max_tokens: int) -> Any:
 
 def encode_batch(tokenizer: Any, texts: Sequence[str], pad_id: int = 0,
                  dtype: np.dtype | type = np.int64) -> tuple[np.ndarray, np.ndarray]:
-    """Token ids and attention mask (n, longest), padded with ``pad_id``."""
+    """Token ids and attention mask (n, longest), padded with ``pad_id``; each text is cut to
+    ``MAX_CHARS_PER_TOKEN`` characters per token the tokenizer keeps before it is tokenized."""
     if isinstance(texts, str):
         raise InputError("texts must be a list of strings, not one string; wrap it: [text]")
     if len(texts) == 0:
@@ -42,12 +49,14 @@ def encode_batch(tokenizer: Any, texts: Sequence[str], pad_id: int = 0,
     bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
     if bad:
         raise InputError(f"texts must be strings; item(s) {bad[:10]} are not")
+    cut = getattr(tokenizer, "truncation", None)
+    limit = cut["max_length"] if isinstance(cut, dict) and "max_length" in cut else None
+    if limit:   # tokenizers truncates only after tokenizing the whole text: cut it first (time, memory)
+        texts = [t[:limit * MAX_CHARS_PER_TOKEN] for t in texts]
     try:
         encodings = tokenizer.encode_batch(list(texts))
     except Exception as exc:     # tokenizers raises bare exceptions (e.g. a vocabulary without [UNK])
         raise InputError(f"the tokenizer could not encode the texts: {str(exc)[:200]}") from None
-    cut = getattr(tokenizer, "truncation", None)
-    limit = cut["max_length"] if isinstance(cut, dict) and "max_length" in cut else None
     rows = [e.ids[:limit] if limit else e.ids for e in encodings]   # added specials never exceed max_tokens
     length = max(1, max(len(r) for r in rows))
     ids = np.full((len(encodings), length), pad_id, dtype)
