@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from ..errors import SessionError
+from ..errors import GraphMismatchError, SessionError
 from ..package import StageSpec
 
 # Providers whose carries can stay in device memory between stages, and the device name
@@ -52,6 +52,26 @@ class Stage:
         self.keep_after = keep_after              # tensors later stages still read
         self.device = device
         self.run = self._run_plain if device is None else self._run_bound
+        self.check_classes: int | None = None
+
+    def expect_classes(self, classes: int) -> None:
+        """Check the exit's class width on every run: for an exit whose graph leaves the class axis
+        symbolic, so that a (batch, 1) output is an error, never broadcast over the classes."""
+        self.check_classes = classes
+        self._run_unchecked = self._run_plain if self.device is None else self._run_bound
+        self.run = self._run_checking_classes
+
+    def _run_checking_classes(self, tensors: dict[str, Any]) -> list[Any]:
+        outs = self._run_unchecked(tensors)
+        shape = outs[self.logits_pos].shape
+        if len(shape) != 2 or shape[1] != self.check_classes:
+            assert self.spec.exit is not None
+            raise GraphMismatchError(
+                f"stage {self.spec.name!r} ({self.spec.file}): exit logits {self.spec.exit.logits!r} came out with "
+                f"shape {tuple(shape)}, but the package answers over {self.check_classes} classes (its graph does "
+                "not fix the class axis, so this is checked as it runs); the manifest and the graphs do not belong "
+                "together. Re-export the package.")
+        return outs
 
     def _run_plain(self, tensors: dict[str, Any]) -> list[Any]:
         try:

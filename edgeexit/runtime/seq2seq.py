@@ -31,8 +31,9 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import InputError, SessionError
+from ..errors import EdgeExitError, GraphMismatchError, InputError, SessionError
 from ..package import Package, Seq2SeqSpec
+from ._contract import check_seq2seq_graphs
 
 NEG = np.float32(-1e9)
 KV_MODES = ("drop", "copy_hidden")
@@ -144,6 +145,10 @@ class Seq2SeqRunner:
                               for mode, f in (s.encoder_exits or {}).items()} if in_graph else {}
         self.decoder_steps = {kv: build(f, f"decoder step with in-graph exits (kv={kv})")
                               for kv, f in (s.decoder_steps or {}).items()} if in_graph else {}
+        # vocabulary, width, heads against the graphs: now, not in the middle of generate() (the
+        # exporter's own check passes a stand-in package with only ``seq2seq``: no inputs to compare)
+        check_seq2seq_graphs(s, getattr(package, "inputs", ()), self.first, self.encoder, self.decoder,
+                             self.decoder_kv, self.encoder_exits, self.decoder_steps)
 
     @staticmethod
     def _run(session: Any, feeds: dict[str, np.ndarray], what: str) -> list[np.ndarray]:
@@ -283,6 +288,19 @@ class Seq2SeqRunner:
                                   or not np.isfinite(joint)):
             raise InputError(f"threshold 'encoder' must be a finite number or None, got {joint!r}")
         enc_thr, dec_thr = self._thresholds({k: v for k, v in (thresholds or {}).items() if k != "encoder"})
+        try:
+            return self._generate(feeds, limit, enc_thr, dec_thr, joint, kv, encoder_exit, engine, decay)
+        except (ValueError, IndexError) as exc:   # numpy on outputs of other shapes than the manifest's
+            if isinstance(exc, EdgeExitError):
+                raise
+            raise GraphMismatchError(
+                f"the outputs of the package's graphs do not fit the manifest (width {s.width}, heads {s.heads}, "
+                f"head_dim {s.head_dim}, a vocabulary of {len(s.vocab)}): {exc}. Re-export the package.") from exc
+
+    def _generate(self, feeds: dict[str, np.ndarray], limit: int, enc_thr: dict[str, float | None],
+                  dec_thr: float | None, joint: float | None, kv: str, encoder_exit: str, engine: str,
+                  decay: float | None) -> Generation:
+        s = self.spec
         encoder_engine = self.encoder_engine(engine, encoder_exit == "joint")
         t0 = perf_counter_ns()
         memory, mem_valid, enc_layers = self.encode(feeds, enc_thr, joint, encoder_exit == "joint", encoder_engine)

@@ -1,11 +1,11 @@
 """``ExitSession``: run an exit package stage by stage and stop at the first confident exit.
 
-Why one file of ~680 lines: it is one class, and its methods are the public API (run,
+Why one file of ~770 lines: it is one class, and its methods are the public API (run,
 generate, tune_engines, measure, the onnxruntime-style getters). What does not need the
 session's state already lives beside it: stages in ``_stage``, input checks in ``_inputs``,
 the compiled engine and its timing in ``_engines``, results in ``_result``, threads in
-``_threads``. The stage loop itself is ``_run_batch`` (and ``_run_one`` at batch 1), one
-screen each.
+``_threads``, the graphs' checks in ``_contract``. The stage loop itself is ``_run_batch``
+(and ``_run_one`` at batch 1), one screen each.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import math
 import os
 import threading
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from time import perf_counter_ns
 from typing import Any
 
@@ -26,11 +26,19 @@ import onnxruntime as ort
 from ..devices.meters import EnergyMeter, EstimateMeter, meter_for_profile
 from ..devices.profiles import DeviceProfile, get_profile
 from ..devices.providers import ProviderSpec, check_session_providers, resolve_providers
-from ..errors import InputError, SessionError
+from ..errors import GraphMismatchError, InputError, PolicyError, SessionError
 from ..package import Package, load_package
-from ..policies import ExitPolicy, check_thresholds, get_policy, never_threshold
+from ..policies import ExitPolicy, always_threshold, check_thresholds, get_policy, never_threshold
 from ._contract import check_stage_graphs
-from ._engines import ENGINES, CompiledGraph, EngineTiming, calibrated_shares, forced_paths, time_interleaved
+from ._engines import (
+    ENGINES,
+    CompiledGraph,
+    EngineTiming,
+    calibrated_shares,
+    disagreement,
+    forced_paths,
+    time_interleaved,
+)
 from ._inputs import InputChecker, synthetic_inputs
 from ._measure import Measurement
 from ._metadata import PackageArg, PackageMetadata, package_inputs, package_metadata, result_outputs
@@ -166,10 +174,17 @@ class ExitSession:
             later = set().union(*(s.inputs for s in stages[k + 1:]))
             keep_after.append(tuple(sorted(available & later)))
         sessions = [self._build(spec.file, f"stage {k} ({spec.name})") for k, spec in enumerate(stages)]
-        check_stage_graphs(self.package, sessions)   # names, types, ranks, batch axes, classes: now, not mid-run
+        exits = check_stage_graphs(self.package, sessions)   # names, types, ranks, batch axes, classes: not mid-run
         self._stages = [
             Stage(spec, session, self.exit_stages.index(k) if spec.exit else None, keep_after[k], device)
             for k, (spec, session) in enumerate(zip(stages, sessions))]
+        if exits.unknown:   # graphs that leave the class axis symbolic: their width is checked as they run
+            exits = replace(exits, classes=exits.classes or self._probe_classes())
+            for e in exits.unknown:
+                self._stages[self.exit_stages[e]].expect_classes(exits.classes)  # type: ignore[arg-type]
+        # every path returns the widest of the exits' dtypes: no exit's logits are rounded to another's
+        self._logits_dtype = exits.dtype
+        self._widen = tuple(d != exits.dtype for d in exits.dtypes)   # per exit: cast at batch 1
         compiled_spec = self.package.compiled
         if engine == "compiled" and compiled_spec is None:
             raise SessionError(
@@ -179,6 +194,7 @@ class ExitSession:
         if compiled_spec is not None and engine != "stages":
             self._compiled = CompiledGraph(compiled_spec, self._build(compiled_spec.file, "the compiled graph"))
             self._compiled.check_names()
+            self._compiled.check_outputs(exits)
         self._engine = engine
         # with every exit disabled, an "auto" session answers from full.onnx (one call)
         self._full_when_disabled = engine == "auto" and self.package.full_model is not None
@@ -192,6 +208,7 @@ class ExitSession:
         self._no_exit_plan = _Plan(self._default_plan.policies, never, disabled=True)
         if self._default_plan.disabled and self._full_when_disabled:
             self._full()   # a package with its exits disabled runs as the full model: build it now
+        self._check_compiled_answers()
 
     # --- building ---------------------------------------------------------------
 
@@ -209,6 +226,56 @@ class ExitSession:
             self.package.blobs.pop(file, None)   # onnxruntime holds the graph now; free the copy (full.onnx's
             #                                       bytes stay: baselines such as `bench` build their own session)
         return session
+
+    def _probe_classes(self) -> int:
+        """The class count where no graph fixes it and the manifest has no labels: what every exit
+        answers for two synthetic samples (GraphMismatchError if they differ)."""
+        widths = [lg.shape[1] if lg.ndim == 2 else 0 for lg in self.run_all_exits(
+            synthetic_inputs(self.package.inputs, 2))]
+        if len(set(widths)) != 1 or not widths[0]:
+            raise GraphMismatchError(
+                f"{self.package.root}: the exits answer over {widths} classes on synthetic samples (no exit graph "
+                "fixes its class axis and the manifest has no labels); every exit answers over the same classes. "
+                "Re-export the package.")
+        return int(widths[0])
+
+    def _check_compiled_answers(self, samples: int = 8) -> None:
+        """Refuse a compiled graph that answers otherwise than the stage graphs (GraphMismatchError).
+
+        Names, types and the ``sources`` hashes are claims a graph of another model makes as
+        well, so before any call uses it the graph answers ``samples`` synthetic samples beside
+        the stage graphs: at the package's thresholds (against the stage loop) and with each
+        exit forced in turn (against that exit's outputs, from one pass of every stage).
+        Measured (one onnxruntime thread, shared 2-core VM, best of 30 loads), it adds 1.0 ms to
+        the 3.5 ms load of a two-stage package and 19 ms to the 17 ms load of B-ResNet (3 exits:
+        4 compiled runs, 1 stage-loop run and 1 pass of every stage at batch 8; 4 samples would
+        halve that).  A graph no call can use (other policies per exit, or logits narrower than
+        the stages') is never run, so it is not checked.
+        """
+        graph = self._compiled
+        if graph is None or graph.narrower:
+            return
+        uniform = graph.policies[0] if len(set(graph.policies)) == 1 else None
+        plans = [self._default_plan] if self._default_plan.compiled else []
+        if plans or uniform is not None:   # a stale graph still serves calls with policy=its policy
+            try:
+                plans += [self._make_plan(t, None if plans else uniform) for t in forced_paths(graph.policies)]
+            except (InputError, PolicyError):   # that policy cannot score these exits: no call uses the graph
+                return
+        probes = synthetic_inputs(self.package.inputs, samples)
+        outputs = self.exit_outputs(probes)
+        for plan in plans:
+            want = None if plan is self._default_plan else _forced_answer(outputs, plan, self._logits_dtype)
+            if want is None:   # the package's thresholds (or a NaN score, which never exits): the stage loop decides
+                want = self._run_batch(dict(probes), samples, plan, perf_counter_ns())
+            assert plan.threshold_array is not None
+            problem = disagreement(graph.answer(probes, plan.threshold_array), want, plan.thresholds)
+            if problem:
+                raise GraphMismatchError(
+                    f"the compiled graph {graph.spec.file} does not answer like the package's stage graphs on "
+                    f"{samples} synthetic samples at thresholds {list(plan.thresholds)}: {problem}. It was built "
+                    f"from other graphs or altered; rebuild it with `edgeexit compile {self.package.root}`, or open "
+                    "the session with engine='stages'.")
 
     def _make_plan(self, thresholds: Sequence[float | None] | None, policy: str | None) -> _Plan:
         specs = [self.package.stages[k].exit for k in self.exit_stages]
@@ -231,7 +298,8 @@ class ExitSession:
                 )
         checked = check_thresholds(policies[0], thresholds, self.num_exits - 1, allow_disabled=True)
         values = [never_threshold(p) if t is None else t for p, t in zip(policies, checked)]   # None: disabled
-        compiled = self._compiled is not None and tuple(p.name for p in policies) == self._compiled.policies
+        compiled = self._compiled is not None and not self._compiled.narrower \
+            and tuple(p.name for p in policies) == self._compiled.policies
         return _Plan(policies, tuple(values), compiled, np.array(values, dtype=np.float64),
                      disabled=bool(checked) and all(t is None for t in checked))
 
@@ -316,7 +384,7 @@ class ExitSession:
         # One onnxruntime call.  After it the CPU caches hold the model, not numpy, so every
         # numpy call here costs microseconds at batch 1: the score is counted in Python.
         assert self._compiled is not None and plan.threshold_array is not None
-        logits, exit_index, scores = self._compiled.run(feeds, plan.threshold_array)
+        logits, exit_index, scores = self._compiled.run(feeds, plan.threshold_array, n)
         if n == 1:
             score = float(scores[0])
             nonfinite = 0 if score == score and abs(score) != math.inf else 1
@@ -336,6 +404,8 @@ class ExitSession:
             logits = session.run([full.logits], {name: feeds[name] for name in full.inputs})[0]
         except Exception as exc:  # onnxruntime raises bare RuntimeError/Fail subclasses
             raise SessionError(f"the full model {full.file} failed to run: {str(exc).strip()[:200]}") from None
+        if logits.dtype != self._logits_dtype:   # the stage loop's dtype, whichever engine answers
+            logits = logits.astype(self._logits_dtype)
         # predictions, exit_index and scores are computed when first read: right after the onnxruntime
         # call every Python step runs cold, and an app that reads only the logits should not pay for them
         return ExitResult.of_full_model(logits, plan.policies[-1], self.num_exits - 1,
@@ -373,6 +443,10 @@ class ExitSession:
                     f"with engine='stages'); add one with `edgeexit compile {self.package.root}`")
         if not early_exits:
             return "early_exits=False runs the stage loop (the full-model baseline); drop engine='compiled'"
+        if self._compiled.narrower:
+            return (f"the compiled graph returns its logits as {self._compiled.logits_dtype}, narrower than the "
+                    f"{self._logits_dtype} of this package's widest exit, so it would round some exits' logits; the "
+                    "stage loop answers instead (drop engine='compiled')")
         return (f"the compiled graph decides with policies {list(self._compiled.policies)}, this call asks for "
                 f"{[p.name for p in plan.policies]}; drop engine='compiled' (the stage loop runs it) or recompile")
 
@@ -384,12 +458,7 @@ class ExitSession:
 
     def get_outputs(self) -> list[PackageArg]:
         """What ``run`` returns per sample: ``logits``, ``exit_index``, ``score`` (NodeArg-like)."""
-        first = self.exit_stages[0]
-        name = self.package.stages[first].exit.logits  # type: ignore[union-attr]
-        logits = next(o for o in self._stages[first].session.get_outputs() if o.name == name)
-        dtype = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64"}.get(
-            logits.type, logits.type)
-        return result_outputs(self.package, dtype)
+        return result_outputs(self.package, self._logits_dtype.name)
 
     def get_providers(self) -> list[str]:
         """The execution providers the sessions run on (as onnxruntime reports them)."""
@@ -507,7 +576,7 @@ class ExitSession:
             last = e == self.num_exits - 1
             leave = np.ones(len(active), dtype=bool) if last else policy.accepts(s, plan.thresholds[e])
             if logits_out is None:
-                logits_out = np.empty((n, logits.shape[1]), dtype=logits.dtype)
+                logits_out = np.empty((n, logits.shape[1]), dtype=self._logits_dtype)
             rows = active[leave]
             exit_index[rows], scores[rows], logits_out[rows] = e, s[leave], logits[leave]
             if last or leave.all():
@@ -543,7 +612,8 @@ class ExitSession:
                     else float(_stateful_scores(policy, states, scored[None])[0])
                 if e == last_exit or plan.policies[e].accepts_one(score, plan.thresholds[e]):
                     return ExitResult(
-                        predictions=np.array([row.argmax()]), logits=row[None], exit_index=np.array([e]),
+                        predictions=np.array([row.argmax()]), exit_index=np.array([e]),
+                        logits=row[None].astype(self._logits_dtype) if self._widen[e] else row[None],
                         scores=np.array([score]), stage_ms=tuple(stage_ms),
                         nonfinite_scores=0 if score == score and abs(score) != float("inf") else 1,
                         total_ms=(perf_counter_ns() - start) / 1e6,
@@ -673,6 +743,20 @@ def describe(session: ExitSession) -> dict[str, Any]:
         "spinning": settings.spinning,
         "global_thread_pool": settings.global_pool,
     }
+
+
+def _forced_answer(outputs: list[dict[str, np.ndarray]], plan: _Plan, dtype: np.dtype[Any]) -> ExitResult | None:
+    """What the stage loop answers when ``plan`` forces every sample to one exit (that exit's
+    threshold passes everything, the ones before it are disabled), from every exit's ``outputs``;
+    None when a score there is not finite (such a sample goes on: let the stage loop decide)."""
+    forced = [e for e, t in enumerate(plan.thresholds) if t == always_threshold(plan.policies[e])]
+    e = forced[0] if forced else len(plan.policies) - 1
+    policy = plan.policies[e]
+    logits, scores = outputs[e]["logits"].astype(dtype), policy.scores(outputs[e][policy.reads])
+    if not np.isfinite(scores).all():
+        return None
+    return ExitResult(predictions=logits.argmax(axis=1), logits=logits, exit_index=np.full(len(logits), e, np.int64),
+                      scores=scores, stage_ms=(), nonfinite_scores=0, total_ms=0.0)
 
 
 def _stateful_scores(policy: ExitPolicy, states: dict[str, tuple[np.ndarray, ...]], logits: np.ndarray) -> np.ndarray:
