@@ -240,7 +240,7 @@ def prepare(model_name: str, epochs: int, seed: int, *, train_threads: int = 1,
     log(f"[{model_name}] exporting {path.relative_to(BENCH_DIR)}")
     export_package(model, {"image": torch.from_numpy(splits.train.x[:8])}, path, policy="entropy",
                    thresholds=[0.0] * early, name=model_name, labels=[str(i) for i in range(10)],
-                   include_full_model=True, preprocessing=MNIST_PREPROCESSING, seed=seed,
+                   include_full_model=True, preprocessing=MNIST_PREPROCESSING, seed=seed, overwrite=True,
                    log=lambda line: log(f"[{model_name}] {line}"))
     records = record_exits(ExitSession(path), splits.calibration.x, splits.calibration.y)
     threshold, cal_acc, cal_shares = shared_threshold(records, max_drop)

@@ -100,7 +100,8 @@ def cnn3_package(epochs: int, seed: int, splits: Splits, folder: Path, train_thr
     path = folder / "cnn3.eexit"
     export_package(model, {"image": torch.from_numpy(splits.train.x[:8])}, path, policy="entropy",
                    thresholds=None, name="cnn3", labels=[str(i) for i in range(10)], include_full_model=True,
-                   preprocessing=MNIST_PREPROCESSING, seed=seed, log=lambda line: log(f"[cnn3] {line}"))
+                   preprocessing=MNIST_PREPROCESSING, seed=seed, overwrite=True,
+                   log=lambda line: log(f"[cnn3] {line}"))
     return path
 
 

@@ -221,7 +221,7 @@ def run_model(model_name: str, args: argparse.Namespace) -> dict[str, Any]:
     started = time.perf_counter()
     int8_pkg = quantize_package(prep.package, int8_path, cal.x, calibration_labels=cal.y, max_drop=MAX_DROP,
                                 activation_type=args.activation_type,
-                                max_calibration_samples=args.max_calibration_samples,
+                                max_calibration_samples=args.max_calibration_samples, overwrite=True,
                                 log=lambda line: log(f"[{model_name}] {line}"))
     quantize_s = time.perf_counter() - started
     fp32_session, int8_session = ExitSession(prep.package), ExitSession(int8_path)

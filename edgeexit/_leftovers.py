@@ -4,8 +4,11 @@ Every temporary path edgeexit writes carries the writer's process id:
 
 - ``.NAME.tmp-PID-XXXX`` (a package being built next to ``NAME``),
 - ``.NAME.old-PID-XXXX`` (the previous package, moved aside while the new one goes in),
-- ``.FILE.PID-XXXX.tmp`` (a file being replaced, e.g. ``manifest.json`` inside a package),
-- ``edgeexit-export-PID-XXXX`` / ``edgeexit-quantize-PID-XXXX`` (work folders in the temp dir).
+- ``.FILE.PID-XXXX.tmp`` (a file being replaced, e.g. ``manifest.json`` inside a package, or
+  ``NAME.eexit.zip`` being packed),
+- ``edgeexit-export-PID-XXXX`` / ``edgeexit-quantize-PID-XXXX`` / ``edgeexit-fp32-PID-XXXX`` (work
+  folders in the temp dir; onnxruntime.quantization's own ``pre.quant.*`` / ``ort.quant.*`` folders
+  are made inside the quantize work folder, so they go with it).
 
 A path whose process is gone is litter: the next writer to the same place removes it, and
 a reader that finds no package at ``NAME`` but an intact ``.NAME.old-*`` (a writer killed
@@ -84,6 +87,13 @@ def collect_siblings(dest: Path) -> list[str]:
 def collect_files(folder: Path) -> list[str]:
     """Remove ``.FILE.PID-XXXX.tmp`` files of dead writers inside ``folder`` (a package)."""
     return _collect(folder, [r"\..+\.(?P<pid>\d+)-[^.]+\.tmp"])
+
+
+def collect_replacements(path: Path) -> list[str]:
+    """Remove the ``.NAME.PID-XXXX.tmp`` files of dead writers of file ``path`` (e.g. a killed pack).
+
+    Only those of ``path``'s own name: the folder may be anyone's, and other files are not ours to judge."""
+    return _collect(path.parent, [rf"\.{re.escape(path.name)}\.(?P<pid>\d+)-[^.]+\.tmp"])
 
 
 def collect_work_dirs(kind: str) -> list[str]:

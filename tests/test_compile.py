@@ -526,7 +526,7 @@ def test_exits_with_different_logits_dtypes_decide_on_their_own_logits(tmp_path)
     for thresholds in (None, spread):
         got = ExitSession(path, engine="compiled").run(x, thresholds=thresholds)
         want = stages.run(x, thresholds=thresholds)
-        assert got.logits.dtype == want.logits.dtype == np.float16
+        assert got.logits.dtype == want.logits.dtype == np.float32   # the widest exit's: no exit is rounded
         np.testing.assert_array_equal(got.exit_index, want.exit_index)
         np.testing.assert_allclose(got.scores, want.scores, rtol=1e-12)   # exit 2 scored in float32, not float16
 

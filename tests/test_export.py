@@ -85,7 +85,7 @@ def test_validation_failure_names_every_failing_output_and_keeps_the_old_package
     lines: list[str] = []
     with pytest.raises(ExportValidationError) as info:
         export_package(_drifting_model(), {"x": torch.rand(4, 1, 8, 8)}, path, thresholds=[0.5], log=lines.append,
-                       include_full_model=False)
+                       include_full_model=False, overwrite=True)
     message = str(info.value)
     assert "stage1/carry1_0" in message and "stage2/logits2" in message and "2 output(s)" in message
     assert "stage0/logits0" not in message

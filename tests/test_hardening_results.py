@@ -122,27 +122,42 @@ def test_results_never_depend_on_the_batch_size_whatever_the_exits_dtypes(tmp_pa
 
 
 @pytest.mark.parametrize(("first", "second"), MIXES, ids=MIX_IDS)
-def test_the_compiled_graph_gives_the_dtype_of_the_stage_loop_or_is_not_used(tmp_path, first, second):
+def test_the_compiled_graph_gives_the_dtype_of_the_stage_loop(tmp_path, first, second):
     from edgeexit.export.compile import compile_package
 
     path = _write(tmp_path, {"stage0.onnx": _stage0(first), "stage1.onnx": _stage1(second)})
-    compile_package(path, check_samples=0, log=None)   # its own check compares with the widest logits
+    compile_package(path, check_samples=0, log=None)
     x = _samples()
     stages = ExitSession(path, engine="stages").run(x)
     assert stages.logits.dtype == np.result_type(NUMPY[first], NUMPY[second])
     auto = ExitSession(path)
+    assert auto.has_compiled
     for n in (1, len(x)):
-        got = auto.run(x[:n])
-        assert got.logits.dtype == stages.logits.dtype
+        got = auto.run(x[:n], engine="compiled")
+        assert got.logits.dtype == stages.logits.dtype      # the widest exit's, whichever exit answers
         np.testing.assert_array_equal(got.exit_index, stages.exit_index[:n])
         np.testing.assert_array_equal(got.predictions, stages.predictions[:n])
-    if np.dtype(NUMPY[first]) == stages.logits.dtype:   # the graph returns exit 0's dtype: the widest
-        assert auto.has_compiled and got.engine == "compiled"
-        np.testing.assert_array_equal(got.logits, stages.logits)
-    else:   # exit 1's logits were rounded to exit 0's narrower dtype in-graph: the stage loop answers
-        assert not auto.has_compiled and got.engine == "stages"
-        with pytest.raises(InputError, match=r"narrower than .*float"):
-            auto.run(x, engine="compiled")
+        np.testing.assert_array_equal(got.logits, stages.logits[:n])
+
+
+@pytest.mark.parametrize(("first", "second"), [m for m in MIXES if np.dtype(NUMPY[m[0]]).itemsize
+                                               < np.dtype(NUMPY[m[1]]).itemsize])
+def test_a_compiled_graph_that_rounds_a_wider_exit_is_not_used(tmp_path, monkeypatch, first, second):
+    # compiled graphs of earlier versions returned exit 0's dtype: one that rounds a wider exit's
+    # logits in-graph must not answer (the stage loop does, and engine="compiled" says why)
+    from edgeexit.export import compile as compiler
+
+    path = _write(tmp_path, {"stage0.onnx": _stage0(first), "stage1.onnx": _stage1(second)})
+    monkeypatch.setattr(compiler, "_widest_logits_type", lambda package, models: first)
+    compiler.compile_package(path, check_samples=0, log=None)
+    x = _samples()
+    stages = ExitSession(path, engine="stages").run(x)
+    auto = ExitSession(path)
+    assert not auto.has_compiled
+    got = auto.run(x)
+    assert got.engine == "stages" and got.logits.dtype == stages.logits.dtype
+    with pytest.raises(InputError, match=r"narrower than .*float"):
+        auto.run(x, engine="compiled")
 
 
 def _full(elem: int) -> onnx.ModelProto:

@@ -29,6 +29,7 @@ from edgeexit.errors import (
     ManifestParseError,
     ManifestSchemaError,
     MissingFileError,
+    OutputError,
     PackageError,
     PackageNotFoundError,
     UnknownPolicyError,
@@ -538,7 +539,7 @@ def test_overwrite_false_refuses(
     tiny_package: Path, tiny_manifest: dict[str, Any], tiny_sources: dict[str, Path],
 ) -> None:
     before = snapshot(tiny_package)
-    with pytest.raises(PackageError, match="already exists; pass overwrite=True"):
+    with pytest.raises(OutputError, match="already exists; pass overwrite=True"):
         write_package(tiny_package, tiny_manifest, tiny_sources, overwrite=False)
     assert snapshot(tiny_package) == before
 
@@ -549,7 +550,7 @@ def test_write_refuses_to_replace_a_directory_that_is_not_a_package(
     precious = tmp_path / "photos"
     precious.mkdir()
     (precious / "holiday.jpg").write_bytes(b"\xff\xd8")
-    with pytest.raises(PackageError, match="exists and is not an exit package; refusing to replace it"):
+    with pytest.raises(OutputError, match="exists and is not an exit package; refusing to replace it"):
         write_package(precious, tiny_manifest, tiny_sources)
     assert snapshot(precious) == {"holiday.jpg": b"\xff\xd8"}
 

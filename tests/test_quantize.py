@@ -24,6 +24,7 @@ from edgeexit.errors import (  # noqa: E402
     InputDtypeError,
     InputNameError,
     InputShapeError,
+    OutputError,
     PackageError,
 )
 from edgeexit.export import EarlyExitModel, export_package  # noqa: E402
@@ -368,7 +369,7 @@ def test_missing_source_is_a_package_error(tmp_path):
 def test_existing_destination_is_kept_without_overwrite(tiny_package, tmp_path):
     dst = q.quantize_package(tiny_package, tmp_path / "int8.eexit", X4 + 1, log=None).root
     before = _snapshot(dst)
-    with pytest.raises(PackageError, match="already exists"):
+    with pytest.raises(OutputError, match="already exists"):
         q.quantize_package(tiny_package, dst, X4 - 1, overwrite=False, log=None)
     assert _snapshot(dst) == before
 
@@ -408,7 +409,8 @@ def test_a_failed_quantization_leaves_the_existing_destination_intact(tiny_packa
     else:
         monkeypatch.setattr(q, "quantize_dynamic", broken_quantizer if where == "quantize" else renaming_quantizer)
     with pytest.raises(q.QuantizationError) as info:
-        q.quantize_package(tiny_package, dst, X4 - 1, calibration_labels=np.zeros(8, dtype=np.int64), log=None)
+        q.quantize_package(tiny_package, dst, X4 - 1, calibration_labels=np.zeros(8, dtype=np.int64),
+                           overwrite=True, log=None)
     assert FAILURES[where] in str(info.value)
     assert _snapshot(dst) == before
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary sibling left

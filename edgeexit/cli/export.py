@@ -86,8 +86,10 @@ def export(model: str, output: Path, policy: str, thresholds: tuple[float, ...],
     """
     check_outputs(output, folder=True)
     from ..export import EarlyExitModel, export_package
+    from ..package._write import check_replaceable
     from ..zoo import ZOO, example_images, get_model, load_weights, save_weights
 
+    check_replaceable(output, overwrite=True)   # what is not an exit package is never replaced, --force or not
     if output.exists() and not force:
         raise click.UsageError(f"{output} exists; pass --force to replace it")
     if (quantize is None) != (cal_data is None):
@@ -161,14 +163,18 @@ def export(model: str, output: Path, policy: str, thresholds: tuple[float, ...],
                        name=name or model.split(":")[-1], include_full_model=full_model, dynamo=dynamo,
                        opset=opset, atol=atol, rtol=rtol,
                        preprocessing=preprocessing, seed=seed, compile=None if compile_graph else False,
-                       log=logger.info)
+                       overwrite=force, log=logger.info)
 
     if quantize is None or cal_data is None:
         write(output)
     else:
+        import os
         import tempfile
 
-        with tempfile.TemporaryDirectory(prefix="edgeexit-fp32-") as tmp:
+        from .. import _leftovers as leftovers
+
+        leftovers.collect_work_dirs("fp32")   # the fp32 folders of exports that were killed
+        with tempfile.TemporaryDirectory(prefix=f"edgeexit-fp32-{os.getpid()}-") as tmp:
             fp32 = Path(tmp) / "fp32.eexit"
             write(fp32)
             quantize_package_file(fp32, output, cal_data, force)

@@ -37,9 +37,18 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from .. import _leftovers as leftovers
 from .._atomic import write_bytes_atomically
 from ..errors import CompileError
-from ..package import COMPILED_OUTPUTS, FORMAT_VERSION, Package, load_package, sha256_file, update_manifest
+from ..package import (
+    COMPILED_OUTPUTS,
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    Package,
+    load_package,
+    sha256_file,
+    update_manifest,
+)
 from ..policies import always_threshold, get_policy, never_threshold
 
 COMPILED_FILE = "compiled.onnx"
@@ -306,7 +315,7 @@ class _Compiler:
                 policy = spec.exit.policy
                 scored = outs[spec.exit.output(get_policy(policy).reads) or ""]   # the manifest has it (load checks)
         score = _score(scope, scored, policy, self.classes)   # from the exit's own outputs, as the stage loop
-        if self._elem_type(seg.stages[-1]) != self.logits_type:  # returned in exit 0's dtype, as the stage loop
+        if self._elem_type(seg.stages[-1]) != self.logits_type:  # returned in the widest exit dtype, as the stage loop
             logits = scope.one("Cast", [logits], f"logits{seg.exit_number}_cast", to=self.logits_type)
         if not rest and not need_exit:
             return logits, "", score
@@ -409,6 +418,7 @@ def build_compiled_model(package: Package) -> onnx.ModelProto:
     if ttype.elem_type not in _FLOAT_LOGITS or len(dims) != 2:
         raise CompileError(f"exit logits {first.exit.logits!r} must be a float tensor (batch, classes) to compile")
     classes = dims[1].dim_value if dims[1].HasField("dim_value") else None
+    widest = _widest_logits_type(package, models)   # returned in the widest exit dtype, as the stage loop
 
     io = graph_names(package)
     inputs = [helper.make_tensor_value_info(i.name, _DTYPE[i.dtype], list(i.shape)) for i in package.inputs]
@@ -416,12 +426,12 @@ def build_compiled_model(package: Package) -> onnx.ModelProto:
     inputs.append(helper.make_tensor_value_info(io.thresholds, TensorProto.DOUBLE, [num_early]))
     names = _Names([i.name for i in inputs])
     main = _Scope(names, opset)
-    compiler = _Compiler(package, models, names, opset, int(ttype.elem_type), classes,
+    compiler = _Compiler(package, models, names, opset, widest, classes,
                          _split_thresholds(main, io.thresholds, num_early))
     names.claim(io.outputs)
     compiler.emit(main, _segments(package), {i.name: i.name for i in package.inputs}, public=io.outputs)
     shapes = (["batch", classes if classes else "classes"], ["batch"], ["batch"])
-    types = (int(ttype.elem_type), TensorProto.INT64, TensorProto.DOUBLE)
+    types = (widest, TensorProto.INT64, TensorProto.DOUBLE)
     outputs = [helper.make_tensor_value_info(n, t, s) for n, t, s in zip(io.outputs, types, shapes)]
     graph = helper.make_graph(main.nodes, f"{package.name}_compiled", inputs, outputs,
                               initializer=main.initializers, value_info=main.value_info)
@@ -492,6 +502,49 @@ def compiled_entry(package: Package, file: str = COMPILED_FILE) -> dict[str, Any
     }
 
 
+def _file_users(package: Package, *, recompiling: bool) -> dict[str, str]:
+    """What each file name of the package is used for (but the compiled graph, when ``recompiling``)."""
+    users = {MANIFEST_NAME: "the manifest"}
+    for stage in package.stages:
+        users.setdefault(stage.file, f"the graph of stage {stage.name!r}")
+    if package.full_model is not None:
+        users.setdefault(package.full_model.file, "the full model")
+    if package.text is not None:
+        users.setdefault(package.text.tokenizer, "the tokenizer")
+    compiled = package.compiled.file if package.compiled is not None else None
+    if compiled is not None and not recompiling:
+        users.setdefault(compiled, "its compiled graph")
+    for name in package.files:
+        if name != compiled:
+            users.setdefault(name, "a file listed in the manifest's files table")
+    return users
+
+
+def _refuse_taken(package: Package, name: str, hint: str, *, recompiling: bool) -> None:
+    """A compiled graph must never be written over a file the package uses for something else."""
+    user = _file_users(package, recompiling=recompiling).get(name)
+    if user is not None:
+        raise CompileError(f"cannot compile {package.root}: the compiled graph would be written as {name!r}, which "
+                           f"the package already uses for {user}; nothing was written. {hint}")
+
+
+
+def _widest_logits_type(package: Package, models: list[onnx.ModelProto]) -> int:
+    """The ONNX element type of the widest exit logits (float16 < float32 < float64): the stage
+    loop answers every exit in it, so the compiled graph rounds no exit's logits either."""
+    widest: np.dtype[Any] | None = None
+    for k in package.exit_stages:
+        spec = package.stages[k].exit
+        assert spec is not None
+        out = next((o for o in models[k].graph.output if o.name == spec.logits), None)
+        if out is None or out.type.tensor_type.elem_type not in _FLOAT_LOGITS:
+            raise CompileError(f"exit logits {spec.logits!r} must be a float tensor (batch, classes) to compile")
+        dtype = helper.tensor_dtype_to_np_dtype(out.type.tensor_type.elem_type)
+        widest = dtype if widest is None else np.result_type(widest, dtype)
+    assert widest is not None
+    return int(helper.np_dtype_to_tensor_dtype(widest))
+
+
 def compile_package(
     path: str | os.PathLike[str],
     *,
@@ -505,6 +558,9 @@ def compile_package(
     Into the package, the graph is written under a name the manifest does not list yet
     (``compiled.onnx``, or ``compiled-next.onnx`` when recompiling), then ``manifest.json``
     is replaced atomically to list it; the stage graphs and any other file stay untouched.
+    A name the package already uses for another file (a stage graph called ``compiled.onnx``),
+    or an ``output`` that is one of the package's files, is a ``CompileError`` before anything
+    is written.
 
     Args:
         path: the exit package.
@@ -528,6 +584,14 @@ def compile_package(
     if bake and output is None:
         raise CompileError("bake=True (--bake-thresholds) needs output=FILE.onnx: a package keeps its thresholds "
                            "in the manifest only, so calibration never rewrites the graph")
+    previous = package.compiled.file if package.compiled is not None else None
+    file = COMPILED_FILE_NEXT if previous == COMPILED_FILE else COMPILED_FILE
+    if output is None:
+        _refuse_taken(package, file, "Rename that file (and its entries in the manifest), or write the compiled "
+                                     "graph to a file of its own: output=FILE.onnx (CLI: -o FILE.onnx)",
+                      recompiling=True)
+    elif Path(output).resolve().parent == package.root.resolve():
+        _refuse_taken(package, Path(output).name, "Write it to another name (-o FILE.onnx).", recompiling=False)
     model = build_compiled_model(package)
     data = model.SerializeToString()
     io = graph_names(package)
@@ -538,11 +602,10 @@ def compile_package(
             data = bake_thresholds(model, fed_thresholds(package.policies, package.thresholds),
                                    io.thresholds).SerializeToString()
         write_bytes_atomically(output, data)
+        leftovers.collect_replacements(Path(output))   # what killed writes of this file left
         say(f"wrote {output} ({len(data):,} bytes; thresholds "
             f"{'baked in: ' + str(package.thresholds) if bake else 'as the input ' + repr(io.thresholds)})")
         return Path(output)
-    previous = package.compiled.file if package.compiled is not None else None
-    file = COMPILED_FILE_NEXT if previous == COMPILED_FILE else COMPILED_FILE
     write_bytes_atomically(package.file_path(file), data)   # not listed yet: no reader opens it
     entry = compiled_entry(package, file)
     digest = hashlib.sha256(data).hexdigest()

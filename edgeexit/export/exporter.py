@@ -40,6 +40,7 @@ from ..package import (
     read_manifest,
     write_package,
 )
+from ..package._write import check_replaceable
 from ..policies import check_thresholds, get_policy
 from ._costs import FlopCounter, count_parameters
 from .compile import compile_blocker, compile_package
@@ -412,6 +413,7 @@ def export_package(
     compile: bool | None = None,
     dynamic_axes: Mapping[str, Mapping[int, str]] | None = None,
     text: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
     log: Callable[[str], None] | None = print,
 ) -> Package:
     """Export ``model`` as an exit package at ``path`` and return the loaded package.
@@ -420,7 +422,9 @@ def export_package(
         model: the stages and exits.
         example_inputs: ``{name: tensor}`` with a batch of >= 2 on axis 0; names become the
             package's input names.
-        path: the package directory to write (replaced atomically if it exists).
+        path: the package directory to write.  Something already there is an ``OutputError``
+            (before any work), unless it is an exit package and ``overwrite`` is True: that one
+            is replaced atomically, once everything succeeded.
         policy: a registered exit policy used at every exit.
         thresholds: one per early exit (every exit but the last); None for an exit, or no
             thresholds at all, leaves it disabled until ``edgeexit calibrate`` chooses one
@@ -443,6 +447,8 @@ def export_package(
             ``{"tokenizer": PATH_TO_TOKENIZER_JSON, "ids": INPUT, "mask": INPUT or None,
             "max_tokens": N, "pad_id": 0}``; ``ExitSession.tokenize`` and ``edgeexit run`` on a
             text file then use it (wherever the ``tokenizers`` package is installed).
+        overwrite: replace an exit package at ``path``.  Anything else there (a file, a
+            folder that is not an exit package) is never replaced.
         log: where the validation lines go (None: silent).
 
     Example:
@@ -451,6 +457,7 @@ def export_package(
     """
     if not isinstance(model, EarlyExitModel):
         raise ModelSpecError(f"model must be an EarlyExitModel, got {type(model).__name__}")
+    check_replaceable(path, overwrite=overwrite)   # before any work: never replaces what is not ours
     examples = _check_inputs(example_inputs)
     axes = _check_dynamic_axes(dynamic_axes, examples, dynamo)
     pol = get_policy(policy)
@@ -468,7 +475,7 @@ def export_package(
     try:
         manifest_text, tokenizer = _check_text(text, examples, axes)
         return _export(model, examples, path, pol.name, values, labels, name, include_full_model, opset, dynamo,
-                       atol, rtol, preprocessing, seed, compile, say, axes, manifest_text, tokenizer)
+                       atol, rtol, preprocessing, seed, compile, say, axes, manifest_text, tokenizer, overwrite)
     finally:
         model.train(was_training)
 
@@ -478,7 +485,7 @@ def _export(
     values: list[float | None], labels: Sequence[str] | None, name: str | None, include_full_model: bool, opset: int,
     dynamo: bool, atol: float, rtol: float, preprocessing: Mapping[str, Any] | None, seed: int,
     compile: bool | None, say: Callable[[str], None], axes: dict[str, dict[int, str]],
-    text: dict[str, Any] | None = None, tokenizer: Path | None = None,
+    text: dict[str, Any] | None = None, tokenizer: Path | None = None, overwrite: bool = False,
 ) -> Package:
 
     input_names = list(examples)
@@ -609,6 +616,6 @@ def _export(
             manifest["format_version"] = max(manifest["format_version"], SIGNALS_VERSION)
         if compile is not False:
             manifest, files = _compiled_in(folder, manifest, files, required=bool(compile), final=Path(path), say=say)
-        write_package(path, manifest, files)
+        write_package(path, manifest, files, overwrite=overwrite)
     say(f"wrote {path}")
     return load_package(path)

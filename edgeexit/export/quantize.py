@@ -24,6 +24,7 @@ This module needs onnx and onnxruntime but never torch, so it can run on a devic
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import difflib
 import os
@@ -47,8 +48,9 @@ from onnxruntime.quantization import (
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from .. import _leftovers as leftovers
-from ..errors import ExportError, InputShapeError, PackageError
+from ..errors import ExportError, InputShapeError
 from ..package import FORMAT_VERSION, Package, load_package, read_manifest, update_manifest, write_package
+from ..package._write import check_replaceable
 from ..runtime._inputs import InputChecker
 from ..runtime._threads import session_options
 
@@ -171,6 +173,20 @@ class _Job:
     feeds: dict[str, np.ndarray]
 
 
+@contextlib.contextmanager
+def _temp_files_in(folder: Path) -> Iterator[None]:
+    """Point ``tempfile`` at ``folder`` (the PID-named work folder) for onnxruntime.quantization's
+    own temporary folders (``pre.quant.*``, ``ort.quant.*``): in the shared temp dir they carry no
+    process id, so a killed quantize's would never be collected; inside the work folder they go with
+    it (``leftovers.collect_work_dirs``).  A process-wide change, like the ``chdir`` below."""
+    before = tempfile.tempdir
+    tempfile.tempdir = str(folder)
+    try:
+        yield
+    finally:
+        tempfile.tempdir = before
+
+
 def _preprocess(src: Path, dst: Path, say: Callable[[str], None], name: str) -> Path:
     # Shape inference + onnxruntime's basic graph optimizations, as onnxruntime recommends
     # before quantizing; a graph it cannot handle is quantized as exported.
@@ -181,7 +197,8 @@ def _preprocess(src: Path, dst: Path, say: Callable[[str], None], name: str) -> 
     here = os.getcwd()
     try:
         os.chdir(dst.parent)
-        quant_pre_process(str(src.resolve()), str(dst.resolve()))
+        with _temp_files_in(dst.parent):
+            quant_pre_process(str(src.resolve()), str(dst.resolve()))
     except Exception as exc:
         say(f"  {name:<10} pre-processing skipped ({str(exc).strip().splitlines()[0][:120]})")
         return src
@@ -210,12 +227,13 @@ def _quantize_graph(
     started = time.perf_counter()
     pre = _preprocess(src, folder / f"pre-{job.file}", say, job.name)
     try:
-        if chosen == "dynamic":
-            quantize_dynamic(pre, out, per_channel=per_channel, weight_type=QuantType.QInt8)
-        else:
-            reader = ArrayCalibrationReader(job.feeds)
-            quantize_static(pre, out, reader, quant_format=QuantFormat.QDQ, per_channel=per_channel,
-                            activation_type=ACTIVATION_TYPES[activation], weight_type=QuantType.QInt8)
+        with _temp_files_in(folder):
+            if chosen == "dynamic":
+                quantize_dynamic(pre, out, per_channel=per_channel, weight_type=QuantType.QInt8)
+            else:
+                reader = ArrayCalibrationReader(job.feeds)
+                quantize_static(pre, out, reader, quant_format=QuantFormat.QDQ, per_channel=per_channel,
+                                activation_type=ACTIVATION_TYPES[activation], weight_type=QuantType.QInt8)
     except Exception as exc:
         raise QuantizationError(
             f"onnxruntime.quantization failed on {job.name} ({job.file}, {chosen}): {exc}. Try "
@@ -323,15 +341,16 @@ def quantize_package(
     max_calibration_samples: int = DEFAULT_MAX_CALIBRATION_SAMPLES,
     calibration_labels: np.ndarray | None = None,
     max_drop: float | None = None,
-    overwrite: bool = True,
+    overwrite: bool = False,
     log: Callable[[str], None] | None = print,
 ) -> Package:
     """Write an int8 copy of the fp32 exit package ``src`` at ``dst`` and return it.
 
     Args:
         src: the fp32 package (it is only read).
-        dst: the int8 package to write (atomically; an existing package there is replaced
-            only once everything succeeded).  Must differ from ``src``.
+        dst: the int8 package to write (atomically).  Must differ from ``src``.  Something
+            already there is an ``OutputError`` (before any work), unless it is an exit package
+            and ``overwrite`` is True: that one is replaced once everything succeeded.
         calibration_inputs: model inputs ``{name: array}`` (a bare array for a one-input
             package), e.g. the calibration split; static stages are calibrated on the
             first ``max_calibration_samples`` samples, fed through the fp32 stages.
@@ -350,15 +369,17 @@ def quantize_package(
             Default (None): the objective of the fp32 package's live calibration when it has
             one (its thresholds are searched again per exit, timed on this device, and the
             entry is added to the kept history); else a shared threshold within 0.003.
-        overwrite: replace an existing package at ``dst`` (False: refuse, before any work).
+        overwrite: replace an exit package at ``dst``.  Anything else there (a file, a folder
+            that is not an exit package) is never replaced.
         log: where progress lines go (None: silent).
 
     Raises:
         QuantizationOptionError: bad ``mode``/``activation_type``, ``dst`` equal to ``src``.
         InputError: calibration inputs with wrong names, dtype, shape, empty or non-finite.
         QuantizationError: onnxruntime.quantization failed or changed the graph's names.
-        PackageError: ``src`` is not a valid package, or ``dst`` exists (``overwrite=False``)
-            or is not a package.
+        PackageError: ``src`` is not a valid package.
+        OutputError: ``dst`` exists and is not an exit package, or is one and ``overwrite`` is
+            False.
 
     Example:
         >>> quantize_package("lenet.eexit", "lenet-int8.eexit", x_cal,
@@ -370,8 +391,7 @@ def quantize_package(
     src_path, dst_path = Path(src), Path(dst)
     package = load_package(src_path)
     _check_paths(package.root, dst_path)
-    if dst_path.exists() and not overwrite:
-        raise PackageError(f"{dst_path} already exists; pass overwrite=True (CLI: --force) to replace it")
+    check_replaceable(dst_path, overwrite=overwrite)   # before any work: never replaces what is not ours
     previous = package.manifest.get("quantization")
     if previous is not None:
         raise QuantizationOptionError(

@@ -19,11 +19,11 @@ from typing import Any
 from .. import _leftovers as leftovers
 from .._archive import archive_bytes
 from .._atomic import default_mode, exchange_paths, fsync_dir, output_errors, write_bytes_atomically
-from ..errors import ManifestSchemaError, MissingFileError, PackageError
+from ..errors import ManifestSchemaError, MissingFileError, OutputError, PackageError
 from ._files import check_file_name, sha256_file
 from ._parse import parse_manifest
-from ._read import _verify_files, load_package
-from ._spec import DISABLED_EXITS_VERSION, MANIFEST_NAME, Package
+from ._read import _verify_files, load_package, read_manifest
+from ._spec import DISABLED_EXITS_VERSION, FORMAT_NAME, MANIFEST_NAME, Package
 
 
 def manifest_bytes(manifest: Mapping[str, Any]) -> bytes:
@@ -49,22 +49,75 @@ def write_package(
 
     ``files`` maps plain file names to source paths; their sha256 and size are added to
     the manifest's ``files`` table.  If anything fails, a previous package at ``path``
-    is left untouched.  Returns the package path.
+    is left untouched.  Only an exit package is ever replaced (``check_replaceable``): anything
+    else at ``path`` is an ``OutputError``, as is a package when ``overwrite`` is False.
+    Returns the package path.
     """
     dest = Path(path)
     with output_errors(dest):
         return _write_package(dest, manifest, files, overwrite)
 
 
+def _listing(folder: Path, limit: int = 6) -> str:
+    try:
+        names = sorted(e.name + ("/" if e.is_dir() and not e.is_symlink() else "") for e in folder.iterdir())
+    except OSError as exc:
+        return f"its contents cannot be listed: {exc.strerror or exc}"
+    if not names:
+        return "it is empty"
+    return "it holds " + ", ".join(names[:limit]) + (f" … ({len(names)} entries)" if len(names) > limit else "")
+
+
+def _why_not_ours(dest: Path) -> str | None:
+    """Why ``dest`` (which exists) is not an exit package edgeexit may replace; None when it is one.
+
+    Ours means: a real folder (not a link) whose ``manifest.json`` reads as JSON and says
+    ``"format": "edgeexit"``.  Hashes, files and schema are not checked, so a damaged package
+    can still be replaced."""
+    if dest.is_symlink():
+        return f"it is a symbolic link to {os.readlink(dest)}; to replace that package, write to its own path"
+    if not dest.is_dir():
+        return "it is a file, not a folder"
+    try:
+        _, manifest = read_manifest(dest)
+    except PackageError as exc:
+        if (dest / MANIFEST_NAME).is_file():
+            return f"{_listing(dest)}; its {MANIFEST_NAME} does not read as an edgeexit manifest ({exc})"
+        return _listing(dest)
+    fmt = manifest.get("format") if isinstance(manifest, Mapping) else None
+    if fmt != FORMAT_NAME:
+        return f"{_listing(dest)}; its {MANIFEST_NAME} is not ours: its format is {fmt!r}, not {FORMAT_NAME!r}"
+    return None
+
+
+def check_replaceable(path: str | os.PathLike[str], *, overwrite: bool) -> Path:
+    """Refuse, before any work, a destination a package writer must not replace (``OutputError``).
+
+    Nothing at ``path``: fine.  An exit package (its manifest says ``"format": "edgeexit"``, even
+    if the package is damaged): fine with ``overwrite``, else refused.  Anything else (a file, a
+    link, a folder without our manifest, such as a web app with a ``manifest.json`` of its own)
+    is refused even with ``overwrite``: edgeexit never deletes what it did not write.  Every
+    writer of packages calls this, first before its work and again in ``write_package``.
+
+    Example:
+        >>> check_replaceable("lenet.eexit", overwrite=True)                 # doctest: +SKIP
+    """
+    dest = Path(path)
+    if not dest.exists() and not dest.is_symlink():
+        return dest
+    why = _why_not_ours(dest)
+    if why is not None:
+        raise OutputError(f"{dest} exists and is not an exit package; refusing to replace it ({why}). edgeexit "
+                          "replaces only exit packages: choose another path or remove it")
+    if not overwrite:
+        raise OutputError(f"{dest} already exists; pass overwrite=True (CLI: --force) to replace it")
+    return dest
+
+
 def _write_package(dest: Path, manifest: Mapping[str, Any], files: Mapping[str, str | os.PathLike[str]],
                    overwrite: bool) -> Path:
     dest.parent.mkdir(parents=True, exist_ok=True)
-    if dest.exists() and not overwrite:
-        raise PackageError(f"{dest} already exists; pass overwrite=True (CLI: --force) to replace it")
-    if dest.exists() and not (dest / MANIFEST_NAME).is_file():
-        raise PackageError(
-            f"{dest} exists and is not an exit package; refusing to replace it. Pick another path."
-        )
+    check_replaceable(dest, overwrite=overwrite)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-{leftovers.tag()}-", dir=dest.parent))
     try:
         os.chmod(tmp, default_mode(directory=True))
@@ -168,4 +221,5 @@ def pack_package(path: str | os.PathLike[str], output: str | os.PathLike[str]) -
     data = archive_bytes(manifest, {name: package.blobs[name] for name in package.files})
     load_package(data)   # never write an archive this module would refuse to read
     write_bytes_atomically(output, data)
+    leftovers.collect_replacements(Path(output))   # what killed packs of the same file left
     return Path(output)

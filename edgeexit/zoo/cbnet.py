@@ -434,7 +434,7 @@ def export_cbnet(
     export_package(model, example, path, policy="entropy", thresholds=[0.0] if fallback else [],
                    labels=[str(i) for i in range(10)], name=name or ("cbnet" if fallback else "cbnet-light"),
                    include_full_model=fallback, preprocessing=preprocessing, seed=build.seed, dynamo=dynamo,
-                   compile=compile, log=log)
+                   compile=compile, overwrite=True, log=log)
     cal_info = None
     if fallback and threshold is None:
         cal = calibration or build.splits.calibration

@@ -109,7 +109,7 @@ def run_quickstart(
     early = model.num_exits - 1
     export_package(model, example, path, policy="entropy", thresholds=[0.0] * early, name=model_name,
                    labels=[str(i) for i in range(10)], include_full_model=True,
-                   preprocessing=MNIST_PREPROCESSING, seed=seed, log=log)
+                   preprocessing=MNIST_PREPROCESSING, seed=seed, overwrite=True, log=log)
 
     session = ExitSession(path)
     records = record_exits(session, splits.calibration.x, splits.calibration.y)
