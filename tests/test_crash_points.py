@@ -50,7 +50,7 @@ if op == "publish":
     from conftest import TINY_MANIFEST, write_tiny_sources
     manifest = json.loads(json.dumps(TINY_MANIFEST))
     manifest["stages"][0]["exit"]["threshold"] = 0.7
-    pkg.write_package(dest, manifest, write_tiny_sources(__import__("pathlib").Path(sys.argv[6])))
+    pkg.write_package(dest, manifest, write_tiny_sources(__import__("pathlib").Path(sys.argv[6])), overwrite=True)
 elif op == "update":
     pkg.set_thresholds(dest, [0.7])
 elif op == "quantize":
@@ -107,7 +107,7 @@ def test_a_killed_writer_leaves_a_verified_package_and_no_litter(tiny_package, t
             set_thresholds(dest, [0.9])
             if op == "publish":
                 write_package(dest, json.loads((dest / "manifest.json").read_text()) | {"files": {}},
-                              {n: dest / n for n in ("stage0.onnx", "stage1.onnx")})
+                              {n: dest / n for n in ("stage0.onnx", "stage1.onnx")}, overwrite=True)
             assert _litter(dest) == [], (step, when, _litter(dest))
             assert _thresholds(dest) == [0.9]
             subprocess.run(["rm", "-rf", str(dest)], check=True)

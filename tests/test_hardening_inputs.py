@@ -468,7 +468,7 @@ def test_a_load_during_a_republish_sees_one_whole_version(tmp_path):
         try:
             while not stop.is_set():
                 v = "AB"[writes[0] % 2]
-                write_package(path, versions[v][0], versions[v][1])
+                write_package(path, versions[v][0], versions[v][1], overwrite=True)
                 writes[0] += 1
         except BaseException as exc:   # pragma: no cover - reported below
             writer_errors.append(exc)

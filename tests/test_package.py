@@ -485,7 +485,7 @@ def test_failed_write_keeps_the_previous_package(
     before = snapshot(tiny_package)
     manifest, files = make(tiny_manifest, tiny_sources, tmp_path)
     with pytest.raises(error):
-        write_package(tiny_package, manifest, files)
+        write_package(tiny_package, manifest, files, overwrite=True)
     assert snapshot(tiny_package) == before
     assert load_package(tiny_package).thresholds == [0.5]
     assert leftovers(tmp_path, tiny_package.name) == []
@@ -519,7 +519,7 @@ def test_crash_while_swapping_restores_the_previous_package(
     manifest = tiny_manifest
     _stage(0)(manifest)["exit"]["threshold"] = 0.1
     with pytest.raises(OSError, match="simulated crash"):
-        write_package(tiny_package, manifest, tiny_sources)
+        write_package(tiny_package, manifest, tiny_sources, overwrite=True)
     monkeypatch.undo()
     assert snapshot(tiny_package) == before
     assert leftovers(tmp_path, tiny_package.name) == []
@@ -530,7 +530,7 @@ def test_overwrite_replaces_the_package_cleanly(
 ) -> None:
     manifest = tiny_manifest
     _stage(0)(manifest)["exit"]["threshold"] = 0.125
-    write_package(tiny_package, manifest, tiny_sources)
+    write_package(tiny_package, manifest, tiny_sources, overwrite=True)
     assert load_package(tiny_package).thresholds == [0.125]
     assert leftovers(tmp_path, tiny_package.name) == []
 
@@ -541,6 +541,8 @@ def test_overwrite_false_refuses(
     before = snapshot(tiny_package)
     with pytest.raises(OutputError, match="already exists; pass overwrite=True"):
         write_package(tiny_package, tiny_manifest, tiny_sources, overwrite=False)
+    with pytest.raises(OutputError, match="already exists; pass overwrite=True"):   # the default: never replace
+        write_package(tiny_package, tiny_manifest, tiny_sources)
     assert snapshot(tiny_package) == before
 
 
@@ -551,7 +553,7 @@ def test_write_refuses_to_replace_a_directory_that_is_not_a_package(
     precious.mkdir()
     (precious / "holiday.jpg").write_bytes(b"\xff\xd8")
     with pytest.raises(OutputError, match="exists and is not an exit package; refusing to replace it"):
-        write_package(precious, tiny_manifest, tiny_sources)
+        write_package(precious, tiny_manifest, tiny_sources, overwrite=True)
     assert snapshot(precious) == {"holiday.jpg": b"\xff\xd8"}
 
 

@@ -103,19 +103,19 @@ def export(model: str, output: Path, policy: str, thresholds: tuple[float, ...],
     if model == "mue":
         if quantize is not None or calibrate_data is not None:
             raise click.UsageError("mue: --quantize and --calibrate-data are not supported yet")
-        _export_mue(output, weights, train, epochs, seed, thresholds)
+        _export_mue(output, weights, train, epochs, seed, thresholds, force)
         return
     if model == "bert-exits":
         if quantize is not None or calibrate_data is not None:
             raise click.UsageError("bert-exits: --quantize and --calibrate-data are not supported yet; run "
                                    "`edgeexit calibrate` afterwards")
-        _export_bert(output, weights, train, seed, thresholds, policy)
+        _export_bert(output, weights, train, seed, thresholds, policy, force)
         return
     epochs = epochs or 20
     if model == "cbnet":
         if quantize is not None:
             raise click.UsageError("--quantize is not supported for cbnet yet; run `edgeexit quantize` afterwards")
-        _export_cbnet(output, weights, train, epochs, seed, full_model, thresholds, dynamo, compile_graph)
+        _export_cbnet(output, weights, train, epochs, seed, full_model, thresholds, dynamo, compile_graph, force)
         if calibrate_data is not None:
             run_calibration(output, calibrate_data, max_drop=max_drop)
         return
@@ -183,7 +183,7 @@ def export(model: str, output: Path, policy: str, thresholds: tuple[float, ...],
 
 
 def _export_cbnet(output: Path, weights: Path | None, train: bool, epochs: int, seed: int, fallback: bool,
-                  thresholds: tuple[float, ...], dynamo: bool, compile_graph: bool) -> None:
+                  thresholds: tuple[float, ...], dynamo: bool, compile_graph: bool, force: bool) -> None:
     from ..zoo.cbnet import CBNetBuild, build_cbnet, export_cbnet
 
     if weights is not None:
@@ -195,11 +195,11 @@ def _export_cbnet(output: Path, weights: Path | None, train: bool, epochs: int, 
     if len(thresholds) > 1:
         raise click.UsageError("cbnet has one early exit (the light classifier): pass at most one --threshold")
     export_cbnet(build, output, fallback=fallback, threshold=thresholds[0] if thresholds else None, dynamo=dynamo,
-                 compile=None if compile_graph else False, log=logger.info)
+                 compile=None if compile_graph else False, overwrite=force, log=logger.info)
 
 
 def _export_mue(output: Path, weights: Path | None, train: bool, epochs: int | None, seed: int,
-                thresholds: tuple[float, ...]) -> None:
+                thresholds: tuple[float, ...], force: bool) -> None:
     """``edgeexit export mue``: the zoo's MuE model, trained here or from --weights."""
     from ..zoo.mue_export import export_zoo_mue
 
@@ -209,11 +209,11 @@ def _export_mue(output: Path, weights: Path | None, train: bool, epochs: int | N
     if weights is None and not train:
         raise click.UsageError("zoo model 'mue' needs weights: pass --weights FILE.pt or --train")
     export_zoo_mue(output, weights=weights, epochs=epochs if train and weights is None else None, seed=seed,
-                   thresholds=thresholds or None, log=logger.info, say=click.echo)
+                   thresholds=thresholds or None, overwrite=force, log=logger.info, say=click.echo)
 
 
 def _export_bert(output: Path, weights: Path | None, train: bool, seed: int, thresholds: tuple[float, ...],
-                 policy: str) -> None:
+                 policy: str, force: bool) -> None:
     """``edgeexit export bert-exits``: MiniLM-L6 with exit heads trained here (--train, on Debian's
     fortunes) or loaded from --weights (heads saved by a --train run)."""
     from ..zoo.bert_exits import bert_exits, export_bert_exits, load_heads, save_heads, train_bert_exits
@@ -230,4 +230,5 @@ def _export_bert(output: Path, weights: Path | None, train: bool, seed: int, thr
         click.echo(f"saved the trained exit heads to {saved} (export again with --weights {saved})")
     else:
         raise click.UsageError("zoo model 'bert-exits' needs its exit heads: pass --weights FILE.pt or --train")
-    export_bert_exits(model, output, CATEGORIES, thresholds=list(thresholds) or None, policy=policy, log=logger.info)
+    export_bert_exits(model, output, CATEGORIES, thresholds=list(thresholds) or None, policy=policy, overwrite=force,
+                      log=logger.info)

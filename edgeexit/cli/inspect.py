@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
+from itertools import takewhile
 from pathlib import Path
 from typing import Any
 
@@ -63,23 +65,27 @@ def inspect(package: Path, as_json: bool, output: Path | None, raw: bool) -> Non
         meta = pkg.files[spec.file]
         click.echo(
             f"{spec.name:<{w}}{','.join(spec.inputs):<{r}}{','.join(spec.carry) or '-':<{c}}{exit_col:<10}"
-            f"{ex.policy if ex else '-':<12}{thr:>10}{spec.cost.get('params', 0):>10}"
-            f"{spec.cost.get('flops', 0) / 1e6:>9.3f}{meta['size']:>10}  {meta['sha256'][:12]}"
+            f"{ex.policy if ex else '-':<12}{thr:>10}{_shown(spec.cost.get('params', 0), '>10')}"
+            f"{_shown(spec.cost.get('flops', 0), '>9.3f', 1e6)}{meta['size']:>10}  {meta['sha256'][:12]}"
         )
     signals = sorted({signal for s in pkg.stages if s.exit is not None for signal in s.exit.signals})
     if signals:
         click.echo(f"exit signals: {', '.join(signals)} (policies q_exit and gate score them; format version 8)")
     if pkg.quantization:
-        modes = ", ".join(f"{q['name']} {q['mode']}" for q in pkg.quantization.get("stages", []))
-        status = (pkg.quantization.get("thresholds") or {}).get("status", "?")
+        q_stages = pkg.quantization.get("stages")
+        modes = (", ".join(f"{_shown(_key(q, 'name'))} {_shown(_key(q, 'mode'))}" for q in q_stages)
+                 if isinstance(q_stages, list) else _shown(q_stages))
+        status = _shown(_key(pkg.quantization.get("thresholds"), "status"))
         click.echo(f"quantization: {pkg.quantization.get('method')} ({modes}); thresholds {status}")
     if pkg.calibration and pkg.calibration.get("history"):
         last = pkg.calibration["history"][-1]
         state = "reverted" if last.get("reverted") else "current"
+        objective = last.get("objective")
         click.echo(f"calibration: {len(pkg.calibration['history'])} entr(y/ies); last ({state}) "
-                   f"{last.get('created')} on {last.get('device')}: {last['objective']['kind']} "
-                   f"{last['objective']['value']}, accuracy {last['validation_accuracy']:.2%} on "
-                   f"{last['samples']} samples, expected {last['expected_cost']:.4g} {last['cost_unit']}")
+                   f"{last.get('created')} on {last.get('device')}: {_shown(_key(objective, 'kind'))} "
+                   f"{_shown(_key(objective, 'value'))}, accuracy {_shown(last.get('validation_accuracy'), '.2%')} "
+                   f"on {_shown(last.get('samples'))} samples, expected {_shown(last.get('expected_cost'), '.4g')} "
+                   f"{_shown(last.get('cost_unit'))}")
     if pkg.exits_disabled:
         runs = "ExitSession runs full.onnx" if pkg.full_model else "ExitSession runs every stage (no full.onnx)"
         click.echo(f"early exits: DISABLED (no thresholds: not calibrated, or slower than the full model where it "
@@ -93,9 +99,29 @@ def inspect(package: Path, as_json: bool, output: Path | None, raw: bool) -> Non
                                                "the stage loop (edgeexit compile PACKAGE)"))
     if pkg.full_model:
         meta = pkg.files[pkg.full_model.file]
-        click.echo(f"full model: {pkg.full_model.file}, {pkg.full_model.cost.get('params', 0)} params, "
-                   f"{pkg.full_model.cost.get('flops', 0) / 1e6:.3f} MFLOPs, {meta['size']} bytes  "
+        click.echo(f"full model: {pkg.full_model.file}, {_shown(pkg.full_model.cost.get('params', 0))} params, "
+                   f"{_shown(pkg.full_model.cost.get('flops', 0), '.3f', 1e6)} MFLOPs, {meta['size']} bytes  "
                    f"{meta['sha256'][:12]}")
+
+
+# Costs, the quantization record and the calibration history are informational: readers check only
+# that they are objects (docs/FORMAT.md 3, 3.1, 3.3), so a package another tool wrote may hold anything
+# there. inspect shows what is there instead of failing on it; --json passes the values through as they are.
+
+
+def _key(obj: Any, key: str) -> Any:
+    """``obj[key]`` when ``obj`` is an object holding it, else None (shown as ``?``)."""
+    return obj.get(key) if isinstance(obj, Mapping) else None
+
+
+def _shown(value: Any, spec: str = "", scale: float = 1.0) -> str:
+    """A manifest value for display: a number formatted with ``spec`` (after dividing by ``scale``),
+    ``?`` where the value is missing, anything else as its JSON text, cut to 40 characters."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return format(value / scale if scale != 1.0 else value, spec)
+    text = "?" if value is None else value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+    text = text if len(text) <= 40 else text[:39] + "…"
+    return format(text, "".join(takewhile(lambda ch: ch in "<>^" or ch.isdigit(), spec)))   # its width only
 
 
 def _package_view(pkg: Any) -> dict[str, Any]:
@@ -143,8 +169,8 @@ def _inspect_seq2seq(pkg: Any) -> None:
                f"{len(spec.vocab)}, answers up to {spec.max_answer - 1} tokens, width {spec.width}, "
                f"{spec.heads} heads")
     for m in spec.modalities:
-        click.echo(f"encoder, {m['name']} ({m['input']}, {m['tokens']} tokens): {len(spec.encoder)} shared layers, "
-                   f"{state(m.get('threshold'))}")
+        click.echo(f"encoder, {m['name']} ({m['input']}, {_shown(m.get('tokens'))} tokens): "
+                   f"{len(spec.encoder)} shared layers, {state(m.get('threshold'))}")
     click.echo(f"decoder: {len(spec.decoder)} layers with a key/value cache, shared head; per token "
                f"{state(spec.decoder_threshold)}")
     modes = sorted(spec.encoder_exits or {})

@@ -244,7 +244,7 @@ def _in_graph_exits(folder: Path, spec: dict[str, Any], say: Callable[[str], Non
 def export_mue(model: EncoderDecoderDescription | DescribesEncoderDecoder, path: str | os.PathLike[str], *,
                name: str = "mue", opset: int = 18, atol: float = 1e-4,
                encoder_thresholds: Sequence[float | None] = (None, None), decoder_threshold: float | None = None,
-               log: Callable[[str], None] | None = print) -> Package:
+               overwrite: bool = False, log: Callable[[str], None] | None = print) -> Package:
     """Write ``model`` as a seq2seq exit package at ``path`` (replaced atomically) and load it back.
 
     ``model`` is an ``EncoderDecoderDescription`` or a model whose ``describe()`` returns one
@@ -299,7 +299,7 @@ def export_mue(model: EncoderDecoderDescription | DescribesEncoderDecoder, path:
                          "exporter": "torchscript"},
         }
         compiled = _in_graph_exits(folder, manifest["seq2seq"], say)  # type: ignore[arg-type]
-        write_package(path, manifest, {**{file: folder / file for file, *_ in graphs}, **compiled})
+        write_package(path, manifest, {**{file: folder / file for file, *_ in graphs}, **compiled}, overwrite=overwrite)
     say(f"wrote {path}")
     return load_package(path)
 

@@ -43,7 +43,7 @@ def write_package(
     manifest: Mapping[str, Any],
     files: Mapping[str, str | os.PathLike[str]],
     *,
-    overwrite: bool = True,
+    overwrite: bool = False,
 ) -> Path:
     """Write a package atomically: build it in a temporary sibling, then rename into place.
 

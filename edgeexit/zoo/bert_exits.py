@@ -401,7 +401,7 @@ def train_bert_exits(splits: Any, *, seed: int = 0, epochs: int = 60,
 def export_bert_exits(model: EarlyExitModel, path: str | Path, labels: Sequence[str], *,
                       tokenizer_dir: Path | None = None,
                       thresholds: Sequence[float | None] | None = None, policy: str = "entropy",
-                      log: Callable[[str], None] | None = print) -> Any:
+                      overwrite: bool = False, log: Callable[[str], None] | None = print) -> Any:
     """Export with a dynamic token axis, the tokenizer shipped in the package and the exits' halt and
     gate signals (format version 8)."""
     from ..export import export_package
@@ -410,7 +410,7 @@ def export_bert_exits(model: EarlyExitModel, path: str | Path, labels: Sequence[
     examples = tokenize(load_tokenizer(folder), ["An example input for the exporter.", "Another one, a bit longer."])
     return export_package(
         model, {k: torch.from_numpy(v) for k, v in examples.items()}, path, policy=policy, thresholds=thresholds,
-        labels=list(labels), name="bert-exits", overwrite=True, log=log,
+        labels=list(labels), name="bert-exits", overwrite=overwrite, log=log,
         dynamic_axes={"input_ids": {1: "tokens"}, "attention_mask": {1: "tokens"}},
         text={"tokenizer": folder / "tokenizer.json", "ids": "input_ids", "mask": "attention_mask",
               "max_tokens": MAX_TOKENS, "pad_id": 0},

@@ -136,7 +136,7 @@ def run_bert_quickstart(output_dir: str | Path = "edgeexit-quickstart", *, seed:
     say(f"chosen: {chosen.policy} at {chosen.threshold:.4g} ({chosen.layers:.2f} layers on the calibration split)")
     path = out / "bert-exits.eexit"
     package = export_bert_exits(model, path, splits.categories, policy=chosen.policy,
-                                thresholds=[chosen.threshold] * (model.num_exits - 1), log=None)
+                                thresholds=[chosen.threshold] * (model.num_exits - 1), overwrite=True, log=None)
     options = session_options(1, False, False)
     session = ExitSession(path, sess_options=options)
     full = package.full_model

@@ -408,6 +408,7 @@ def export_cbnet(
     name: str | None = None,
     dynamo: bool = False,
     compile: bool | None = None,
+    overwrite: bool = False,
     log: Callable[[str], None] | None = print,
 ) -> CBNetExport:
     """Export CBNet as a pipeline package (with ``fallback``) or as the paper's CBNet (without).
@@ -434,7 +435,7 @@ def export_cbnet(
     export_package(model, example, path, policy="entropy", thresholds=[0.0] if fallback else [],
                    labels=[str(i) for i in range(10)], name=name or ("cbnet" if fallback else "cbnet-light"),
                    include_full_model=fallback, preprocessing=preprocessing, seed=build.seed, dynamo=dynamo,
-                   compile=compile, overwrite=True, log=log)
+                   compile=compile, overwrite=overwrite, log=log)
     cal_info = None
     if fallback and threshold is None:
         cal = calibration or build.splits.calibration
@@ -542,8 +543,8 @@ def run_cbnet_quickstart(
         torch.set_num_threads(previous)
     out = Path(output_dir)
     weights = build.save(out / "cbnet.pt")
-    with_fb = export_cbnet(build, out / "cbnet.eexit", fallback=True, max_drop=max_drop, log=log)
-    light = export_cbnet(build, out / "cbnet-light.eexit", fallback=False, log=log)
+    with_fb = export_cbnet(build, out / "cbnet.eexit", fallback=True, max_drop=max_drop, overwrite=True, log=log)
+    light = export_cbnet(build, out / "cbnet-light.eexit", fallback=False, overwrite=True, log=log)
     assert with_fb.threshold is not None
     fb_session, light_session = ExitSession(with_fb.package), ExitSession(light.package)
     full = ort.InferenceSession(str(with_fb.package / "full.onnx"), session_options(1, False, False),

@@ -16,7 +16,7 @@ from .mue_task import mnist_qa_splits
 
 
 def export_zoo_mue(output: Path, *, weights: Path | None, epochs: int | None, seed: int,
-                   thresholds: Sequence[float] | None, log: Callable[[str], None],
+                   thresholds: Sequence[float] | None, overwrite: bool, log: Callable[[str], None],
                    say: Callable[[str], None]) -> None:
     """Export the zoo's MuE to ``output``: its weights from ``weights``, or trained here for ``epochs``
     (default ``MUE_EPOCHS``) and saved beside ``output``; ``thresholds`` are the image, text and
@@ -34,4 +34,4 @@ def export_zoo_mue(output: Path, *, weights: Path | None, epochs: int | None, se
         say(f"saved the trained weights to {weights_file} (export again with --weights {weights_file})")
     enc = (thresholds[0], thresholds[1]) if thresholds else (None, None)
     export_mue(model, output, encoder_thresholds=enc, decoder_threshold=thresholds[2] if thresholds else None,
-               log=log)
+               overwrite=overwrite, log=log)

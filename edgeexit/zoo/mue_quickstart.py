@@ -179,6 +179,6 @@ def run_mue_quickstart(output_dir: str | Path = "edgeexit-quickstart", *, epochs
     history = train_mue(model, splits, epochs=epochs, seed=seed)
     log(f"training loss per epoch: {', '.join(f'{h:.3f}' for h in history)}")
     save_weights(model, out / "mue.pt")  # type: ignore[arg-type]
-    package = export_mue(model, out / "mue.eexit", log=log).root
+    package = export_mue(model, out / "mue.eexit", overwrite=True, log=log).root
     return compare(model, package, out / "plain", splits, floor=floor, timed_samples=timed_samples, passes=passes,
                    log=log)
