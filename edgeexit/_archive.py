@@ -27,6 +27,15 @@ ARCHIVE_SUFFIX = ".eexit.zip"
 MANIFEST_NAME = "manifest.json"
 MAX_MEMBER_BYTES = 4 << 30          # per file, uncompressed
 _CHUNK = 1 << 20                    # unpacked and hashed this much at a time
+try:   # zipfile unpacks LZMA members with the lzma module, which a Python build may lack
+    import lzma
+    _CODEC_ERRORS: tuple[type[Exception], ...] = (lzma.LZMAError,)
+except ImportError:  # pragma: no cover - lzma is part of CPython's usual builds
+    _CODEC_ERRORS = ()
+# what unpacking a damaged or foreign member raises: bz2's "Invalid data stream" is an OSError, an
+# encrypted member a RuntimeError, an unknown method NotImplementedError
+_UNPACK_ERRORS: tuple[type[Exception], ...] = (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError,
+                                               ValueError, RuntimeError, OSError, *_CODEC_ERRORS)
 _FIXED_TIME = (1980, 1, 1, 0, 0, 0)  # the same package packs to the same bytes
 
 
@@ -42,12 +51,13 @@ class PackedPackage:
         self.where = where
         try:
             self._archive = zipfile.ZipFile(io.BytesIO(data))
-        except (zipfile.BadZipFile, ValueError) as exc:
-            raise ArchiveError(f"{where} is not a zip archive ({exc}); pack a package with `edgeexit pack`") from None
+        except (zipfile.BadZipFile, ValueError, NotImplementedError, EOFError) as exc:   # also: a zip version > 6.3
+            raise ArchiveError(f"{where} is not a zip archive it can read ({exc}); pack a package with "
+                               "`edgeexit pack`") from None
         self._members: dict[str, zipfile.ZipInfo] = {}
         for info in self._archive.infolist():   # the directory only: nothing is unpacked here
-            name = info.filename
-            if info.is_dir() or "/" in name or "\\" in name or name in ("", ".", "..") or ":" in name:
+            name = info.filename   # checked before is_dir(), which fails on a name zipfile cut to "" at a NUL
+            if name in ("", ".", "..") or info.is_dir() or "/" in name or "\\" in name or ":" in name:
                 raise ArchiveError(f"{where} holds {name!r}: packed packages hold plain file names only, no folders")
             if name in self._members:
                 raise ArchiveError(f"{where} holds {name!r} twice; a packed package names each file once")
@@ -90,7 +100,7 @@ class PackedPackage:
                     chunks.append(chunk)
                     if digest is not None:
                         digest.update(chunk)
-        except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, ValueError) as exc:
+        except _UNPACK_ERRORS as exc:
             raise ArchiveError(f"{info.filename!r} cannot be unpacked ({exc}); the archive is damaged, or packed "
                                "with a method other than stored or deflate") from None
         if total != size:

@@ -145,6 +145,8 @@ def parse_manifest(manifest: Mapping[str, Any], root: Path) -> Package:
         _schema(isinstance(cost, Mapping), f"{where}.cost", "an object", cost)
         sname, sfile = _field(raw, "name", where), _field(raw, "file", where)
         _schema(isinstance(sname, str), f"{where}.name", "a string", sname)
+        if not isinstance(sfile, str):   # refused now, as every file name is below: later checks hash and sort names
+            check_file_name(sfile, root)
         stages.append(
             StageSpec(
                 name=sname,
@@ -238,9 +240,11 @@ def _parse_seq2seq(manifest: Mapping[str, Any], kind: str, version: int, inputs:
             modalities)
     for j, m in enumerate(modalities):
         where = f"seq2seq.modalities[{j}]"
-        _schema(isinstance(m, Mapping) and isinstance(m.get("name"), str) and m.get("input") in names
-                and isinstance(m.get("embed"), str) and isinstance(m.get("first", ""), str), where,
-                "an object with name, input (a model input), embed and first (file names)", m)
+        _schema(isinstance(m, Mapping) and isinstance(m.get("name"), str) and isinstance(m.get("input"), str)
+                and m.get("input") in names and isinstance(m.get("embed"), str) and isinstance(m.get("first"), str)
+                and type(m.get("tokens")) is int and 1 <= m["tokens"] <= MAX_DIM, where,
+                "an object with name, input (a model input), embed and first (file names) and tokens (a positive "
+                "integer)", m)
         _threshold_field(m.get("threshold"), f"{where}.threshold")
     encoder = _str_list(_field(raw, "encoder", "seq2seq"), "seq2seq.encoder")
     decoder = _field(raw, "decoder", "seq2seq")
@@ -276,13 +280,15 @@ def _parse_text(raw: Any, version: int, inputs: list[InputSpec]) -> TextSpec | N
     token_inputs = {i.name for i in inputs if i.dtype in ("int64", "int32") and len(i.shape) == 2}
     tokenizer, ids, mask = raw.get("tokenizer"), raw.get("ids"), raw.get("mask")
     _schema(isinstance(tokenizer, str), "text.tokenizer", "a file name", tokenizer)
-    _schema(ids in token_inputs, "text.ids", f"a 2-D integer input of the model ({sorted(token_inputs)})", ids)
-    _schema(mask is None or (mask in token_inputs and mask != ids), "text.mask",
+    _schema(isinstance(ids, str) and ids in token_inputs, "text.ids",
+            f"a 2-D integer input of the model ({sorted(token_inputs)})", ids)
+    _schema(mask is None or (isinstance(mask, str) and mask in token_inputs and mask != ids), "text.mask",
             "null or another 2-D integer input", mask)
     max_tokens, pad_id = raw.get("max_tokens"), raw.get("pad_id", 0)
     _schema(type(max_tokens) is int and 1 <= max_tokens <= MAX_DIM, "text.max_tokens", "a positive integer",
             max_tokens)
-    _schema(type(pad_id) is int and pad_id >= 0, "text.pad_id", "a non-negative integer", pad_id)
+    _schema(type(pad_id) is int and 0 <= pad_id <= MAX_DIM, "text.pad_id",
+            f"a non-negative integer up to {MAX_DIM} (a token id of the int32/int64 inputs)", pad_id)
     return TextSpec(tokenizer, ids, mask, max_tokens, pad_id)
 
 

@@ -20,6 +20,9 @@ from ..package import Package
 # first ``max_tokens`` tokens only differ from the uncut text's when they average over 64
 # characters each (long runs of spaces, or words a WordPiece vocabulary turns into [UNK] anyway).
 MAX_CHARS_PER_TOKEN = 64
+# what a caller or the interpreter means to stop with; every other BaseException from the tokenizers
+# library is its Rust code panicking (pyo3's PanicException derives from BaseException)
+_STOPS = (KeyboardInterrupt, SystemExit, GeneratorExit)
 
 
 def load_tokenizer_bytes(data: bytes, max_tokens: int) -> Any:
@@ -31,7 +34,9 @@ def load_tokenizer_bytes(data: bytes, max_tokens: int) -> Any:
                                 "pass token ids") from exc
     try:
         tokenizer = Tokenizer.from_str(data.decode("utf-8"))
-    except Exception as exc:     # tokenizers raises a bare Exception for a malformed file
+    except _STOPS:
+        raise
+    except BaseException as exc:   # a bare Exception for a malformed file; a PanicException (BaseException) too
         raise InputError(f"the tokenizer file is not a tokenizers JSON file: {str(exc)[:200]}") from None
     tokenizer.enable_truncation(max_length=max_tokens)
     tokenizer.no_padding()
@@ -55,7 +60,9 @@ def encode_batch(tokenizer: Any, texts: Sequence[str], pad_id: int = 0,
         texts = [t[:limit * MAX_CHARS_PER_TOKEN] for t in texts]
     try:
         encodings = tokenizer.encode_batch(list(texts))
-    except Exception as exc:     # tokenizers raises bare exceptions (e.g. a vocabulary without [UNK])
+    except _STOPS:
+        raise
+    except BaseException as exc:   # bare exceptions (a vocabulary without [UNK]); a regex that gives up panics
         raise InputError(f"the tokenizer could not encode the texts: {str(exc)[:200]}") from None
     rows = [e.ids[:limit] if limit else e.ids for e in encodings]   # added specials never exceed max_tokens
     length = max(1, max(len(r) for r in rows))

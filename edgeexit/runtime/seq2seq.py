@@ -24,7 +24,8 @@ at each layer only the samples still in it, are run (batch compaction).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from time import perf_counter_ns
 from typing import Any
@@ -108,6 +109,16 @@ def _fed(values: list[float | None]) -> np.ndarray:
     return np.array([DISABLED if v is None else v for v in values], np.float64)
 
 
+def _finite_number(value: Any) -> bool:
+    """A real number float64 can hold (a Python int beyond it is not: isfinite would raise)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
+
+
 def decoder_threshold(base: float | None, t: int, limit: int, decay: float | None) -> float | None:
     """The decoder exits' threshold for generated token ``t`` (0-based) of at most ``limit``.
 
@@ -162,8 +173,7 @@ class Seq2SeqRunner:
         enc = {m["name"]: m.get("threshold") for m in self.spec.modalities}
         dec = self.spec.decoder_threshold
         for key, value in (thresholds or {}).items():
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                      or not np.isfinite(value)):
+            if value is not None and not _finite_number(value):
                 raise InputError(f"threshold {key!r} must be a finite number or None, got {value!r}")
             if key == "decoder":
                 dec = value
@@ -262,8 +272,7 @@ class Seq2SeqRunner:
                  thresholds: dict[str, Any] | None = None, kv: str = "drop",
                  encoder_exit: str = "per_modality", engine: str = "auto", decay: float | None = None) -> Generation:
         s = self.spec
-        if decay is not None and (isinstance(decay, bool) or not isinstance(decay, (int, float))
-                                  or not np.isfinite(decay) or decay < 0):
+        if decay is not None and (not _finite_number(decay) or decay < 0):
             raise InputError(f"decay must be a finite number >= 0 (CALM's temperature) or None, got {decay!r}")
         if kv not in KV_MODES:
             raise InputError(f"kv={kv!r} is not one of {KV_MODES}")
@@ -283,9 +292,11 @@ class Seq2SeqRunner:
                                      "every question needs at least one token")
         if encoder_exit not in ("per_modality", "joint"):
             raise InputError(f"encoder_exit={encoder_exit!r} is not 'per_modality' or 'joint'")
+        if thresholds is not None and not isinstance(thresholds, Mapping):
+            raise InputError(f"thresholds must be a dict such as {{'decoder': 0.9, 'image': 0.95}} or None, got "
+                             f"{thresholds!r}")
         joint = (thresholds or {}).get("encoder")
-        if joint is not None and (isinstance(joint, bool) or not isinstance(joint, (int, float))
-                                  or not np.isfinite(joint)):
+        if joint is not None and not _finite_number(joint):
             raise InputError(f"threshold 'encoder' must be a finite number or None, got {joint!r}")
         enc_thr, dec_thr = self._thresholds({k: v for k, v in (thresholds or {}).items() if k != "encoder"})
         try:
