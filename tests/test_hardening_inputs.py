@@ -26,6 +26,7 @@ from edgeexit.errors import (
     FileIntegrityError,
     InputFileError,
     ManifestSchemaError,
+    ModelSpecError,
     PackageError,
     UnsafePathError,
 )
@@ -500,3 +501,57 @@ def test_a_load_during_a_republish_sees_one_whole_version(tmp_path):
     assert not writer_errors, writer_errors
     assert failures == [], f"{len(failures)} of {loads} loads failed during {writes[0]} writes; first: {failures[0]}"
     assert loads >= 300 and writes[0] >= 40 and seen["A"] and seen["B"], (loads, writes[0], seen)
+
+
+# --- weights files: only tensors load, and every refusal is typed -------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["a-pickle-of-objects", "empty", "truncated", "missing-keys", "odd-values"])
+def test_export_cbnet_weights_that_are_not_cbnet_weights_are_refused_typed(tmp_path, kind):
+    import argparse
+    import pickle
+
+    import torch
+    from click.testing import CliRunner
+
+    from edgeexit.cli import cli
+    from edgeexit.zoo.cbnet import WEIGHTS_FORMAT
+
+    weights = tmp_path / "w.pt"
+    if kind == "a-pickle-of-objects":
+        weights.write_bytes(pickle.dumps(argparse.Namespace(blenet=1)))
+    elif kind == "empty":
+        weights.write_bytes(b"")
+    elif kind == "truncated":
+        torch.save({"format": WEIGHTS_FORMAT, "blenet": {"w": torch.ones(3)}}, weights)
+        weights.write_bytes(weights.read_bytes()[:40])
+    elif kind == "missing-keys":
+        torch.save({"format": WEIGHTS_FORMAT}, weights)
+    else:
+        torch.save({"format": WEIGHTS_FORMAT, "blenet": {"w": torch.ones(3)}, "sizes": "x", "converter": 1,
+                    "exemplars": 2, "dataset": "mnist5k", "seed": 0, "epochs": {}}, weights)
+    result = CliRunner().invoke(cli, ["export", "cbnet", "--weights", str(weights), "-o", str(tmp_path / "c.eexit")])
+    assert result.exit_code in (ModelSpecError.exit_code, InputFileError.exit_code), result.output
+    assert isinstance(result.exception, SystemExit), result.exception
+    assert "weights_only=False" not in result.output and "Traceback" not in result.output
+    assert str(weights) in result.output
+    assert not (tmp_path / "c.eexit").exists()
+
+
+@pytest.mark.parametrize("loader", ["load_weights", "load_heads"])
+def test_other_weights_loaders_refuse_a_pickle_of_objects_without_advising_to_unpickle(tmp_path, loader):
+    import argparse
+    import pickle
+
+    from edgeexit import zoo
+
+    weights = tmp_path / "w.pt"
+    weights.write_bytes(pickle.dumps(argparse.Namespace(a=1)))
+    with pytest.raises(InputFileError) as caught:
+        if loader == "load_weights":
+            zoo.load_weights(zoo.get_model("blenet", seed=0), str(weights))
+        else:
+            from edgeexit.zoo.bert_exits import load_heads
+
+            load_heads(zoo.get_model("blenet", seed=0), weights)
+    assert "weights_only=False" not in str(caught.value) and "never does" in str(caught.value)

@@ -367,9 +367,10 @@ def save_heads(model: EarlyExitModel, path: str | Path) -> Path:
 def load_heads(model: EarlyExitModel, path: str | Path) -> EarlyExitModel:
     """Load heads saved by ``save_heads`` (plain tensors only; nothing is unpickled)."""
     from ..errors import InputFileError
+    from . import read_tensors
 
+    state = read_tensors(path, "exit heads saved by save_heads")
     try:
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
         for k in range(model.num_stages):
             prefix = f"exit{k}."
             model.exit_at(k).load_state_dict(   # type: ignore[union-attr]

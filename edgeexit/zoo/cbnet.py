@@ -46,6 +46,7 @@ from ..datasets import MNIST_PREPROCESSING, Split, Splits, load_digits8, mnist5k
 from ..errors import DataError, ModelSpecError
 from ..export.model import EarlyExitModel
 from ..measure import LatencyStats
+from . import read_tensors
 from .blenet import blenet as make_blenet
 from .quickstart import time_batch1_many
 from .train import train_early_exit
@@ -319,19 +320,25 @@ class CBNetBuild:
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> CBNetBuild:
         """Read a file written by ``save``; the splits are rebuilt from its dataset and seed."""
-        saved = torch.load(path, map_location="cpu", weights_only=True)
+        saved = read_tensors(path, "a CBNet weights file written by CBNetBuild.save")
         if not isinstance(saved, dict) or saved.get("format") != WEIGHTS_FORMAT:
             raise ModelSpecError(
                 f"{path} is not a CBNet weights file written by CBNetBuild.save (format {WEIGHTS_FORMAT!r}); "
                 "build one with build_cbnet(...).save(path)"
             )
-        blenet = make_blenet()
-        blenet.load_state_dict(saved["blenet"])
-        ae = ConvertingAutoencoder(*saved["sizes"])
-        ae.load_state_dict(saved["converter"])
-        return cls(blenet=blenet.eval(), converter=ae.eval(), exemplars=saved["exemplars"].numpy(),
-                   splits=dataset_splits(saved["dataset"], saved["seed"]), dataset=saved["dataset"],
-                   seed=saved["seed"], epochs=dict(saved["epochs"]))
+        try:
+            blenet = make_blenet()
+            blenet.load_state_dict(saved["blenet"])
+            ae = ConvertingAutoencoder(*saved["sizes"])
+            ae.load_state_dict(saved["converter"])
+            return cls(blenet=blenet.eval(), converter=ae.eval(), exemplars=saved["exemplars"].numpy(),
+                       splits=dataset_splits(saved["dataset"], saved["seed"]), dataset=saved["dataset"],
+                       seed=saved["seed"], epochs=dict(saved["epochs"]))
+        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as exc:   # keys missing or odd
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ModelSpecError(f"{path} says it is a CBNet weights file but does not fit CBNet "
+                                 f"({type(exc).__name__}: {first[:200]}); build one with build_cbnet(...).save(path)"
+                                 ) from None
 
 
 def build_cbnet(
