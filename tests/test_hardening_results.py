@@ -183,6 +183,27 @@ def test_the_full_model_gives_the_dtype_of_the_stage_loop(tmp_path, first, secon
         np.testing.assert_array_equal(got.logits, want.logits)
 
 
+@pytest.mark.parametrize(("wrong", "classes", "elem", "rank", "name"), [
+    ("five-classes", 5, F32, 2, "logits1"), ("int64-logits", 3, TensorProto.INT64, 2, "logits1"),
+    ("3-d-logits", 3, F32, 3, "logits1"), ("other-output-name", 3, F32, 2, "scores")])
+def test_a_full_model_that_does_not_answer_like_the_exits_is_refused(tmp_path, wrong, classes, elem, rank, name):
+    # full.onnx answers every call while the exits are disabled: its logits of another width were
+    # returned as they were (the package "had" 5 classes at batch 1 and 3 at exit 1)
+    manifest = copy.deepcopy(TINY_MANIFEST)
+    manifest.update(format_version=4, full_model={"file": "full.onnx", "inputs": ["x"], "logits": "logits1"})
+    manifest["stages"][0]["exit"]["threshold"] = None
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["l"]), helper.make_node("Cast", ["l"], ["c"], to=elem)]
+    nodes.append(helper.make_node("Unsqueeze", ["c", "axes"], [name]) if rank == 3 else
+                 helper.make_node("Identity", ["c"], [name]))
+    full = _model("full", nodes, [helper.make_tensor_value_info("x", F32, ["batch", 4])],
+                  [helper.make_tensor_value_info(name, elem, ["batch", classes] + [1] * (rank - 2))],
+                  [numpy_helper.from_array(np.ones((4, classes), np.float32), "W"),
+                   numpy_helper.from_array(np.array([2], np.int64), "axes")])
+    graphs = {"stage0.onnx": _stage0(F32), "stage1.onnx": _stage1(F32), "full.onnx": full}
+    with pytest.raises(GraphMismatchError, match=r"full model full\.onnx"):
+        ExitSession(_write(tmp_path, graphs, manifest))
+
+
 # --- b. a compiled graph is checked by what it answers, not only by its names ---------------------
 
 

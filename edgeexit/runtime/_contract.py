@@ -132,6 +132,28 @@ def check_stage_graphs(package: Package, sessions: Sequence[Any]) -> ExitLogits:
                       tuple(unknown))
 
 
+def check_full_model(package: Package, session: Any, exits: ExitLogits) -> None:
+    """``full.onnx`` answers for the package when every exit is disabled: its logits must be what the
+    exits' are (floating point, (batch, classes), the same class count), or GraphMismatchError."""
+    full = package.full_model
+    assert full is not None
+    outputs = {a.name: a for a in session.get_outputs()}
+    inputs = sorted(a.name for a in session.get_inputs())
+    if full.logits not in outputs or inputs != sorted(full.inputs):
+        raise GraphMismatchError(
+            f"the full model {full.file} has inputs {inputs} and outputs {sorted(outputs)}, but the manifest says "
+            f"inputs {list(full.inputs)} and logits {full.logits!r}; re-export the package")
+    arg = outputs[full.logits]
+    shape = list(arg.shape)
+    count = _static(shape[1]) if len(shape) == 2 else None
+    if arg.type not in LOGITS_DTYPE or len(shape) != 2 or _static(shape[0]) is not None or shape[1] == 0 or (
+            count is not None and exits.classes is not None and count != exits.classes):
+        raise GraphMismatchError(
+            f"the full model {full.file} answers {arg.type} {shape}, but the exits answer {exits.dtype} (batch, "
+            f"{exits.classes if exits.classes is not None else 'classes'}); the manifest and full.onnx do not belong "
+            "together. Re-export the package.")
+
+
 # --- seq2seq packages -------------------------------------------------------------------------------
 
 _F, _I64, _F64 = "tensor(float)", "tensor(int64)", "tensor(double)"

@@ -29,7 +29,7 @@ from ..devices.providers import ProviderSpec, check_session_providers, resolve_p
 from ..errors import GraphMismatchError, InputError, PolicyError, SessionError
 from ..package import Package, load_package
 from ..policies import ExitPolicy, always_threshold, check_thresholds, get_policy, never_threshold
-from ._contract import check_stage_graphs
+from ._contract import check_full_model, check_stage_graphs
 from ._engines import (
     ENGINES,
     CompiledGraph,
@@ -183,6 +183,7 @@ class ExitSession:
             for e in exits.unknown:
                 self._stages[self.exit_stages[e]].expect_classes(exits.classes)  # type: ignore[arg-type]
         # every path returns the widest of the exits' dtypes: no exit's logits are rounded to another's
+        self._exits = exits
         self._logits_dtype = exits.dtype
         self._widen = tuple(d != exits.dtype for d in exits.dtypes)   # per exit: cast at batch 1
         compiled_spec = self.package.compiled
@@ -434,7 +435,9 @@ class ExitSession:
         full = self.package.full_model
         assert full is not None
         if self._full_session is None:
-            self._full_session = self._build(full.file, "full model")
+            session = self._build(full.file, "full model")
+            check_full_model(self.package, session, self._exits)
+            self._full_session = session
         return self._full_session
 
     def _why_not_compiled(self, early_exits: bool, plan: _Plan) -> str:
