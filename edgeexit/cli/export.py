@@ -86,7 +86,7 @@ def export(model: str, output: Path, policy: str, thresholds: tuple[float, ...],
     """
     check_outputs(output, folder=True)
     from ..export import EarlyExitModel, export_package
-    from ..package._write import check_replaceable
+    from ..package import check_replaceable
     from ..zoo import ZOO, example_images, get_model, load_weights, save_weights
 
     check_replaceable(output, overwrite=True)   # what is not an exit package is never replaced, --force or not

@@ -36,11 +36,11 @@ from ..package import (
     SIGNALS_VERSION,
     TEXT_VERSION,
     Package,
+    check_replaceable,
     load_package,
     read_manifest,
     write_package,
 )
-from ..package._write import check_replaceable
 from ..policies import check_thresholds, get_policy
 from ._costs import FlopCounter, count_parameters
 from .compile import compile_blocker, compile_package

@@ -49,8 +49,15 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from .. import _leftovers as leftovers
 from ..errors import ExportError, InputShapeError
-from ..package import FORMAT_VERSION, Package, load_package, read_manifest, update_manifest, write_package
-from ..package._write import check_replaceable
+from ..package import (
+    FORMAT_VERSION,
+    Package,
+    check_replaceable,
+    load_package,
+    read_manifest,
+    update_manifest,
+    write_package,
+)
 from ..runtime._inputs import InputChecker
 from ..runtime._threads import session_options
 

@@ -38,6 +38,7 @@ from ._spec import Package as Package
 from ._spec import Seq2SeqSpec as Seq2SeqSpec
 from ._spec import StageSpec as StageSpec
 from ._spec import TextSpec as TextSpec
+from ._write import check_replaceable as check_replaceable
 from ._write import manifest_bytes as manifest_bytes
 from ._write import pack_package as pack_package
 from ._write import set_thresholds as set_thresholds
