@@ -7,6 +7,9 @@ early exit, that keeps accuracy within ``max_drop`` of the full model; and
 ``calibrate_thresholds`` searches one threshold per exit against the stage costs
 measured on this device (see ``_search``), writing the result into the package with
 ``apply_calibration`` while keeping the previous thresholds recoverable.
+``calibrate_temperatures`` fits one temperature per exit (``fit_temperature``, judged by
+``expected_calibration_error``) and writes them with ``set_temperatures``; every exit score
+here is computed from the logits divided by the exit's temperature, as the runtime does.
 
 Why one file of ~600 lines: recording, replaying, choosing and writing share one record
 type and one history format; the joint search itself is in ``_search``.
@@ -18,7 +21,7 @@ import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -60,8 +63,11 @@ def record_exits(session, inputs, labels: np.ndarray, policy: str | None = None,
         chunks.append(session.exit_outputs(part))
     per_exit = [{what: np.concatenate([c[e][what] for c in chunks]) for what in ("logits", pol.reads)}
                 for e in range(session.num_exits)]
+    # the runtime scores each exit's logits divided by its temperature (format version 9)
+    scored = [outputs[pol.reads] if pol.reads != "logits" or t == 1.0 else outputs["logits"].astype(np.float64) / t
+              for outputs, t in zip(per_exit, session.package.temperatures)]
     return ExitRecords(
-        scores=pol.score_table([outputs[pol.reads] for outputs in per_exit]),
+        scores=pol.score_table(scored),
         predictions=np.stack([outputs["logits"].argmax(axis=1) for outputs in per_exit]),
         labels=labels,
         policy=pol.name,
@@ -606,3 +612,151 @@ def record_engine_choice(path, inputs, *, device=None, batch_size: int = 64,  # 
 
     update_manifest(path, change)
     return timings
+
+
+# --- temperature scaling -------------------------------------------------------------------
+
+
+# The range fit_temperature searches: beyond it a softmax is all but one-hot (T -> 0) or uniform
+# (T -> inf), which no exit of a trained network should be made to say.
+TEMPERATURE_RANGE = (0.05, 20.0)
+
+
+class TemperatureFit(NamedTuple):
+    """One exit's fitted temperature and its expected calibration error before and after it."""
+
+    temperature: float
+    ece_before: float   # at the exit's temperature in the package (1.0 unless one was set)
+    ece_after: float    # at ``temperature``
+
+
+def _logits_and_labels(logits: Any, labels: Any) -> tuple[np.ndarray, np.ndarray]:
+    """``logits`` as finite float64 (n, classes) and ``labels`` as n class indices, else a CalibrationError."""
+    z, y = np.asarray(logits, dtype=np.float64), np.asarray(labels)
+    if z.ndim != 2 or z.shape[0] == 0 or z.shape[1] == 0:
+        raise CalibrationError(f"logits must be a non-empty (samples, classes) array; got shape {z.shape}")
+    if y.shape != (z.shape[0],) or not np.issubdtype(y.dtype, np.integer):
+        raise CalibrationError(f"labels must be integers of shape ({z.shape[0]},), one per sample; got "
+                               f"{y.dtype} {y.shape}")
+    if y.min() < 0 or y.max() >= z.shape[1]:
+        raise CalibrationError(f"labels must be class indices 0..{z.shape[1] - 1}; got {int(y.min())}..{int(y.max())}")
+    if not np.isfinite(z).all():
+        raise CalibrationError(f"{int((~np.isfinite(z).all(axis=1)).sum())} sample(s) have NaN or infinite logits; "
+                               "a temperature cannot be fitted on them")
+    return z, y
+
+
+def _nll(z: np.ndarray, y: np.ndarray, temperature: float) -> float:
+    """Mean negative log-likelihood of softmax(z / temperature) at the labels."""
+    s = z / temperature
+    top = s.max(axis=1)
+    log_total = top + np.log(np.exp(s - top[:, None]).sum(axis=1))
+    return float((log_total - s[np.arange(len(y)), y]).mean())
+
+
+def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
+    """The temperature T that minimises the negative log-likelihood of softmax(logits / T) at
+    ``labels`` (temperature scaling, Guo et al. 2017), within ``TEMPERATURE_RANGE``.
+
+    The NLL is convex in 1/T, so it has one minimum along log T: a golden-section search on log T
+    over [0.05, 20] finds it to 1e-4 relative (at an end of the range when the minimum lies
+    beyond it).  Logits that are constant in every row say nothing about T: 1.0.
+
+    Example:
+        >>> import numpy as np
+        >>> z = np.array([[4.0, 0.0], [4.0, 0.0], [0.0, 4.0], [4.0, 0.0]])
+        >>> round(fit_temperature(z, np.array([0, 1, 1, 0])), 2)   # one of four is wrong: soften
+        3.64
+    """
+    z, y = _logits_and_labels(logits, labels)
+    if np.ptp(z, axis=1).max() == 0:
+        return 1.0
+    lo, hi = (math.log(t) for t in TEMPERATURE_RANGE)
+    ratio = (math.sqrt(5.0) - 1.0) / 2.0
+
+    def f(log_t: float) -> float:
+        return _nll(z, y, math.exp(log_t))
+
+    a, b = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
+    fa, fb = f(a), f(b)
+    while hi - lo > 1e-4:
+        if fa <= fb:   # the minimum is in [lo, b]
+            hi, b, fb = b, a, fa
+            a = hi - ratio * (hi - lo)
+            fa = f(a)
+        else:          # in [a, hi]
+            lo, a, fa = a, b, fb
+            b = lo + ratio * (hi - lo)
+            fb = f(b)
+    return math.exp((lo + hi) / 2.0)
+
+
+def expected_calibration_error(logits: np.ndarray, labels: np.ndarray, bins: int = 15,
+                               temperature: float = 1.0) -> float:
+    """Expected calibration error of softmax(logits / temperature): the confidences (max
+    probability) fall into ``bins`` equal-width bins, bin m holding those in (m/bins, (m+1)/bins];
+    the ECE is the mean over samples of |accuracy - mean confidence| of each sample's bin.
+
+    Example:
+        >>> import numpy as np
+        >>> expected_calibration_error(np.array([[2.0, 0.0], [0.0, 2.0]]), np.array([0, 0]))  # doctest: +ELLIPSIS
+        0.3807...
+    """
+    z, y = _logits_and_labels(logits, labels)
+    if isinstance(bins, bool) or not isinstance(bins, (int, np.integer)) or bins < 1:
+        raise CalibrationError(f"bins must be a positive integer; got {bins!r}")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise CalibrationError(f"temperature must be a positive finite number; got {temperature!r}")
+    s = z / temperature
+    confidence = 1.0 / np.exp(s - s.max(axis=1, keepdims=True)).sum(axis=1)   # as the confidence policy
+    correct = (z.argmax(axis=1) == y).astype(np.float64)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, bins - 1)
+    gap = np.bincount(which, correct, minlength=bins) - np.bincount(which, confidence, minlength=bins)
+    return float(np.abs(gap).sum() / len(y))   # sum over bins of |acc - conf| * count / n
+
+
+def calibrate_temperatures(session_or_path, inputs, labels, *, bins: int = 15,  # type: ignore[no-untyped-def]
+                           batch_size: int = 256, write: bool = True) -> list[TemperatureFit]:
+    """Fit one temperature per exit on labelled data and write them into the package.
+
+    Every exit's logits are recorded in one pass through all stages (``run_all_exits``), a
+    temperature is fitted per exit (``fit_temperature``: the final exit's too, which changes
+    only the score it reports) and the expected calibration error is reported at the
+    package's temperature before and at the fitted one after.  With ``write`` the
+    temperatures go into the manifest atomically (``set_temperatures``: format version 9);
+    a session already open keeps the old ones (open a new one), and a compiled graph is
+    stale until ``edgeexit compile PACKAGE`` rebuilds it.  Fit on a split that thresholds
+    are not calibrated on, and calibrate thresholds after: scores change with temperatures.
+
+    Args:
+        session_or_path: an ``ExitSession`` or the package's path.
+        inputs: ``{name: array}`` or one array; ``labels``: one integer class per sample.
+
+    Returns:
+        One ``TemperatureFit(temperature, ece_before, ece_after)`` per exit, in exit order.
+
+    Example:
+        >>> fits = calibrate_temperatures("lenet.eexit", x_val, y_val)     # doctest: +SKIP
+        >>> [round(f.temperature, 2) for f in fits]                        # doctest: +SKIP
+        [1.73, 1.21]
+    """
+    from .package import set_temperatures
+    from .runtime import ExitSession
+
+    session = session_or_path if isinstance(session_or_path, ExitSession) else ExitSession(session_or_path)
+    feeds = inputs if isinstance(inputs, dict) else {session.input_names[0]: inputs}
+    n = next(iter(feeds.values())).shape[0] if feeds else 0
+    if n == 0:
+        raise CalibrationError("the labelled set is empty; temperature scaling needs samples")
+    chunks = [session.run_all_exits({k: v[start:start + batch_size] for k, v in feeds.items()})
+              for start in range(0, n, batch_size)]
+    fits = []
+    for e, current in enumerate(session.package.temperatures):
+        logits = np.concatenate([chunk[e] for chunk in chunks])
+        t = fit_temperature(logits, labels)
+        fits.append(TemperatureFit(t, expected_calibration_error(logits, labels, bins, current),
+                                   expected_calibration_error(logits, labels, bins, t)))
+    if write:
+        set_temperatures(session.package.root, [f.temperature for f in fits])
+    return fits

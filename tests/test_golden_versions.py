@@ -1,10 +1,11 @@
-"""Golden manifests of format versions 5 to 8 still parse, and each version's fields are refused
+"""Golden manifests of format versions 5 to 9 still parse, and each version's fields are refused
 in a manifest that claims an older version.
 
 The goldens are the manifest.json of real tiny packages (``tests/golden/make_goldens.py``): v5 and v6
 a MuE seq2seq export (v6 with the in-graph encoder exits and decoder steps, v5 without them), v7 a
 small BERT classifier with its own tokenizer (the ``text`` object) and a dynamic token axis, v8 the
-same BERT whose exits also return PALBERT's ``halt`` and JEI-DNN's ``gate`` signals.  As for
+same BERT whose exits also return PALBERT's ``halt`` and JEI-DNN's ``gate`` signals, v9 a B-LeNet
+whose exits have temperatures, its compiled graph rebuilt to divide by them.  As for
 versions 1-4, only the manifest is kept and parsed with ``parse_manifest``; the graphs are not.
 """
 
@@ -24,6 +25,7 @@ from edgeexit.package import (
     SEQ2SEQ_VERSION,
     SIGNALS_VERSION,
     SUPPORTED_FORMAT_VERSIONS,
+    TEMPERATURE_VERSION,
     TEXT_VERSION,
     Seq2SeqSpec,
     TextSpec,
@@ -47,9 +49,10 @@ def _check_files_table(files: dict[str, Any]) -> None:
 
 
 def test_the_version_constants_are_the_goldens_versions() -> None:
-    assert (SEQ2SEQ_VERSION, ENCODER_EXITS_VERSION, TEXT_VERSION, SIGNALS_VERSION) == (5, 6, 7, 8)
-    assert {5, 6, 7, 8} <= SUPPORTED_FORMAT_VERSIONS
-    for version in (5, 6, 7, 8):
+    assert (SEQ2SEQ_VERSION, ENCODER_EXITS_VERSION, TEXT_VERSION, SIGNALS_VERSION, TEMPERATURE_VERSION) == \
+        (5, 6, 7, 8, 9)
+    assert SUPPORTED_FORMAT_VERSIONS == frozenset(range(1, 10))
+    for version in (5, 6, 7, 8, 9):
         assert golden(version)["format_version"] == version
 
 
@@ -240,3 +243,66 @@ def _v8(change: Any) -> dict[str, Any]:
 def test_bad_signals_are_refused(tmp_path: Path, change: Any, message: str) -> None:
     with pytest.raises(ManifestSchemaError, match=message):
         parse_manifest(_v8(change), tmp_path)
+
+
+# --- version 9: temperatures -----------------------------------------------------------------------------
+
+
+def test_version_9_golden_parses_with_the_exits_temperatures(tmp_path: Path) -> None:
+    manifest = golden(9)
+    package = parse_manifest(manifest, tmp_path)
+    assert package.format_version == 9 and package.kind == "classifier" and package.name == "blenet-temperature-golden"
+    assert package.temperatures == [1.5, 0.8] and [s.exit.temperature for s in package.stages] == [1.5, 0.8]
+    assert package.thresholds == [0.05] and package.policies == ["entropy", "entropy"]
+    # the temperature is the last key of each exit: set_temperatures appended it to the exported manifest
+    assert [list(s["exit"]) for s in manifest["stages"]] == [["logits", "policy", "threshold", "temperature"]] * 2
+    # the compiled graph was rebuilt after the temperatures were set: it divides by the same ones
+    assert package.compiled is not None and package.compiled.temperatures == (1.5, 0.8)
+    assert package.compiled.file == "compiled-next.onnx" and package.compiled_stale is None
+    assert all(package.compiled.sources[f] == package.files[f]["sha256"] for f in ("stage0.onnx", "stage1.onnx"))
+    assert sorted(package.files) == ["compiled-next.onnx", "full.onnx", "stage0.onnx", "stage1.onnx"]
+    _check_files_table(dict(package.files))
+
+
+@pytest.mark.parametrize("version", [3, 4, 8])   # a compiled graph needs 3
+def test_temperatures_in_a_manifest_below_version_9_are_refused(tmp_path: Path, version: int) -> None:
+    manifest = golden(9)
+    manifest["format_version"] = version
+    with pytest.raises(ManifestSchemaError, match=rf"stages\[0\]\.exit\.temperature: expected absent in a "
+                                                  rf"version-{version} package \(temperatures need format version 9"):
+        parse_manifest(manifest, tmp_path)
+    for stage in manifest["stages"]:
+        del stage["exit"]["temperature"]
+    with pytest.raises(ManifestSchemaError, match=rf"compiled\.temperatures: expected absent in a version-{version}"):
+        parse_manifest(manifest, tmp_path)   # the compiled graph's record of them is a version-9 field as well
+    del manifest["compiled"]["temperatures"]
+    parse_manifest(manifest, tmp_path)       # without them it is a valid package of that version
+
+
+def _v9(change: Any) -> dict[str, Any]:
+    manifest = golden(9)
+    change(manifest)
+    return manifest
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (lambda m: m["stages"][0]["exit"].update(temperature=0), r"stages\[0\]\.exit\.temperature: expected a positive"),
+    (lambda m: m["stages"][1]["exit"].update(temperature=-0.8), r"stages\[1\]\.exit\.temperature: expected a pos"),
+    (lambda m: m["stages"][0]["exit"].update(temperature=True), r"exit\.temperature: expected a positive finite"),
+    (lambda m: m["stages"][0]["exit"].update(temperature="1.5"), r"exit\.temperature: expected a positive finite"),
+    (lambda m: m["compiled"].update(temperatures=[1.5]), r"compiled\.temperatures: expected a list of one "
+                                                         r"temperature per exit \(2\)"),
+    (lambda m: m["compiled"].update(temperatures=[1.5, None]), r"compiled\.temperatures: expected a list of one"),
+    (lambda m: m["compiled"].update(temperatures=[1.5, 0.0]), r"compiled\.temperatures: expected a positive finite"),
+    (lambda m: m["compiled"].update(temperatures={"0": 1.5}), r"compiled\.temperatures: expected a list"),
+], ids=["zero", "negative", "bool", "string", "compiled-short", "compiled-null", "compiled-zero", "compiled-object"])
+def test_bad_temperatures_are_refused(tmp_path: Path, change: Any, message: str) -> None:
+    with pytest.raises(ManifestSchemaError, match=message):
+        parse_manifest(_v9(change), tmp_path)
+
+
+def test_a_null_temperature_reads_as_1_and_marks_the_compiled_graph_stale(tmp_path: Path) -> None:
+    package = parse_manifest(_v9(lambda m: m["stages"][1]["exit"].update(temperature=None)), tmp_path)
+    assert package.temperatures == [1.5, 1.0]
+    assert package.compiled_stale == ("it divides the exits' logits by the temperatures [1.5, 0.8], the exits now "
+                                      "have [1.5, 1.0]")

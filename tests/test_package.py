@@ -330,7 +330,7 @@ REFUSALS: list[tuple[str, Callable[[Path], Path], type[Exception], list[str]]] =
     ("not-a-regular-file", _damage_not_regular, UnsafePathError,
      ["package entry 'stage1.onnx'", "is not a regular file"]),
     ("format-version-99", _damage_format_version, UnsupportedFormatError,
-     ["package format_version 99 is not supported", "reads version(s) [1, 2, 3, 4, 5, 6, 7, 8]", "Upgrade edgeexit"]),
+     ["package format_version 99 is not supported", "reads version(s) [1, 2, 3, 4, 5, 6, 7, 8, 9]", "Upgrade edgeexit"]),
     ("format-version-missing", _damage_format_version_missing, UnsupportedFormatError,
      ["format_version None is not supported"]),
     ("format-name", _damage_format_name, UnsupportedFormatError,

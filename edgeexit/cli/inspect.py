@@ -51,8 +51,9 @@ def inspect(package: Path, as_json: bool, output: Path | None, raw: bool) -> Non
     w = max(8, *(len(s.name) + 2 for s in pkg.stages))
     r = max(18, *(len(",".join(s.inputs)) + 2 for s in pkg.stages))
     c = max(14, *(len(",".join(s.carry)) + 2 for s in pkg.stages))
+    scaled = any(t != 1.0 for t in pkg.temperatures)   # a temperature column only where one says something
     click.echo(f"{'stage':<{w}}{'reads':<{r}}{'carry':<{c}}{'exit':<10}{'policy':<12}{'threshold':>10}"
-               f"{'params':>10}{'MFLOPs':>9}{'bytes':>10}  sha256")
+               + (f"{'temp.':>8}" if scaled else "") + f"{'params':>10}{'MFLOPs':>9}{'bytes':>10}  sha256")
     exit_no = 0
     for spec in pkg.stages:
         ex = spec.exit
@@ -65,7 +66,9 @@ def inspect(package: Path, as_json: bool, output: Path | None, raw: bool) -> Non
         meta = pkg.files[spec.file]
         click.echo(
             f"{spec.name:<{w}}{','.join(spec.inputs):<{r}}{','.join(spec.carry) or '-':<{c}}{exit_col:<10}"
-            f"{ex.policy if ex else '-':<12}{thr:>10}{_shown(spec.cost.get('params', 0), '>10')}"
+            f"{ex.policy if ex else '-':<12}{thr:>10}"
+            + ((f"{ex.temperature:>8.4g}" if ex else f"{'-':>8}") if scaled else "")
+            + f"{_shown(spec.cost.get('params', 0), '>10')}"
             f"{_shown(spec.cost.get('flops', 0), '>9.3f', 1e6)}{meta['size']:>10}  {meta['sha256'][:12]}"
         )
     signals = sorted({signal for s in pkg.stages if s.exit is not None for signal in s.exit.signals})
@@ -94,9 +97,9 @@ def inspect(package: Path, as_json: bool, output: Path | None, raw: bool) -> Non
         meta = pkg.files[pkg.compiled.file]
         click.echo(f"compiled graph: {pkg.compiled.file}, policies {', '.join(pkg.compiled.policies)}, "
                    f"input {pkg.compiled.thresholds!r} (float64, {len(pkg.thresholds)}), {meta['size']} bytes  "
-                   f"{meta['sha256'][:12]}" + ("" if list(pkg.compiled.policies) == pkg.policies else
-                                               f"; STALE: the exits now use {pkg.policies}, so ExitSession runs "
-                                               "the stage loop (edgeexit compile PACKAGE)"))
+                   f"{meta['sha256'][:12]}" + ("" if pkg.compiled_stale is None else
+                                               f"; STALE: {pkg.compiled_stale}, so ExitSession runs the stage "
+                                               "loop (edgeexit compile PACKAGE)"))
     if pkg.full_model:
         meta = pkg.files[pkg.full_model.file]
         click.echo(f"full model: {pkg.full_model.file}, {_shown(pkg.full_model.cost.get('params', 0))} params, "
@@ -132,7 +135,8 @@ def _package_view(pkg: Any) -> dict[str, Any]:
         if spec.exit is not None:
             last = spec is pkg.stages[-1]
             exit_info = {"index": exit_no, "logits": spec.exit.logits, "policy": spec.exit.policy,
-                         "threshold": spec.exit.threshold, "signals": dict(spec.exit.signals),
+                         "threshold": spec.exit.threshold, "temperature": spec.exit.temperature,
+                         "signals": dict(spec.exit.signals),
                          "state": "final" if last else ("disabled" if spec.exit.threshold is None else "enabled")}
             exit_no += 1
         stages.append({"name": spec.name, "file": spec.file, "reads": list(spec.inputs), "carry": list(spec.carry),
@@ -149,7 +153,8 @@ def _package_view(pkg: Any) -> dict[str, Any]:
             "file": pkg.full_model.file, **pkg.files[pkg.full_model.file]},
         "compiled": None if pkg.compiled is None else {
             "file": pkg.compiled.file, "policies": list(pkg.compiled.policies), "thresholds": pkg.compiled.thresholds,
-            "stale": list(pkg.compiled.policies) != pkg.policies, "engines": pkg.compiled.engines,
+            "temperatures": list(pkg.compiled.temperatures), "stale": pkg.compiled_stale is not None,
+            "engines": pkg.compiled.engines,
             **pkg.files[pkg.compiled.file]},
         "quantization": pkg.quantization, "calibration": history[-1] if history else None,
         "producer": dict(pkg.producer),

@@ -1,4 +1,5 @@
-"""The export side: early-exit model -> exit package (torch); int8 quantization and compiling (no torch).
+"""The export side: early-exit model -> exit package (torch); exits attached to a network we did not
+write (torch.fx); int8 quantization and compiling (no torch).
 
 Names load on first use, so ``edgeexit.export.quantize`` and ``edgeexit.export.compile`` can
 run where torch is absent.
@@ -9,14 +10,21 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from .attach import CutPoint as CutPoint
+    from .attach import attach_exits as attach_exits
+    from .attach import cuttable_layers as cuttable_layers
     from .compile import compile_package as compile_package
     from .exporter import export_package as export_package
     from .model import EarlyExitModel as EarlyExitModel
     from .quantize import quantize_package as quantize_package
     from .seq2seq_model import EncoderDecoderDescription as EncoderDecoderDescription
+    from .train_heads import load_training_npz as load_training_npz
+    from .train_heads import train_exit_heads as train_exit_heads
 
-_LAZY = {"export_package": "exporter", "EarlyExitModel": "model", "quantize_package": "quantize",
-         "compile_package": "compile", "EncoderDecoderDescription": "seq2seq_model"}
+_LAZY = {"attach_exits": "attach", "cuttable_layers": "attach", "CutPoint": "attach",
+         "export_package": "exporter", "EarlyExitModel": "model", "quantize_package": "quantize",
+         "compile_package": "compile", "EncoderDecoderDescription": "seq2seq_model",
+         "train_exit_heads": "train_heads", "load_training_npz": "train_heads"}
 
 
 def __getattr__(name: str) -> Any:
@@ -27,4 +35,5 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["EarlyExitModel", "EncoderDecoderDescription", "compile_package", "export_package", "quantize_package"]
+__all__ = ["CutPoint", "EarlyExitModel", "EncoderDecoderDescription", "attach_exits", "compile_package",
+           "cuttable_layers", "export_package", "load_training_npz", "quantize_package", "train_exit_heads"]

@@ -2,9 +2,9 @@
 
 The stage graphs of a package are spliced into one graph, each prefixed so names stay
 unique.  After each early exit the policy score is computed with ONNX ops in float64
-(as ``edgeexit.policies`` does in numpy), the rows that did not pass are gathered, and
-an ``If`` runs the rest of the model on those rows only; their results are scattered
-back in input order::
+(as ``edgeexit.policies`` does in numpy, on the logits divided by the exit's temperature
+where it is not 1), the rows that did not pass are gathered, and an ``If`` runs the rest
+of the model on those rows only; their results are scattered back in input order::
 
     inputs, thresholds -> segment 0 -> logits0 -> score0 -> pass0 ?
         If(any row left): gather the rows left -> segment 1 -> ... -> ScatterND back
@@ -222,12 +222,15 @@ def _splice(scope: _Scope, model: onnx.ModelProto, prefix: str, feeds: Mapping[s
 # --- policy scores and decisions ----------------------------------------------------
 
 
-def _score(scope: _Scope, logits: str, policy: str, classes: int | None) -> str:
+def _score(scope: _Scope, logits: str, policy: str, classes: int | None, temperature: float = 1.0) -> str:
     """float64 score per row, as ``edgeexit.policies`` computes it; ``logits`` is what the policy
-    reads (the gate policy: the exit's (batch, 1) gate signal)."""
+    reads (the gate policy: the exit's (batch, 1) gate signal).  Logits are divided by the exit's
+    ``temperature`` in float64 first, as the runtime divides them (format version 9)."""
     z = scope.one("Cast", [logits], "z64", to=TensorProto.DOUBLE)
     if policy == "gate":
         return scope.one("Reshape", [z, scope.const(np.array([-1], np.int64), "flat")], "gate")
+    if temperature != 1.0:
+        z = scope.one("Div", [z, scope.const(np.array(temperature, np.float64), "temperature")], "z_scaled")
     p = scope.one("Softmax", [z], "p", axis=1)
     if policy == "confidence":
         return scope.reduce("ReduceMax", p, "confidence")
@@ -306,6 +309,7 @@ class _Compiler:
         seg, rest = segments[0], segments[1:]
         tensors = dict(tensors)
         logits = scored = policy = ""
+        temperature = 1.0
         for k in seg.stages:
             spec = self.package.stages[k]
             outs = _splice(scope, self.models[k], f"s{k}/", {n: tensors[n] for n in spec.inputs})
@@ -314,7 +318,9 @@ class _Compiler:
                 logits = outs[spec.exit.logits]
                 policy = spec.exit.policy
                 scored = outs[spec.exit.output(get_policy(policy).reads) or ""]   # the manifest has it (load checks)
-        score = _score(scope, scored, policy, self.classes)   # from the exit's own outputs, as the stage loop
+                temperature = spec.exit.temperature
+        # from the exit's own outputs (and temperature), as the stage loop
+        score = _score(scope, scored, policy, self.classes, temperature)
         if self._elem_type(seg.stages[-1]) != self.logits_type:  # returned in the widest exit dtype, as the stage loop
             logits = scope.one("Cast", [logits], f"logits{seg.exit_number}_cast", to=self.logits_type)
         if not rest and not need_exit:
@@ -445,6 +451,8 @@ def build_compiled_model(package: Package) -> onnx.ModelProto:
         "edgeexit.kind": "compiled exits", "edgeexit.model": package.name,
         "edgeexit.policies": ",".join(package.policies), "edgeexit.exits": str(len(package.exit_stages)),
         "edgeexit.thresholds": f"input {io.thresholds} (float64, {num_early}: one per early exit)",
+        **({"edgeexit.temperatures": ",".join(repr(t) for t in package.temperatures)}
+           if any(t != 1.0 for t in package.temperatures) else {}),
     })
     try:
         onnx.checker.check_model(model, full_check=True)
@@ -492,7 +500,7 @@ def bake_thresholds(model: onnx.ModelProto, thresholds: Sequence[float],
 def compiled_entry(package: Package, file: str = COMPILED_FILE) -> dict[str, Any]:
     """The manifest's ``compiled`` object for a graph built from ``package``'s stage files now."""
     io = graph_names(package)
-    return {
+    entry: dict[str, Any] = {
         "file": file,
         "inputs": [i.name for i in package.inputs],
         "thresholds": io.thresholds,
@@ -500,6 +508,9 @@ def compiled_entry(package: Package, file: str = COMPILED_FILE) -> dict[str, Any
         "outputs": dict(zip(COMPILED_OUTPUTS, io.outputs)),
         "sources": {s.file: sha256_file(package.file_path(s.file)) for s in package.stages},
     }
+    if any(t != 1.0 for t in package.temperatures):   # a version-9 field, written only when it says something
+        entry["temperatures"] = list(package.temperatures)
+    return entry
 
 
 def _file_users(package: Package, *, recompiling: bool) -> dict[str, str]:

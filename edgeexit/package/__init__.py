@@ -29,6 +29,7 @@ from ._spec import MAX_DIM as MAX_DIM
 from ._spec import SEQ2SEQ_VERSION as SEQ2SEQ_VERSION
 from ._spec import SIGNALS_VERSION as SIGNALS_VERSION
 from ._spec import SUPPORTED_FORMAT_VERSIONS as SUPPORTED_FORMAT_VERSIONS
+from ._spec import TEMPERATURE_VERSION as TEMPERATURE_VERSION
 from ._spec import TEXT_VERSION as TEXT_VERSION
 from ._spec import CompiledSpec as CompiledSpec
 from ._spec import ExitSpec as ExitSpec
@@ -41,6 +42,7 @@ from ._spec import TextSpec as TextSpec
 from ._write import check_replaceable as check_replaceable
 from ._write import manifest_bytes as manifest_bytes
 from ._write import pack_package as pack_package
+from ._write import set_temperatures as set_temperatures
 from ._write import set_thresholds as set_thresholds
 from ._write import update_manifest as update_manifest
 from ._write import write_package as write_package

@@ -28,6 +28,7 @@ from ._spec import (
     SEQ2SEQ_VERSION,
     SIGNALS_VERSION,
     SUPPORTED_FORMAT_VERSIONS,
+    TEMPERATURE_VERSION,
     TEXT_VERSION,
     CompiledSpec,
     ExitSpec,
@@ -91,7 +92,19 @@ def _parse_exit(raw: Any, where: str, version: int) -> ExitSpec | None:
             f"{'only the signals ' + str(sorted(signals)) if signals else 'no signals'}; re-export the model with "
             f"exit heads that return it, or choose a policy that reads the logits"
         )
-    return ExitSpec(logits, policy, None if threshold is None else float(threshold), signals)
+    temperature = _temperature(raw.get("temperature"), f"{where}.temperature", version)
+    return ExitSpec(logits, policy, None if threshold is None else float(threshold), signals, temperature)
+
+
+def _temperature(value: Any, where: str, version: int) -> float:
+    """An exit's temperature (format version 9): a positive finite number; absent or null is 1.0."""
+    if value is None:
+        return 1.0
+    _schema(version >= TEMPERATURE_VERSION, where,
+            f"absent in a version-{version} package (temperatures need format version {TEMPERATURE_VERSION})", value)
+    _schema(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0,
+            where, "a positive finite number (the logits are divided by it before the policy scores them)", value)
+    return float(value)
 
 
 def parse_manifest(manifest: Mapping[str, Any], root: Path) -> Package:
@@ -330,6 +343,14 @@ def _parse_compiled(raw: Any, version: int, inputs: list[InputSpec], stages: lis
     _schema(engines is None or (isinstance(engines, Mapping) and all(
         engines.get(regime) in ("stages", "compiled") for regime in ("batch1", "batch"))), "compiled.engines",
         "null or an object whose batch1 and batch are 'stages' or 'compiled'", engines)
+    raw_temperatures = raw.get("temperatures")
+    if raw_temperatures is None:
+        temperatures = (1.0,) * num_exits
+    else:
+        _schema(isinstance(raw_temperatures, list) and len(raw_temperatures) == num_exits
+                and all(t is not None for t in raw_temperatures), "compiled.temperatures",
+                f"a list of one temperature per exit ({num_exits})", raw_temperatures)
+        temperatures = tuple(_temperature(t, "compiled.temperatures", version) for t in raw_temperatures)
     stale = [name for name, digest in sources.items()
              if not isinstance(files.get(name), Mapping) or files[name].get("sha256") != digest]
     if stale:
@@ -338,7 +359,7 @@ def _parse_compiled(raw: Any, version: int, inputs: list[InputSpec], stages: lis
             "would not agree with the stage graphs. Rebuild it with `edgeexit compile PACKAGE`."
         )
     return CompiledSpec(file, names, thresholds, policies, dict(outputs), dict(sources),
-                        None if engines is None else dict(engines))
+                        None if engines is None else dict(engines), temperatures)
 
 
 def _check_stage_wiring(stages: list[StageSpec], inputs: list[InputSpec], version: int) -> None:

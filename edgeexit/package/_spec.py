@@ -23,7 +23,7 @@ FORMAT_NAME = "edgeexit"
 # threshold be null: that exit is disabled (not calibrated yet, or slower than the full
 # model on the device it was calibrated on).  Versions 1-3 load unchanged.
 FORMAT_VERSION = 4
-SUPPORTED_FORMAT_VERSIONS = frozenset({1, 2, 3, 4, 5, 6, 7, 8})
+SUPPORTED_FORMAT_VERSIONS = frozenset({1, 2, 3, 4, 5, 6, 7, 8, 9})
 SEQ2SEQ_VERSION = 5   # adds kind "seq2seq" (the `seq2seq` object); classifiers are still written as 4
 # version 6 adds `seq2seq.encoder_exits` and `seq2seq.decoder_steps`: the encoder and a decoder step
 # with in-graph exits (optional; 5 loads unchanged)
@@ -33,6 +33,9 @@ TEXT_VERSION = 7
 # version 8 adds `stages[].exit.signals`: exit outputs besides the logits (PALBERT's halting
 # probability, JEI-DNN's gate value) that the q_exit and gate policies score
 SIGNALS_VERSION = 8
+# version 9 adds `stages[].exit.temperature`: the exit's logits are divided by it before a policy
+# scores them (temperature scaling), and `compiled.temperatures`, those the compiled graph divides by
+TEMPERATURE_VERSION = 9
 DISABLED_EXITS_VERSION = 4
 MANIFEST_NAME = "manifest.json"
 KINDS = ("classifier", "seq2seq", "pipeline")
@@ -55,13 +58,16 @@ class ExitSpec:
     """The exit attached to a stage: its logits output, policy and threshold.
 
     ``threshold`` is ``None`` for the final exit, which always accepts, and (from format
-    version 4) for an early exit that is disabled: no sample leaves there.
+    version 4) for an early exit that is disabled: no sample leaves there.  ``temperature``
+    (format version 9) divides the logits before a policy that reads them scores them; 1.0
+    when the manifest gives none.
     """
 
     logits: str
     policy: str
     threshold: float | None
     signals: Mapping[str, str] = field(default_factory=dict)   # signal ("halt", "gate") -> output; version 8
+    temperature: float = 1.0                                     # version 9
 
     def output(self, reads: str) -> str | None:
         """The graph output a policy reading ``reads`` scores ("logits" or a signal), or None."""
@@ -143,7 +149,9 @@ class CompiledSpec:
     """Optional single graph of the whole early-exit model that decides its exits in-graph.
 
     ``policies`` are the exit policies compiled into the graph (one per exit); ``sources``
-    maps each stage file to the sha256 it had when the graph was built from it.
+    maps each stage file to the sha256 it had when the graph was built from it;
+    ``temperatures`` are those the graph divides each exit's logits by (one per exit, 1.0
+    where the manifest gives none; format version 9).
     """
 
     file: str
@@ -153,6 +161,7 @@ class CompiledSpec:
     outputs: Mapping[str, str]
     sources: Mapping[str, str]
     engines: Mapping[str, Any] | None = None   # the engine measured faster per regime on a device
+    temperatures: tuple[float, ...] = ()        # one per exit
 
 
 @dataclass(frozen=True)
@@ -224,3 +233,21 @@ class Package:
     @property
     def policies(self) -> list[str]:
         return [self.stages[i].exit.policy for i in self.exit_stages]  # type: ignore[union-attr]
+
+    @property
+    def temperatures(self) -> list[float]:
+        """Every exit's temperature, the final exit's included (1.0: the logits are scored as they are)."""
+        return [self.stages[i].exit.temperature for i in self.exit_stages]  # type: ignore[union-attr]
+
+    @property
+    def compiled_stale(self) -> str | None:
+        """Why the compiled graph cannot answer for the package's exits as they are now (it computes other
+        policies or other temperatures: rebuild it with ``edgeexit compile``), or None."""
+        if self.compiled is None:
+            return None
+        if list(self.compiled.temperatures) != self.temperatures:
+            return (f"it divides the exits' logits by the temperatures {list(self.compiled.temperatures)}, the exits "
+                    f"now have {self.temperatures}")
+        if list(self.compiled.policies) != self.policies:
+            return f"it computes the policies {list(self.compiled.policies)}, the exits now use {self.policies}"
+        return None

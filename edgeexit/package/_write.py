@@ -1,14 +1,16 @@
 """Writing exit packages atomically, so a crash at any step leaves the previous one loadable.
 
 ``write_package`` builds a package in a temporary sibling directory, fsyncs it and
-renames (or exchanges) it into place; ``update_manifest`` and ``set_thresholds`` rewrite
-only ``manifest.json`` by temporary file and ``os.replace``; ``pack_package`` writes a
+renames (or exchanges) it into place; ``update_manifest``, ``set_thresholds`` and
+``set_temperatures`` rewrite only ``manifest.json`` by temporary file and ``os.replace``; ``pack_package`` writes a
 verified package as one archive file.  Nothing is written that the reader would refuse.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import numbers
 import os
 import shutil
 import tempfile
@@ -23,7 +25,7 @@ from ..errors import ManifestSchemaError, MissingFileError, OutputError, Package
 from ._files import check_file_name, sha256_file
 from ._parse import parse_manifest
 from ._read import _verify_files, load_package, read_manifest
-from ._spec import DISABLED_EXITS_VERSION, FORMAT_NAME, MANIFEST_NAME, Package
+from ._spec import DISABLED_EXITS_VERSION, FORMAT_NAME, MANIFEST_NAME, TEMPERATURE_VERSION, Package
 
 
 def manifest_bytes(manifest: Mapping[str, Any]) -> bytes:
@@ -186,6 +188,44 @@ def set_thresholds(path: str | os.PathLike[str], thresholds: Sequence[float | No
             stage["exit"]["threshold"] = t
         if any(t is None for t in values):
             manifest["format_version"] = max(manifest["format_version"], DISABLED_EXITS_VERSION)
+
+    return update_manifest(path, change)
+
+
+def set_temperatures(path: str | os.PathLike[str], temperatures: Sequence[float | None]) -> Package:
+    """Write one temperature per exit, the final exit's included, into a package's manifest (atomically).
+
+    Each exit's logits are divided by its temperature before a policy scores them (format
+    version 9); 1.0 or None leaves them as they are and removes the exit's ``temperature`` key.
+    A temperature other than 1 raises ``format_version`` to 9.  A compiled graph built with
+    other temperatures is stale afterwards (the runtime runs the stage loop): rebuild it with
+    ``edgeexit compile PACKAGE``.
+
+    Example:
+        >>> set_temperatures("lenet.eexit", [1.7, 1.2])                 # doctest: +SKIP
+    """
+    values = []
+    for e, t in enumerate(temperatures):
+        ok = t is None or (isinstance(t, numbers.Real) and not isinstance(t, bool) and math.isfinite(t) and t > 0)
+        if not ok:
+            raise ManifestSchemaError(f"temperature {e} is {t!r}; give a positive finite number (1.0 or None: "
+                                      "the exit's logits are scored as they are)")
+        values.append(1.0 if t is None else float(t))
+
+    def change(manifest: dict[str, Any]) -> None:
+        exits = [s["exit"] for s in manifest["stages"] if s.get("exit") is not None]
+        if len(exits) != len(values):
+            raise ManifestSchemaError(
+                f"{len(values)} temperature(s) given but the package has {len(exits)} exit(s); give one per exit, "
+                "the final exit's included"
+            )
+        for spec, t in zip(exits, values):
+            if t == 1.0:
+                spec.pop("temperature", None)
+            else:
+                spec["temperature"] = t
+        if any(t != 1.0 for t in values):
+            manifest["format_version"] = max(manifest["format_version"], TEMPERATURE_VERSION)
 
     return update_manifest(path, change)
 

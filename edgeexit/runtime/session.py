@@ -150,6 +150,7 @@ class ExitSession:
         self._tokenizer: Any = None
         self._stages: list[Stage] = []
         self._compiled: CompiledGraph | None = None
+        self._compiled_stale: str | None = None   # why the package's compiled graph answers for no call
         self._full_session: ort.InferenceSession | None = None
         self._plain_session: ort.InferenceSession | None = None
         self._measures = threading.local()   # the measure() block open in each thread, if any
@@ -192,7 +193,13 @@ class ExitSession:
                 f"{self.package.root} has no compiled graph; add one with `edgeexit compile {self.package.root}` "
                 "or use engine='auto'"
             )
-        if compiled_spec is not None and engine != "stages":
+        # a graph that divides by other temperatures than the exits' answers for no call: not even built
+        if compiled_spec is not None and list(compiled_spec.temperatures) != self.package.temperatures:
+            self._compiled_stale = self.package.compiled_stale
+        if engine == "compiled" and self._compiled_stale:
+            raise SessionError(f"the compiled graph of {self.package.root} is stale: {self._compiled_stale}; rebuild "
+                               f"it with `edgeexit compile {self.package.root}` or use engine='auto'")
+        if compiled_spec is not None and engine != "stages" and not self._compiled_stale:
             self._compiled = CompiledGraph(compiled_spec, self._build(compiled_spec.file, "the compiled graph"))
             self._compiled.check_names()
             self._compiled.check_outputs(exits)
@@ -280,7 +287,9 @@ class ExitSession:
 
     def _make_plan(self, thresholds: Sequence[float | None] | None, policy: str | None) -> _Plan:
         specs = [self.package.stages[k].exit for k in self.exit_stages]
-        policies = tuple(get_policy(policy or s.policy) for s in specs)  # type: ignore[union-attr]
+        # each exit's policy, scoring its logits divided by its temperature (format version 9)
+        policies = tuple(_with_temperature(get_policy(policy or s.policy), s.temperature)  # type: ignore[union-attr]
+                         for s in specs)
         if thresholds is None:
             if policy is not None and any(get_policy(s.policy) is not get_policy(policy)  # type: ignore[union-attr]
                                           for s in specs[:-1]):
@@ -441,6 +450,9 @@ class ExitSession:
         return self._full_session
 
     def _why_not_compiled(self, early_exits: bool, plan: _Plan) -> str:
+        if self._compiled is None and self._compiled_stale:
+            return (f"the compiled graph of {self.package.root} is stale: {self._compiled_stale}; rebuild it with "
+                    f"`edgeexit compile {self.package.root}`, or drop engine='compiled'")
         if self._compiled is None:
             return (f"engine='compiled' but {self.package.root} has no compiled graph (or the session was opened "
                     f"with engine='stages'); add one with `edgeexit compile {self.package.root}`")
@@ -573,7 +585,7 @@ class ExitSession:
             if e is None:
                 continue
             logits = outs[stage.logits_pos]
-            policy = plan.policies[e]
+            policy = plan.policies[e]                           # scores logits / the exit's temperature
             scored = outs[stage.read_pos[policy.reads]]         # the logits, or the signal the policy reads
             s = policy.scores(scored) if policy.step is None else _stateful_scores(policy, states, scored)
             last = e == self.num_exits - 1
@@ -609,7 +621,7 @@ class ExitSession:
             e = stage.exit_number
             if e is not None:
                 row = outs[stage.logits_pos][0]
-                policy = plan.policies[e]
+                policy = plan.policies[e]                       # scores logits / the exit's temperature
                 scored = outs[stage.read_pos[policy.reads]][0]
                 score = policy.score_one(scored) if policy.step is None \
                     else float(_stateful_scores(policy, states, scored[None])[0])
@@ -707,7 +719,8 @@ class ExitSession:
         return self._tokenizer(texts)  # type: ignore[no-any-return]
 
     def run_all_exits(self, inputs: np.ndarray | dict[str, np.ndarray]) -> list[np.ndarray]:
-        """Logits of every exit for every sample (no early stopping), in exit order.
+        """Logits of every exit for every sample (no early stopping), in exit order, as the graphs
+        return them (not divided by any temperature).
 
         This is what calibration records: one pass through all stages.
         """
@@ -760,6 +773,22 @@ def _forced_answer(outputs: list[dict[str, np.ndarray]], plan: _Plan, dtype: np.
         return None
     return ExitResult(predictions=logits.argmax(axis=1), logits=logits, exit_index=np.full(len(logits), e, np.int64),
                       scores=scores, stage_ms=(), nonfinite_scores=0, total_ms=0.0)
+
+
+def _with_temperature(policy: ExitPolicy, temperature: float) -> ExitPolicy:
+    """``policy`` scoring logits divided by ``temperature`` in float64 (as the compiled graph divides
+    them), or ``policy`` itself where nothing is divided (temperature 1, or a policy that reads a
+    signal).  Built once per plan, so a call pays nothing when every temperature is 1; the logits
+    a result returns stay the graphs' own (the argmax is the same for any temperature > 0)."""
+    if temperature == 1.0 or policy.reads != "logits":
+        return policy
+    step = policy.step
+    return replace(
+        policy,
+        batch_score=lambda z: policy.batch_score(z.astype(np.float64) / temperature),
+        row_score=lambda row: policy.row_score([v / temperature for v in row]),
+        step=None if step is None else (lambda state, z: step(state, z.astype(np.float64) / temperature)),
+    )
 
 
 def _stateful_scores(policy: ExitPolicy, states: dict[str, tuple[np.ndarray, ...]], logits: np.ndarray) -> np.ndarray:

@@ -1,6 +1,7 @@
-"""Regenerate tests/golden/manifest_v5.json to manifest_v8.json from real exports.
+"""Regenerate tests/golden/manifest_v5.json to manifest_v9.json from real exports.
 
-    python tests/golden/make_goldens.py
+    python tests/golden/make_goldens.py          # every one
+    python tests/golden/make_goldens.py 9        # only these versions
 
 Each golden is the manifest.json of a real, tiny package, copied unchanged (its files table holds
 the true sha256 and size of the graphs, which are not kept: the golden tests parse the manifest
@@ -14,9 +15,12 @@ alone, as for versions 1-4):
 - version 7: ``export_package`` of a tiny BERT with early exits and its own word-level tokenizer
   (the ``text`` object) and a dynamic ``tokens`` axis, its exit heads returning logits only;
 - version 8: the same BERT with the heads of ``bert_exits`` as they are, which also return the
-  ``halt`` and ``gate`` signals (``stages[].exit.signals``), exported with the q_exit policy.
+  ``halt`` and ``gate`` signals (``stages[].exit.signals``), exported with the q_exit policy;
+- version 9: ``export_package`` of an untrained B-LeNet (seed 0, with ``full.onnx`` and the
+  compiled graph), then ``set_temperatures`` (``stages[].exit.temperature``) and
+  ``compile_package`` again, so the compiled graph divides by them (``compiled.temperatures``).
 
-Needs torch, transformers and tokenizers.  The producer versions and sha256 of the graphs depend on
+Needs torch, transformers and tokenizers (versions 7 and 8).  The producer versions and sha256 of the graphs depend on
 the installed torch/onnx; the tests check only what the reader parses, so regenerating is optional.
 """
 
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -96,6 +101,21 @@ def make_text(work: Path) -> None:
     _copy(package.root, 8)
 
 
+def make_temperature(work: Path) -> None:
+    from edgeexit.export import export_package
+    from edgeexit.export.compile import compile_package
+    from edgeexit.package import set_temperatures
+    from edgeexit.zoo.blenet import blenet
+
+    torch.manual_seed(0)
+    package = export_package(blenet(), {"image": torch.randn(4, 1, 28, 28)}, work / "temperature.eexit",
+                             thresholds=[0.05], labels=[str(i) for i in range(10)], name="blenet-temperature-golden",
+                             include_full_model=True, log=None)
+    set_temperatures(package.root, [1.5, 0.8])   # the compiled graph is stale now: built with none
+    compile_package(package.root, log=None)
+    _copy(package.root, 9)
+
+
 class _LogitsOnly(torch.nn.Module):
     """A bert-exits head without its signals: (logits, halt, gate) -> logits."""
 
@@ -107,11 +127,13 @@ class _LogitsOnly(torch.nn.Module):
         return self.head(*carry)[0]  # type: ignore[no-any-return]
 
 
-def main() -> None:
+def main(versions: set[int]) -> None:
+    makers = [({5, 6}, make_seq2seq), ({7, 8}, make_text), ({9}, make_temperature)]
     with tempfile.TemporaryDirectory(prefix="edgeexit-goldens-") as tmp:
-        make_seq2seq(Path(tmp))
-        make_text(Path(tmp))
+        for made, make in makers:
+            if made & versions:
+                make(Path(tmp))
 
 
 if __name__ == "__main__":
-    main()
+    main({int(v) for v in sys.argv[1:]} or {5, 6, 7, 8, 9})
