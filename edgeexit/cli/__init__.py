@@ -17,7 +17,7 @@ import click
 
 from .. import __version__
 from ..errors import EdgeExitError, MissingExtraError, OutputError
-from . import bench, calibrate, devices, export, inspect, quantize, quickstart, run
+from . import attach, bench, calibrate, devices, export, inspect, quantize, quickstart, run
 from .compile import compile_command, pack
 
 
@@ -66,6 +66,7 @@ def cli() -> None:
 
 
 cli.add_command(export.export)
+cli.add_command(attach.attach)
 cli.add_command(quantize.quantize)
 cli.add_command(compile_command)
 cli.add_command(pack)

@@ -75,6 +75,26 @@ def check_outputs(*paths: Path | None, folder: bool = False) -> None:
             check_output_path(path, folder=folder)
 
 
+def call_factory(spec: str) -> Any:
+    """What ``module.path:factory`` returns, the module imported as ``python -m`` would (the current
+    directory first); a ModelSpecError when it cannot be imported or is not callable."""
+    import importlib
+
+    from ..errors import ModelSpecError
+
+    module_name, _, attr = spec.partition(":")
+    if "" not in sys.path and str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ModelSpecError(f"cannot import {module_name!r} for model {spec!r}: {exc}") from None
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise ModelSpecError(f"{module_name!r} has no callable {attr!r}; MODEL must be module.path:factory")
+    return factory()
+
+
 def progress_bar(label: str, length: int) -> Any:
     """A progress bar on stderr, hidden by -q."""
     return click.progressbar(length=length, label=label, file=sys.stderr, show_eta=True, hidden=quiet())

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -11,23 +9,13 @@ import click
 
 from .._logging import logger, logging_options
 from ..errors import ModelSpecError
-from ._shared import check_outputs, progress_bar
+from ._shared import call_factory, check_outputs, progress_bar
 from .calibrate import run_calibration
 from .quantize import quantize_package_file
 
 
 def _load_user_model(spec: str) -> tuple[Any, dict[str, Any], list[str] | None]:
-    module_name, _, attr = spec.partition(":")
-    if "" not in sys.path and str(Path.cwd()) not in sys.path:
-        sys.path.insert(0, str(Path.cwd()))   # as `python -m` would: a module in the current directory
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ModelSpecError(f"cannot import {module_name!r} for model {spec!r}: {exc}") from None
-    factory = getattr(module, attr, None)
-    if not callable(factory):
-        raise ModelSpecError(f"{module_name!r} has no callable {attr!r}; MODEL must be module.path:factory")
-    made = factory()
+    made = call_factory(spec)
     model, example = made if isinstance(made, tuple) else (made, getattr(made, "example_inputs", None))
     if not isinstance(example, dict):
         raise ModelSpecError(

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -49,6 +50,33 @@ class AttachReport:
 
 def _tensors(inputs: Mapping[str, np.ndarray], rows: slice) -> dict[str, torch.Tensor]:
     return {name: torch.from_numpy(np.ascontiguousarray(value[rows])) for name, value in inputs.items()}
+
+
+def example_from(inputs: Mapping[str, np.ndarray], n: int = 2) -> dict[str, torch.Tensor]:
+    """The first ``n`` samples of ``inputs`` as the example tensors a trace or export runs on."""
+    return _tensors(inputs, slice(0, n))
+
+
+def network_from(made: Any, where: str, weights: str | Path | None = None
+                 ) -> tuple[nn.Module, dict[str, torch.Tensor] | None]:
+    """What a factory returned — a network, or (network, {input_name: example}) — checked, with
+    ``weights`` (a state_dict file) loaded into it, in eval mode."""
+    net, example = made if isinstance(made, tuple) and len(made) == 2 else (made, None)
+    if not isinstance(net, nn.Module):
+        raise ModelSpecError(f"{where} returned {type(net).__name__}; it must return a torch.nn.Module, or "
+                             "(module, {input_name: example_tensor})")
+    if example is not None and not (isinstance(example, dict) and all(
+            isinstance(v, torch.Tensor) for v in example.values())):
+        raise ModelSpecError(f"{where}: the second value it returns must be {{input_name: example_tensor}}")
+    if weights is not None:
+        from .weights import read_tensors
+
+        try:
+            net.load_state_dict(read_tensors(weights))
+        except (RuntimeError, TypeError, AttributeError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ModelSpecError(f"{weights} does not fit {where}: {first[:300]}") from None
+    return net.eval(), example
 
 
 def attach_package(model: nn.Module, at: Sequence[str], *, train: tuple[Mapping[str, np.ndarray], np.ndarray],

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,8 @@ import onnx
 import onnxruntime as ort
 import torch
 from torch import nn
+
+from ..errors import ExportError
 
 
 def module_of(node_name: str) -> str:
@@ -48,9 +51,13 @@ def time_shares(model: nn.Module, example_inputs: Mapping[str, torch.Tensor], la
         names = list(example_inputs)
         args = tuple(example_inputs[n] for n in names)
         try:
-            with torch.no_grad():
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")   # the TorchScript exporter's deprecation notice
                 torch.onnx.export(model, args, str(path), input_names=names, dynamo=False, opset_version=18,
                                   dynamic_axes={n: {0: "batch"} for n in names})
+        except Exception as exc:
+            raise ExportError(f"torch.onnx.export could not export {type(model).__name__} to time its layers: "
+                              f"{str(exc).strip().splitlines()[0][:300] if str(exc).strip() else exc!r}") from None
         finally:
             model.train(was_training)
         order = [n.name for n in onnx.load(str(path), load_external_data=False).graph.node]
