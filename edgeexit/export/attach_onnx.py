@@ -46,6 +46,7 @@ from onnx import helper
 from torch import nn
 
 from .. import __version__
+from .. import _leftovers as leftovers
 from .._onnx_scan import ScanError, external_locations
 from ..errors import ExportError, ExportValidationError, ModelSpecError
 from ..package import DTYPES, FORMAT_NAME, FORMAT_VERSION, Package, check_replaceable, load_package, write_package
@@ -840,16 +841,26 @@ def attach_onnx_exits(
         >>> ExitSession(pkg.root).run(x[:8]).exit_index                          # doctest: +SKIP
     """
     say = log or (lambda _line: None)
-    check_replaceable(output, overwrite=overwrite)
+    check_replaceable(output, overwrite=overwrite)   # before any work: never replaces what is not ours
+    pol = get_policy(policy)
+    if isinstance(at, str) or not at:
+        raise ModelSpecError(f"at must be a non-empty list of tensor names, got {at!r}")
+    values = check_thresholds(pol, [None] * len(at) if thresholds is None else thresholds, len(at),
+                              allow_disabled=True)
     proto, data = _load(model_path)
     specs = _input_specs(proto)
     feeds, n = _check_feeds(specs, inputs, minimum=2)
     g = _analyse(proto, logits, {k: v[:max(PROBE_BATCHES)] for k, v in feeds.items()})
     cuts = _order_cuts(g, at)
     mask_name = _find_mask(specs, mask)
-    kinds = _head_kinds(heads, [g.shapes[PROBE_BATCHES[0]][c][1:] for c in cuts], mask_name)
+    shapes = [g.shapes[PROBE_BATCHES[0]][c][1:] for c in cuts]
+    kinds = _head_kinds(heads, shapes, mask_name)
     if "masked_mean" not in kinds:
         mask_name = None
+    for c, kind, shape in zip(cuts, kinds, shapes):
+        if kind == "masked_mean" and mask_name and shape[0] != feeds[mask_name].shape[1]:
+            raise ModelSpecError(f"cut {c!r} has {shape[0]} tokens but the mask {mask_name!r} has "
+                                 f"{feeds[mask_name].shape[1]}; use heads='mean' or 'first_token' there")
     cut = _cut(g, data, cuts, {k: [mask_name] for k, kind in enumerate(kinds) if kind == "masked_mean" and mask_name})
     y = np.asarray(labels)
     if y.shape != (n,) or not np.issubdtype(y.dtype, np.integer) or y.min() < 0 or y.max() >= cut.classes:
@@ -857,9 +868,6 @@ def attach_onnx_exits(
                              f"shape {y.shape} {y.dtype}" + (f" from {y.min()} to {y.max()}" if y.size else ""))
     if labels_names is not None and len(labels_names) != cut.classes:
         raise ModelSpecError(f"labels_names has {len(labels_names)} names for {cut.classes} classes")
-    pol = get_policy(policy)
-    values = check_thresholds(pol, [None] * len(cuts) if thresholds is None else thresholds, len(cuts),
-                              allow_disabled=True)
     say(f"cut {Path(str(model_path)).name if not isinstance(model_path, onnx.ModelProto) else 'the model'} into "
         f"{len(cut.stages)} stages at {list(cuts)}; carries: {[len(s.carry) for s in cut.stages[:-1]]} tensors")
     features = record_cut_features(cut, feeds, batch_size)
@@ -881,6 +889,7 @@ def attach_onnx_exits(
     _validate(cut, stage_models, trained, features, feeds, x_mask, kinds, atol, rtol, say)
     manifest = _manifest(cut, stage_models, kinds, values, pol.name, labels_names, name, model_path,
                          {"samples": n, "epochs": epochs, "lr": lr, "seed": seed})
+    leftovers.collect_work_dirs("export")   # work folders of exports that were killed
     with tempfile.TemporaryDirectory(prefix=f"edgeexit-export-{os.getpid()}-") as tmp:
         folder = Path(tmp)
         files: dict[str, Path] = {}
