@@ -128,3 +128,33 @@ def test_attach_refuses_what_it_cannot_do(user_folder):
                                    "-o", "x.eexit"])
     assert result.exit_code == 2 and "no callable 'nothing'" in result.output
     assert not (user_folder / "x.eexit").exists()
+
+
+def test_attach_onnx_cuts_a_model_file_at_tensor_names(user_folder):
+    import warnings
+
+    import usernet
+
+    model = usernet.digitnet().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # the TorchScript exporter's deprecation notice
+        torch.onnx.export(model, (torch.zeros(2, 1, 8, 8),), str(user_folder / "digitnet.onnx"), dynamo=False,
+                          input_names=["image"], dynamic_axes={"image": {0: "batch"}})
+    result = _invoke(user_folder, ["attach", "digitnet.onnx", "--dry-run"])
+    assert result.exit_code == 0, result.output
+    tensors = [line.split()[0] for line in result.output.splitlines()[1:] if "Relu" in line]
+    assert len(tensors) >= 3, result.output   # the stem's and each block's ReLU
+    result = _invoke(user_folder, ["attach", "digitnet.onnx", "--at", tensors[1], "--at", tensors[2],
+                                   "--train-data", "train.npz", "--calibrate-data", "val.npz", "--epochs", "2",
+                                   "--max-drop", "5", "-o", "digitnet-onnx.eexit"])
+    assert result.exit_code == 0, result.output
+    assert "temperature" in result.output
+    path = user_folder / "digitnet-onnx.eexit"
+    assert (path / "full.onnx").read_bytes() == (user_folder / "digitnet.onnx").read_bytes()   # the model as given
+    with np.load(user_folder / "val.npz") as val:
+        images = val["image"]
+    sess = ExitSession(path)
+    with torch.no_grad():
+        want = model(torch.from_numpy(images)).numpy()
+    np.testing.assert_allclose(sess.run_all_exits(images)[-1], want, rtol=1e-5, atol=1e-5)
+    assert sess.run(images).logits.shape == (300, 10)

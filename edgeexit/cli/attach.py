@@ -45,7 +45,8 @@ def attach(model: str, cuts: tuple[str, ...], train_data: Path | None, calibrate
            output: Path | None, weights: Path | None, epochs: int, lr: float, joint: bool, final_weight: float,
            token: str, seed: int, dry_run: bool, force: bool) -> None:
     """Attach exits to MODEL (module.path:factory returning an unmodified torch network, or (network,
-    {input_name: example})), train their heads, and write an exit package."""
+    {input_name: example}); or a model.onnx, cut at tensor names), train their heads, and write an exit
+    package."""
     if not dry_run:
         if output is None or train_data is None or not cuts:
             raise click.UsageError("pass --at LAYER (once per exit), -o PACKAGE and --train-data TRAIN.npz (or "
@@ -55,6 +56,10 @@ def attach(model: str, cuts: tuple[str, ...], train_data: Path | None, calibrate
             raise click.UsageError(f"{output} exists; pass --force to replace it")
     if final_weight != 1.0 and not joint:
         raise click.UsageError("--final-weight weighs the model's own loss when fine-tuning: pass --joint with it")
+    if model.lower().endswith(".onnx"):
+        _attach_onnx(Path(model), cuts, train_data, calibrate_data, max_drop, output, epochs, lr, seed, dry_run,
+                     force, weights, joint)
+        return
     net, example = _network(model, weights)
     names = _input_names(net, example)
     train = _load(train_data, names) if train_data is not None else None
@@ -81,6 +86,46 @@ def attach(model: str, cuts: tuple[str, ...], train_data: Path | None, calibrate
     if calibrate_data is not None:
         from .calibrate import run_calibration
 
+        run_calibration(output, calibrate_data, max_drop=max_drop)
+    else:
+        click.echo(f"wrote {output}; its exits stay disabled until `edgeexit calibrate {output} --data VAL.npz "
+                   "--max-drop POINTS` chooses their thresholds")
+
+
+def _attach_onnx(model: Path, cuts: tuple[str, ...], train_data: Path | None, calibrate_data: Path | None,
+                 max_drop: float, output: Path | None, epochs: int, lr: float, seed: int, dry_run: bool,
+                 force: bool, weights: Path | None, joint: bool) -> None:
+    """``edgeexit attach model.onnx --at TENSOR``: the graph cut at tensor names, the heads trained on
+    the features onnxruntime records there."""
+    if not model.is_file():
+        raise click.UsageError(f"{model}: no such file")
+    if weights is not None or joint:
+        raise click.UsageError("--weights and --joint need the network in torch; a model.onnx keeps its weights")
+    if dry_run:
+        from ..export.attach_onnx import cuttable_tensors
+
+        click.echo(f"{'tensor':<40}{'op':<18}shape")
+        for name, op, shape in cuttable_tensors(model):
+            click.echo(f"{name:<40}{op:<18}{shape}")
+        return
+    from ..export.attach_onnx import attach_onnx_exits, onnx_input_names
+
+    assert train_data is not None and output is not None
+    inputs, labels = _load(train_data, onnx_input_names(model))
+    attach_onnx_exits(model, list(cuts), inputs, labels, output, epochs=epochs, lr=lr, seed=seed,
+                      name=model.stem, overwrite=force, log=logger.info)
+    if calibrate_data is not None:
+        from ..calibrate import calibrate_temperatures
+        from ..export.compile import compile_package
+        from ..package import load_package
+        from .calibrate import run_calibration
+
+        cal_inputs, cal_labels = _load(calibrate_data, onnx_input_names(model))
+        for k, (t, before, after) in enumerate(calibrate_temperatures(output, cal_inputs, cal_labels)[:-1]):
+            click.echo(f"exit {k} ({cuts[k]}): temperature {t:.3f}, expected calibration error {before:.4f} -> "
+                       f"{after:.4f}")
+        if load_package(output).compiled is not None:
+            compile_package(output, log=logger.info)
         run_calibration(output, calibrate_data, max_drop=max_drop)
     else:
         click.echo(f"wrote {output}; its exits stay disabled until `edgeexit calibrate {output} --data VAL.npz "

@@ -13,6 +13,8 @@ if TYPE_CHECKING:
     from .attach import CutPoint as CutPoint
     from .attach import attach_exits as attach_exits
     from .attach import cuttable_layers as cuttable_layers
+    from .attach_onnx import attach_onnx_exits as attach_onnx_exits
+    from .attach_onnx import cut_onnx as cut_onnx
     from .compile import compile_package as compile_package
     from .exporter import export_package as export_package
     from .model import EarlyExitModel as EarlyExitModel
@@ -22,6 +24,7 @@ if TYPE_CHECKING:
     from .train_heads import train_exit_heads as train_exit_heads
 
 _LAZY = {"attach_exits": "attach", "cuttable_layers": "attach", "CutPoint": "attach",
+         "attach_onnx_exits": "attach_onnx", "cut_onnx": "attach_onnx",
          "export_package": "exporter", "EarlyExitModel": "model", "quantize_package": "quantize",
          "compile_package": "compile", "EncoderDecoderDescription": "seq2seq_model",
          "train_exit_heads": "train_heads", "load_training_npz": "train_heads"}
@@ -35,5 +38,6 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["CutPoint", "EarlyExitModel", "EncoderDecoderDescription", "attach_exits", "compile_package",
+__all__ = ["CutPoint", "EarlyExitModel", "EncoderDecoderDescription", "attach_exits", "attach_onnx_exits",
+           "compile_package", "cut_onnx",
            "cuttable_layers", "export_package", "load_training_npz", "quantize_package", "train_exit_heads"]

@@ -421,6 +421,32 @@ def _check_stage(model: onnx.ModelProto, what: str) -> None:
         raise ExportError(f"onnx.checker refused {what}: {exc}") from exc
 
 
+def onnx_input_names(model: str | os.PathLike[str] | onnx.ModelProto) -> list[str]:
+    """The model's inputs (graph inputs that are not initializers), in order: the names an ``.npz``
+    of training data must use."""
+    proto, _ = _load(model)
+    inits = {t.name for t in proto.graph.initializer}
+    return [i.name for i in proto.graph.input if i.name not in inits]
+
+
+def cuttable_tensors(model: str | os.PathLike[str] | onnx.ModelProto,
+                     example: Mapping[str, np.ndarray] | None = None) -> list[tuple[str, str, tuple[int, ...]]]:
+    """The tensors a cut can be made at, in graph order: node outputs of the top-level graph with a
+    batch axis first, float32, that the model's output depends on; each with the op that makes it
+    and its shape on a probe batch of 2 (for ``attach --dry-run``)."""
+    proto, _ = _load(model)
+    g = _analyse(proto, None, example)
+    needed = g.ancestors([g.output])
+    found = []
+    for i, node in enumerate(g.nodes):
+        if i not in needed:
+            continue
+        for name in node.output:
+            if name and name != g.output and g.batch_major(name) and g.dtypes.get(name) == np.dtype(np.float32):
+                found.append((name, node.op_type, g.shapes[min(g.shapes)][name]))
+    return found
+
+
 def cut_onnx(model: str | os.PathLike[str] | onnx.ModelProto, at: Sequence[str], *,
              keep: Mapping[int, Sequence[str]] | None = None, logits: str | None = None,
              example: Mapping[str, np.ndarray] | None = None) -> OnnxCut:
