@@ -43,6 +43,7 @@ class _Group(click.Group):
 
 # the extra that provides each optional module the commands import
 _EXTRAS = {"torch": "export", "onnxscript": "export", "onnx": "onnx", "mlxtend": "data", "sklearn": "data",
+           "torchvision": "vision", "timm": "vision",
            "matplotlib": "dev", "onnxruntime": "(the runtime itself: pip install onnxruntime)"}
 
 
