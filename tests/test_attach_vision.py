@@ -72,3 +72,33 @@ def test_exits_on_a_real_architecture_match_the_unmodified_model(name, tmp_path)
         np.testing.assert_array_equal(compiled.exit_index, stages.exit_index)
         np.testing.assert_allclose(compiled.logits, stages.logits, rtol=1e-5, atol=1e-5)
     assert len(set(sess.run(images, thresholds=thresholds).exit_index.tolist())) == len(cuts) + 1
+
+
+def test_exits_on_an_onnx_export_of_a_torchvision_network(tmp_path):
+    """What a user holding only model.onnx does: torchvision's ResNet-18 exported by torch, then cut
+    at two tensor names of the ONNX graph (the last ReLU of layer2 and of layer3)."""
+    import warnings
+
+    import onnxruntime as ort
+
+    from edgeexit.export import attach_onnx_exits
+    from edgeexit.export.attach_onnx import cuttable_tensors
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=CLASSES).eval()
+    path = tmp_path / "resnet18.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # the TorchScript exporter's deprecation notice
+        torch.onnx.export(model, (_inputs(2, 64, 1),), str(path), dynamo=False, input_names=["image"],
+                          dynamic_axes={"image": {0: "batch"}})
+    names = [name for name, op, _ in cuttable_tensors(path) if op == "Relu"]
+    cuts = [[n for n in names if n.startswith(f"/{layer}/")][-1] for layer in ("layer2", "layer3")]
+    x = _inputs(64, 64, 2).numpy()
+    labels = np.random.default_rng(0).integers(0, CLASSES, len(x))
+    pkg = attach_onnx_exits(path, cuts, {"image": x}, labels, tmp_path / "r.eexit", epochs=1, log=None)
+    want = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"image": x})[0]
+    sess = ExitSession(pkg.root)
+    np.testing.assert_array_equal(sess.run(x).logits, want)                    # exits disabled: full.onnx, as given
+    np.testing.assert_allclose(sess.run_all_exits(x)[-1], want, rtol=1e-5, atol=1e-5)   # the stages chained
+    thresholds = _spread(sess, x)
+    assert len(set(sess.run(x, thresholds=thresholds, engine="stages").exit_index.tolist())) == 3
