@@ -49,7 +49,7 @@ def test_exits_on_a_real_architecture_match_the_unmodified_model(name, tmp_path)
     model = make().eval()
     exits = attach_exits(model, cuts, example_inputs={"image": _inputs(2, size, 1)}).eval()
     x = _inputs(64, size, 2)
-    activations, plain = _hooked(model, cuts, x[:8])
+    activations, _ = _hooked(model, cuts, x[:8])
     with torch.no_grad():
         got = exits(x[:8])
         for k, activation in enumerate(activations):
