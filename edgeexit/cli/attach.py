@@ -29,7 +29,7 @@ from ._shared import call_factory, check_outputs, progress_bar
 @click.option("--weights", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="A state_dict (.pt) to load into the factory's model first.")
 @click.option("--epochs", default=5, show_default=True, type=click.IntRange(min=1), help="Training epochs.")
-@click.option("--lr", default=1e-3, show_default=True, type=click.FloatRange(min=0, min_open=True),
+@click.option("--lr", default=1e-2, show_default=True, type=click.FloatRange(min=0, min_open=True),
               help="Learning rate of the heads.")
 @click.option("--joint", is_flag=True, help="Fine-tune the backbone with the heads (default: backbone frozen).")
 @click.option("--final-weight", default=1.0, show_default=True, type=click.FloatRange(min=0),

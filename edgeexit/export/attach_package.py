@@ -82,7 +82,7 @@ def network_from(made: Any, where: str, weights: str | Path | None = None
 def attach_package(model: nn.Module, at: Sequence[str], *, train: tuple[Mapping[str, np.ndarray], np.ndarray],
                    output: str | Path, calibration: tuple[Mapping[str, np.ndarray], np.ndarray] | None = None,
                    heads: str | Mapping[str, nn.Module] = "auto", token: str = "mean", epochs: int = 5,
-                   lr: float = 1e-3, batch_size: int = 64, joint: bool = False, final_weight: float = 1.0,
+                   lr: float = 1e-2, batch_size: int = 64, joint: bool = False, final_weight: float = 1.0,
                    seed: int = 0, labels: Sequence[str] | None = None, name: str | None = None,
                    policy: str = "entropy", overwrite: bool = False,
                    progress: Callable[[int], None] | None = None,
