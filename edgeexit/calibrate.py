@@ -11,8 +11,10 @@ measured on this device (see ``_search``), writing the result into the package w
 ``expected_calibration_error``) and writes them with ``set_temperatures``; every exit score
 here is computed from the logits divided by the exit's temperature, as the runtime does.
 
-Why one file of ~600 lines: recording, replaying, choosing and writing share one record
-type and one history format; the joint search itself is in ``_search``.
+Why one file of ~760 lines: recording, replaying, choosing and writing share one record
+type and one history format, and temperature scaling (fit, ECE, write) sits beside them because
+every exit score calibration computes is taken at those temperatures; the joint search itself is
+in ``_search``.
 """
 
 from __future__ import annotations

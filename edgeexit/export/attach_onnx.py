@@ -19,6 +19,10 @@ The path of docs/DESIGN.md §11 for an ONNX graph, where the backbone never exis
    its stage graph, which then also outputs that exit's logits.  ``full.onnx`` is the
    original file, byte for byte.
 
+Why one file of ~1,000 lines: the three steps share the analysed graph (``_Graph``: producers,
+probe shapes, batch axes) and the stage records; the heads' training and splicing (~170 lines,
+``CutHead`` to ``_splice``) is the part that could move out once a second backbone format needs it.
+
 Example:
     >>> attach_onnx_exits("model.onnx", ["/layer2/Relu_output_0", "/layer3/Relu_output_0"],
     ...                   {"input": x}, y, "model.eexit")                       # doctest: +SKIP

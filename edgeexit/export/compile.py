@@ -21,6 +21,10 @@ plain required input, so calibration never rewrites the graph.  Outputs: ``logit
 compares false, so it never exits, as in the runtime.
 
 This module needs onnx and onnxruntime, never torch.
+
+Why one file of ~670 lines: splicing the stages, scoring in-graph and nesting the ``If``
+branches are one recursive build (``_Compiler.emit``) over one naming state; the checks
+against the stage loop belong with it.
 """
 
 from __future__ import annotations

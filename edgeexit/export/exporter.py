@@ -5,7 +5,7 @@ onnxruntime against torch on fresh inputs of two batch sizes; one line per outpu
 reports the largest difference, and a single ``ExportValidationError`` lists every
 output above tolerance.  Nothing is written to ``path`` until all of that passed.
 
-Why one file of ~610 lines: it is one loop over the stages (trace, export, check, compare,
+Why one file of ~620 lines: it is one loop over the stages (trace, export, check, compare,
 write) whose steps share the traced carries; the model contract is in ``model.py`` and the
 cost estimates in ``_costs.py``.
 """

@@ -20,6 +20,10 @@ quantization in a top-level ``quantization`` object, including whether the thres
 were recalibrated.
 
 This module needs onnx and onnxruntime but never torch, so it can run on a device.
+
+Why one file of ~620 lines: it is one loop over the stages (choose the mode, calibrate on exactly
+the tensors the stage reads, quantize, check against fp32, write), plus the threshold
+recalibration that must follow it.
 """
 
 from __future__ import annotations

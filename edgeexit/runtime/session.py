@@ -1,6 +1,6 @@
 """``ExitSession``: run an exit package stage by stage and stop at the first confident exit.
 
-Why one file of ~770 lines: it is one class, and its methods are the public API (run,
+Why one file of ~800 lines: it is one class, and its methods are the public API (run,
 generate, tune_engines, measure, the onnxruntime-style getters). What does not need the
 session's state already lives beside it: stages in ``_stage``, input checks in ``_inputs``,
 the compiled engine and its timing in ``_engines``, results in ``_result``, threads in
