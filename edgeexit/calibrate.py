@@ -29,7 +29,7 @@ import numpy as np
 
 from ._search import Objective, Point, Search, candidate_thresholds, drop_bound, pareto
 from .errors import InputError
-from .policies import get_policy
+from .policies import get_policy, scale_logits
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,7 @@ def record_exits(session, inputs, labels: np.ndarray, policy: str | None = None,
     per_exit = [{what: np.concatenate([c[e][what] for c in chunks]) for what in ("logits", pol.reads)}
                 for e in range(session.num_exits)]
     # the runtime scores each exit's logits divided by its temperature (format version 9)
-    scored = [outputs[pol.reads] if pol.reads != "logits" or t == 1.0 else outputs["logits"].astype(np.float64) / t
+    scored = [scale_logits(outputs["logits"], t) if pol.reads == "logits" else outputs[pol.reads]
               for outputs, t in zip(per_exit, session.package.temperatures)]
     return ExitRecords(
         scores=pol.score_table(scored),

@@ -268,6 +268,12 @@ def _stateful_fresh_row(row: list[float]) -> float:
 _REGISTRY: dict[str, ExitPolicy] = {}
 
 
+def scale_logits(logits: np.ndarray, temperature: float) -> np.ndarray:
+    """An exit's logits as its policy scores them: divided by the exit's temperature, in float64
+    (package format version 9; the compiled graph divides the same way), or as they are at 1."""
+    return logits if temperature == 1.0 else logits.astype(np.float64) / temperature
+
+
 def register_policy(policy: ExitPolicy) -> ExitPolicy:
     """Add a policy to the registry; refuses to overwrite an existing name."""
     if policy.name in _REGISTRY:

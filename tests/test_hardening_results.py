@@ -23,8 +23,9 @@ from typing import Any
 import numpy as np
 import onnx
 import pytest
-from conftest import TINY_IR_VERSION, TINY_MANIFEST, TINY_OPSET, TINY_W0
+from conftest import TINY_MANIFEST, TINY_W0
 from onnx import TensorProto, helper, numpy_helper
+from test_graph_contract import _model
 
 from edgeexit.errors import EdgeExitError, GraphMismatchError, InputError, SessionError
 from edgeexit.package import read_manifest, sha256_file, write_package
@@ -34,14 +35,6 @@ F16, F32, F64 = TensorProto.FLOAT16, TensorProto.FLOAT, TensorProto.DOUBLE
 NUMPY = {F16: np.float16, F32: np.float32, F64: np.float64}
 ORT_NAME = {np.dtype(np.float16): "tensor(float16)", np.dtype(np.float32): "tensor(float)",
             np.dtype(np.float64): "tensor(double)"}
-
-
-def _model(name: str, nodes: list[Any], inputs: list[Any], outputs: list[Any], inits: list[Any]) -> onnx.ModelProto:
-    model = helper.make_model(helper.make_graph(nodes, name, inputs, outputs, initializer=inits),
-                              opset_imports=[helper.make_opsetid("", TINY_OPSET)])
-    model.ir_version = TINY_IR_VERSION
-    onnx.checker.check_model(model, full_check=True)
-    return model
 
 
 def _stage0(elem: int = F32, w0: np.ndarray = TINY_W0) -> onnx.ModelProto:

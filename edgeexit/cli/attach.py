@@ -115,17 +115,13 @@ def _attach_onnx(model: Path, cuts: tuple[str, ...], train_data: Path | None, ca
     attach_onnx_exits(model, list(cuts), inputs, labels, output, epochs=epochs, lr=lr, seed=seed,
                       name=model.stem, overwrite=force, log=logger.info)
     if calibrate_data is not None:
-        from ..calibrate import calibrate_temperatures
-        from ..export.compile import compile_package
-        from ..package import load_package
+        from ..export.attach_package import scale_temperatures
         from .calibrate import run_calibration
 
-        cal_inputs, cal_labels = _load(calibrate_data, onnx_input_names(model))
-        for k, (t, before, after) in enumerate(calibrate_temperatures(output, cal_inputs, cal_labels)[:-1]):
+        calibration = _load(calibrate_data, onnx_input_names(model))
+        for k, (t, before, after) in enumerate(scale_temperatures(output, *calibration, log=logger.info)[:-1]):
             click.echo(f"exit {k} ({cuts[k]}): temperature {t:.3f}, expected calibration error {before:.4f} -> "
                        f"{after:.4f}")
-        if load_package(output).compiled is not None:
-            compile_package(output, log=logger.info)
         run_calibration(output, calibrate_data, max_drop=max_drop)
     else:
         click.echo(f"wrote {output}; its exits stay disabled until `edgeexit calibrate {output} --data VAL.npz "

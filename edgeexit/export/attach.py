@@ -40,7 +40,6 @@ control flow).
 
 from __future__ import annotations
 
-import difflib
 import inspect
 import itertools
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -51,7 +50,7 @@ from typing import Any
 import torch
 from torch import Tensor, fx, nn
 
-from .._names import did_you_mean
+from .._names import did_you_mean, nearest
 from ..errors import ModelSpecError
 from .model import EarlyExitModel
 
@@ -295,23 +294,12 @@ def _dry_run(module: fx.GraphModule, args: tuple[Tensor, ...]
 # --- cut points -------------------------------------------------------------------------------
 
 
-def _nearest(name: str, choices: Sequence[str]) -> list[str]:
-    """``choices``, the most similar to ``name`` first (difflib's ratio; ties by name)."""
-    matcher = difflib.SequenceMatcher(b=name)
-
-    def likeness(choice: str) -> float:
-        matcher.set_seq1(choice)
-        return matcher.ratio()
-
-    return sorted(choices, key=lambda c: (-likeness(c), c))
-
-
 def _cut_node(traced: _Traced, name: str) -> tuple[fx.Node, int]:
     """The value a cut at ``name`` hands to its exit, and the position of the cut."""
     model = traced.model
     modules = dict(model.named_modules())
     if name not in modules or name == "":
-        near = _nearest(name, [n for n in modules if n])
+        near = nearest(name, [n for n in modules if n])
         raise ModelSpecError(f"{type(model).__name__} has no layer {name!r}.{did_you_mean(name, near[:1])} "
                              f"Layers, nearest first: {', '.join(near[:8])}")
     if name not in traced.returned:

@@ -31,7 +31,6 @@ Example:
 from __future__ import annotations
 
 import copy
-import difflib
 import hashlib
 import itertools
 import os
@@ -51,6 +50,7 @@ from torch import nn
 
 from .. import __version__
 from .. import _leftovers as leftovers
+from .._names import nearest
 from .._onnx_scan import ScanError, external_locations
 from ..errors import ExportError, ExportValidationError, ModelSpecError
 from ..package import DTYPES, FORMAT_NAME, FORMAT_VERSION, Package, check_replaceable, load_package, write_package
@@ -232,7 +232,7 @@ def _analyse(model: onnx.ModelProto, logits: str | None, example: Mapping[str, n
 
 
 def _nearest(name: str, choices: Sequence[str], n: int = 5) -> str:
-    near = difflib.get_close_matches(name, list(choices), n=n, cutoff=0.5)
+    near = nearest(name, choices, n, cutoff=0.5)
     return f" Nearest names: {near}." if near else ""
 
 

@@ -79,6 +79,20 @@ def network_from(made: Any, where: str, weights: str | Path | None = None
     return net.eval(), example
 
 
+def scale_temperatures(path: str | Path, inputs: Mapping[str, np.ndarray], labels: np.ndarray, *,
+                       log: Callable[[str], None] | None = print) -> list[Any]:
+    """Fit and store a temperature per exit (``calibrate_temperatures``), then rebuild the compiled
+    graph, which divides by the temperatures it was built with; one ``TemperatureFit`` per exit."""
+    from ..calibrate import calibrate_temperatures
+    from ..package import load_package
+    from .compile import compile_package
+
+    fits = calibrate_temperatures(path, dict(inputs), np.asarray(labels))
+    if load_package(path).compiled is not None:
+        compile_package(path, log=log)
+    return fits
+
+
 def attach_package(model: nn.Module, at: Sequence[str], *, train: tuple[Mapping[str, np.ndarray], np.ndarray],
                    output: str | Path, calibration: tuple[Mapping[str, np.ndarray], np.ndarray] | None = None,
                    heads: str | Mapping[str, nn.Module] = "auto", token: str = "mean", epochs: int = 5,
@@ -119,15 +133,8 @@ def attach_package(model: nn.Module, at: Sequence[str], *, train: tuple[Mapping[
     if calibration is None:
         return report
 
-    from ..calibrate import calibrate_temperatures
-
     start = time.perf_counter()
-    cal_inputs, cal_labels = calibration
-    fitted = calibrate_temperatures(package.root, dict(cal_inputs), np.asarray(cal_labels))[:-1]   # early exits
-    if package.compiled is not None:   # the compiled graph divides by the temperatures it was built with
-        from .compile import compile_package
-
-        compile_package(package.root, log=log)
+    fitted = scale_temperatures(package.root, *calibration, log=log)[:-1]   # the early exits
     seconds["temperatures"] = time.perf_counter() - start
     say("temperature per early exit (expected calibration error before -> after): " + ", ".join(
         f"{t:.3f} ({b:.4f} -> {a:.4f})" for t, b, a in fitted))

@@ -28,7 +28,7 @@ from ..devices.profiles import DeviceProfile, get_profile
 from ..devices.providers import ProviderSpec, check_session_providers, resolve_providers
 from ..errors import GraphMismatchError, InputError, PolicyError, SessionError
 from ..package import Package, load_package
-from ..policies import ExitPolicy, always_threshold, check_thresholds, get_policy, never_threshold
+from ..policies import ExitPolicy, always_threshold, check_thresholds, get_policy, never_threshold, scale_logits
 from ._contract import check_full_model, check_stage_graphs
 from ._engines import (
     ENGINES,
@@ -785,9 +785,9 @@ def _with_temperature(policy: ExitPolicy, temperature: float) -> ExitPolicy:
     step = policy.step
     return replace(
         policy,
-        batch_score=lambda z: policy.batch_score(z.astype(np.float64) / temperature),
+        batch_score=lambda z: policy.batch_score(scale_logits(z, temperature)),
         row_score=lambda row: policy.row_score([v / temperature for v in row]),
-        step=None if step is None else (lambda state, z: step(state, z.astype(np.float64) / temperature)),
+        step=None if step is None else (lambda state, z: step(state, scale_logits(z, temperature))),
     )
 
 
