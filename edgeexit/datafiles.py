@@ -3,11 +3,15 @@
 An ``.npz`` holds one array per package input, named after it, and optionally
 ``labels``.  A single-input package also takes a ``.npy`` or an ``.npz`` holding one
 lone array (plus, optionally, ``labels``).  Pickled objects are never loaded.  A package
-that ships its tokenizer also takes a UTF-8 text file, one text per line (``load_text_lines``).
+that ships its tokenizer also takes a UTF-8 text file, one text per line (``load_text_lines``),
+and labelled texts as a table: ``.csv``, ``.tsv`` or ``.jsonl`` with a text and a label column
+(``load_labelled_texts``).
 """
 
 from __future__ import annotations
 
+import csv
+import json
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -17,6 +21,7 @@ from typing import BinaryIO
 import numpy as np
 
 from ._atomic import replace_atomically
+from ._names import did_you_mean
 from .errors import InputFileError
 
 LABELS_KEY = "labels"
@@ -131,6 +136,85 @@ def load_text_lines(path: str | os.PathLike[str]) -> list[str]:
     if not texts:
         raise InputFileError(f"{p} holds no text; write one input text per line")
     return texts
+
+
+TABLE_SUFFIXES = (".csv", ".tsv", ".jsonl")
+
+
+def _table_rows(p: Path) -> list[dict[str, object]]:
+    suffix = p.suffix.lower()
+    with open(p, encoding="utf-8-sig", newline="") as f:
+        if suffix == ".jsonl":
+            rows = []
+            for number, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise InputFileError(f"{p}: line {number} is not JSON ({exc.msg}); write one JSON object per "
+                                         "line") from None
+                if not isinstance(row, dict):
+                    raise InputFileError(f"{p}: line {number} is not a JSON object; write one object per line, "
+                                         'e.g. {"text": "...", "label": "..."}')
+                rows.append(row)
+            return rows
+        return list(csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ","))
+
+
+def load_labelled_texts(path: str | os.PathLike[str], text_column: str = "text",
+                        label_column: str = "label") -> tuple[list[str], list[str]]:
+    """Texts and their labels (as strings) from a ``.csv``, ``.tsv`` (with a header row) or ``.jsonl``
+    file; every row needs a non-blank text and a label, and a row that lacks one is named."""
+    p = Path(path)
+    if p.suffix.lower() not in TABLE_SUFFIXES:
+        raise InputFileError(f"{p}: labelled texts come as {', '.join(TABLE_SUFFIXES)} (a header row naming the "
+                             f"{text_column!r} and {label_column!r} columns)")
+    if not p.is_file():
+        raise InputFileError(f"input file {p} does not exist" if not p.exists() else f"{p} is not a file")
+    try:
+        rows = _table_rows(p)
+    except UnicodeDecodeError:
+        raise InputFileError(f"{p} is not UTF-8 text; save it as UTF-8") from None
+    except (OSError, csv.Error) as exc:
+        raise InputFileError(f"cannot read {p}: {exc}") from None
+    if not rows:
+        raise InputFileError(f"{p} holds no rows; write a header row, then one labelled text per row")
+    columns = [str(c) for c in rows[0] if c is not None]
+    for what, column in (("text", text_column), ("label", label_column)):
+        if column not in columns:
+            raise InputFileError(f"{p} has no {what} column {column!r}; its columns: {columns}."
+                                 f"{did_you_mean(column, columns)} Pass --{what}-column NAME")
+    texts, labels = [], []
+    for number, row in enumerate(rows, start=2 if p.suffix.lower() != ".jsonl" else 1):
+        text, label = row.get(text_column), row.get(label_column)
+        if not isinstance(text, str) or not text.strip():
+            raise InputFileError(f"{p}: row {number} has no text in column {text_column!r}; every row needs one")
+        if label is None or isinstance(label, (dict, list)) or str(label).strip() == "":
+            raise InputFileError(f"{p}: row {number} has no label in column {label_column!r}; every row needs one")
+        texts.append(text.strip())
+        labels.append(str(label).strip())
+    return texts, labels
+
+
+def label_indices(values: Sequence[str], names: Sequence[str] | None) -> tuple[np.ndarray, list[str]]:
+    """Class indices of ``values`` and the class names: by name where ``names`` are given (an
+    integer in range is taken as an index when it is no name), else the sorted distinct values."""
+    if names is None:
+        distinct = sorted(set(values), key=lambda v: (not v.lstrip("-").isdigit(), int(v) if v.lstrip("-").isdigit()
+                                                      else 0, v))
+        names = list(distinct)
+    index = {n: i for i, n in enumerate(names)}
+    out = np.empty(len(values), np.int64)
+    for i, v in enumerate(values):
+        if v in index:
+            out[i] = index[v]
+        elif v.isdigit() and int(v) < len(names):
+            out[i] = int(v)
+        else:
+            raise InputFileError(f"label {v!r} (row {i + 1} of the data) is not one of the model's classes "
+                                 f"{list(names)[:20]}.{did_you_mean(v, names)}")
+    return out, list(names)
 
 
 def save_results_atomic(path: str | os.PathLike[str], arrays: Mapping[str, np.ndarray]) -> Path:

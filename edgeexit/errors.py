@@ -141,6 +141,10 @@ class ModelSpecError(EdgeExitError, ValueError):
     exit_code = 2
 
 
+class UnsupportedModelError(ModelSpecError):
+    """A model of an architecture the exporter does not know (the message lists those it does)."""
+
+
 class DataError(EdgeExitError, RuntimeError):
     """A dataset that must be installed locally is not available."""
 

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+import numpy as np
 
 from .._logging import logger, logging_options
 from ._shared import check_outputs, package_kind
@@ -15,7 +16,10 @@ from ._shared import check_outputs, package_kind
 @click.command()
 @click.argument("package", type=click.Path(path_type=Path))
 @click.option("--data", "data_file", type=click.Path(path_type=Path),
-              help="Labelled validation data (.npz with the inputs and 'labels'); never the test data.")
+              help="Labelled validation data (.npz with the inputs and 'labels'; for a package that ships its "
+                   "tokenizer also .csv/.tsv/.jsonl labelled texts); never the test data.")
+@click.option("--text-column", default="text", show_default=True, help="A table's text column.")
+@click.option("--label-column", default="label", show_default=True, help="A table's label column.")
 @click.option("--max-drop", type=float, help="Accuracy points you may lose vs the last exit (0.5 = half a point).")
 @click.option("--target-accuracy", type=float, help="Accuracy to keep, in percent (e.g. 97.5).")
 @click.option("--latency-budget-ms", type=float, help="Expected ms per sample; maximise accuracy within it.")
@@ -29,7 +33,8 @@ from ._shared import check_outputs, package_kind
 @click.option("--revert", is_flag=True, help="Restore the thresholds the last calibration replaced.")
 @logging_options(verbose_help="Also print the whole accuracy/cost frontier, and debug detail.", expose_verbose=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object on stdout.")
-def calibrate(package: Path, data_file: Path | None, max_drop: float | None, target_accuracy: float | None,
+def calibrate(package: Path, data_file: Path | None, text_column: str, label_column: str, max_drop: float | None,
+              target_accuracy: float | None,
               latency_budget_ms: float | None, z: float, device: str, flops: bool, plot: Path | None,
               dry_run: bool, revert: bool, verbose: bool, as_json: bool) -> None:
     """Choose one threshold per early exit from labelled data, timed on this device."""
@@ -60,12 +65,35 @@ def calibrate(package: Path, data_file: Path | None, max_drop: float | None, tar
         raise click.UsageError("--latency-budget-ms needs timed stages; drop --flops")
     run_calibration(package, data_file, max_drop=max_drop, target_accuracy=target_accuracy,
                latency_budget_ms=latency_budget_ms, z=z, device=device, flops=flops, plot=plot, dry_run=dry_run,
-               verbose=verbose, as_json=as_json)
+               verbose=verbose, as_json=as_json, text_column=text_column, label_column=label_column)
+
+
+def load_labelled_data(session: Any, data_file: Path, text_column: str = "text", label_column: str = "label"
+                       ) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+    """Inputs and labels from an ``.npz``, or, for a package that ships its tokenizer, labelled texts in a
+    ``.csv``/``.tsv``/``.jsonl`` table (tokenized with it, padded to the longest; labels matched to the
+    package's class names, or taken as indices)."""
+    from ..datafiles import TABLE_SUFFIXES, label_indices, load_input_file, load_labelled_texts
+    from ..errors import InputFileError
+
+    if data_file.suffix.lower() not in TABLE_SUFFIXES:
+        return load_input_file(data_file, session.input_names)
+    if session.package.text is None:
+        raise InputFileError(f"{data_file}: a table of labelled texts needs a package that ships its tokenizer; "
+                             f"{session.package.root} takes arrays: pass an .npz with 'labels'")
+    texts, values = load_labelled_texts(data_file, text_column, label_column)
+    names = session.package.labels
+    if not names and not all(v.isdigit() for v in values):
+        raise InputFileError(f"{data_file}: {session.package.root} has no class names, so its labels must be class "
+                             "indices 0, 1, …")
+    labels = label_indices(values, names)[0] if names else np.array([int(v) for v in values], np.int64)
+    return session.tokenize(texts), labels
 
 
 def run_calibration(package: Path, data_file: Path, *, max_drop: float | None, target_accuracy: float | None = None,
                latency_budget_ms: float | None = None, z: float = 1.645, device: str = "auto", flops: bool = False,
-               plot: Path | None = None, dry_run: bool = False, verbose: bool = False, as_json: bool = False) -> None:
+               plot: Path | None = None, dry_run: bool = False, verbose: bool = False, as_json: bool = False,
+               text_column: str = "text", label_column: str = "label") -> None:
     """The calibration flow of `edgeexit calibrate` (also run by `export --calibrate-data`)."""
     from ..calibrate import (
         apply_calibration,
@@ -74,13 +102,12 @@ def run_calibration(package: Path, data_file: Path, *, max_drop: float | None, t
         replay_calibration,
         why_disable_exits,
     )
-    from ..datafiles import load_input_file
     from ..devices import get_profile
     from ..runtime import ExitSession
 
     profile = get_profile(device)
     session = ExitSession(package, device=profile)
-    inputs, labels = load_input_file(data_file, session.input_names)
+    inputs, labels = load_labelled_data(session, data_file, text_column, label_column)
     result = calibrate_thresholds(
         session, inputs, labels, max_drop=None if max_drop is None else max_drop / 100,
         target_accuracy=None if target_accuracy is None else target_accuracy / 100,

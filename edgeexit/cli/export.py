@@ -28,6 +28,7 @@ def _load_user_model(spec: str) -> tuple[Any, dict[str, Any], list[str] | None]:
 @click.command()
 @logging_options()
 @click.argument("model")
+@click.argument("model_dir", required=False)
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Package directory to write.")
 @click.option("--policy", default="entropy", show_default=True,
               help="Exit policy for every exit: entropy (exits when < threshold), confidence, margin or patience (>=); "
@@ -63,11 +64,31 @@ def _load_user_model(spec: str) -> tuple[Any, dict[str, Any], list[str] | None]:
 @click.option("--rtol", default=1e-4, show_default=True, type=float,
               help="Relative tolerance (times max |torch output|) of the same check.")
 @click.option("--force", is_flag=True, help="Replace an existing package at --output.")
-def export(model: str, output: Path, policy: str, thresholds: tuple[float, ...], weights: Path | None,
-           train: bool, epochs: int | None, seed: int, full_model: bool, dynamo: bool, compile_graph: bool,
+@click.option("--train-data", type=click.Path(path_type=Path),
+              help="hf: labelled training data: a .csv/.tsv/.jsonl of texts (images: .npz with pixel_values, labels).")
+@click.option("--text-column", default="text", show_default=True, help="hf: the tables' text column.")
+@click.option("--label-column", default="label", show_default=True, help="hf: the tables' label column.")
+@click.option("--exits-at", type=click.IntRange(min=1), multiple=True,
+              help="hf: an exit after this layer (1 = the first); repeat. Default: after every layer.")
+@click.option("--heads", type=click.Choice(["highway", "masked_mean", "first_token", "mean"]), default="highway",
+              show_default=True, help="hf: the early exits' heads: the model's own head shape on the first token "
+                                      "(highway), or a linear layer on a pooling of the tokens.")
+@click.option("--finetune", is_flag=True,
+              help="hf: fine-tune every layer with the exits' losses weighted by depth (PABEE) before fitting the "
+                   "heads; default: heads only, the model frozen.")
+@click.option("--max-tokens", default=128, show_default=True, type=click.IntRange(min=2),
+              help="hf: where the shipped tokenizer cuts a text.")
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1),
+              help="hf: texts or images per batch while computing features and fine-tuning.")
+def export(model: str, model_dir: str | None, output: Path, policy: str, thresholds: tuple[float, ...],
+           weights: Path | None, train: bool, epochs: int | None, seed: int, full_model: bool, dynamo: bool,
+           compile_graph: bool,
            quantize: str | None, cal_data: Path | None, calibrate_data: Path | None, max_drop: float,
-           name: str | None, opset: int, atol: float, rtol: float, force: bool) -> None:
-    """Export MODEL (a zoo name: blenet, bresnet, cbnet, mue, bert-exits; or module.path:factory) as an exit package.
+           name: str | None, opset: int, atol: float, rtol: float, force: bool, train_data: Path | None,
+           text_column: str, label_column: str, exits_at: tuple[int, ...], heads: str, finetune: bool,
+           max_tokens: int, batch_size: int) -> None:
+    """Export MODEL (a zoo name: blenet, bresnet, cbnet, mue, bert-exits; module.path:factory; or hf MODEL_DIR, a
+    Hugging Face model folder) as an exit package.
 
     For cbnet, --no-full-model exports the paper's CBNet (converter + light classifier only)
     instead of the pipeline with a fallback to the full LeNet on the original image.
@@ -86,6 +107,20 @@ def export(model: str, output: Path, policy: str, thresholds: tuple[float, ...],
         raise click.UsageError("--calibrate-data chooses the thresholds; drop --threshold")
     if calibrate_data is not None and not calibrate_data.is_file():
         raise click.UsageError(f"--calibrate-data {calibrate_data}: no such file")
+    if model_dir is not None and model != "hf":
+        raise click.UsageError(f"unexpected argument {model_dir!r}: only `export hf MODEL_DIR` takes a folder")
+    if model == "hf":
+        if quantize is not None or weights is not None or train:
+            raise click.UsageError("export hf: --quantize, --weights and --train do not apply; train on your data with "
+                                   "--train-data, then `edgeexit quantize`")
+        from .export_hf import export_hf_command
+
+        export_hf_command(model_dir, output, train_data=train_data, text_column=text_column,
+                          label_column=label_column, exits_at=exits_at, heads=heads, finetune=finetune,
+                          epochs=epochs, max_tokens=max_tokens, batch_size=batch_size, seed=seed, policy=policy,
+                          thresholds=thresholds, name=name, compile_graph=compile_graph,
+                          calibrate_data=calibrate_data, max_drop=max_drop, force=force)
+        return
     labels = None
     preprocessing = None
     if model == "mue":

@@ -777,13 +777,15 @@ def _export_head(head: CutHead, feature: torch.Tensor, mask: torch.Tensor | None
     return model
 
 
-def _splice(stage: OnnxStage, head: onnx.ModelProto, prefix: str, feeds: Mapping[str, str],
-            logits: str) -> onnx.ModelProto:
+def _splice(stage: OnnxStage | onnx.ModelProto, head: onnx.ModelProto, prefix: str, feeds: Mapping[str, str],
+            logits: str | Mapping[str, str]) -> onnx.ModelProto:
     """``stage``'s graph with ``head`` appended: head input NAME reads ``feeds[NAME]`` (an original tensor
-    name inside the stage), its output is the stage's new output ``logits``."""
+    name inside the stage); its output becomes the stage's new output ``logits``, or, for a head with
+    several outputs, head output NAME becomes stage output ``logits[NAME]``."""
+    outputs = {"logits": logits} if isinstance(logits, str) else dict(logits)
     head = onnx.compose.add_prefix(head, prefix)
-    rename = {prefix + k: v for k, v in feeds.items()} | {prefix + "logits": logits}
-    model = copy.deepcopy(stage.model)
+    rename = {prefix + k: v for k, v in feeds.items()} | {prefix + k: v for k, v in outputs.items()}
+    model = copy.deepcopy(stage.model if isinstance(stage, OnnxStage) else stage)
     taken = {o for n in model.graph.node for o in n.output} | {t.name for t in model.graph.initializer}
     clash = taken & ({o for n in head.graph.node for o in n.output} | {t.name for t in head.graph.initializer})
     if clash:
@@ -793,9 +795,10 @@ def _splice(stage: OnnxStage, head: onnx.ModelProto, prefix: str, feeds: Mapping
         node.output[:] = [rename.get(n, n) for n in node.output]
     model.graph.node.extend(head.graph.node)
     model.graph.initializer.extend(head.graph.initializer)
-    out = copy.deepcopy(head.graph.output[0])
-    out.name = logits
-    model.graph.output.append(out)
+    for out in head.graph.output:
+        declared = copy.deepcopy(out)
+        declared.name = rename[out.name]
+        model.graph.output.append(declared)
     domains = {o.domain for o in model.opset_import}
     model.opset_import.extend(o for o in head.opset_import if o.domain not in domains)
     return model

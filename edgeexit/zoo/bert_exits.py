@@ -33,7 +33,6 @@ shipped in that folder (``tokenizers``).
 from __future__ import annotations
 
 import importlib.util
-import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -43,6 +42,9 @@ import torch
 from torch import nn
 
 from ..errors import MissingExtraError, ModelSpecError
+from ..export import exit_signals
+from ..export.exit_signals import SIGNALS, fit_gates, fit_halting, fit_linear, gate_features, halting_head
+from ..export.exit_signals import halting_distribution as halting_distribution
 from ..export.model import EarlyExitModel
 
 MAX_TOKENS = 128
@@ -78,8 +80,6 @@ def _bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 Carry = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
-SIGNALS = ("halt", "gate")
-HALT_HIDDEN = 32
 
 
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -113,17 +113,6 @@ class LayerStage(nn.Module):
         return self.layer(hidden, attention_mask=_bias(mask, hidden.dtype))[0], mask, mean_pool(hidden, mask)
 
 
-def gate_features(logits: torch.Tensor) -> torch.Tensor:
-    """JEI-DNN's four uncertainty features of a softmax, (batch, 4): max probability, entropy,
-    top-1 minus top-2, and the entropy of p^2 / sum p^2 (= softmax(2 z))."""
-    log_p = torch.log_softmax(logits, dim=1)
-    p = log_p.exp()
-    log_q = torch.log_softmax(2.0 * logits, dim=1)
-    top = torch.topk(p, 2, dim=1).values
-    return torch.stack([top[:, 0], -(p * log_p).sum(dim=1), top[:, 0] - top[:, 1],
-                        -(log_q.exp() * log_q).sum(dim=1)], dim=1)
-
-
 class MeanPoolExit(nn.Module):
     """A linear classifier on the masked mean of the hidden states, with PALBERT's halting head
     and JEI-DNN's gate: returns (logits, halt, gate), the signals of shape (batch, 1)."""
@@ -133,7 +122,7 @@ class MeanPoolExit(nn.Module):
         if classes < 2:
             raise ModelSpecError(f"bert-exits classifies into at least 2 classes, got {classes}")
         self.classifier = nn.Linear(width, classes)
-        self.halting = nn.Sequential(nn.Linear(2 * width, HALT_HIDDEN), nn.ReLU(), nn.Linear(HALT_HIDDEN, 1))
+        self.halting = halting_head(width)
         self.gate = nn.Linear(4, 1)
 
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor,
@@ -226,34 +215,15 @@ def layer_features(model: EarlyExitModel, tokenizer: Any, texts: Sequence[str], 
     return [np.concatenate(p)[back] for p in pooled]
 
 
-def _class_weights(y: torch.Tensor, classes: int) -> torch.Tensor:
-    counts = torch.bincount(y, minlength=classes).float()
-    return counts.sum() / (classes * counts.clamp(min=1))
-
-
-def _fit_classifier(layer: nn.Linear, x: np.ndarray, labels: np.ndarray, *, epochs: int, lr: float,
-                    weight_decay: float) -> float:
-    """Full-batch AdamW on class-weighted cross-entropy; returns the final loss."""
-    data, y = torch.from_numpy(x), torch.from_numpy(labels.astype(np.int64))
-    opt = torch.optim.AdamW(layer.parameters(), lr=lr, weight_decay=weight_decay)
-    loss_fn = nn.CrossEntropyLoss(weight=_class_weights(y, layer.out_features))
-    loss = torch.tensor(math.nan)
-    for _ in range(epochs * 10):
-        loss = loss_fn(layer(data), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return float(loss.detach())
-
-
 def train_exit_heads(model: EarlyExitModel, features: Sequence[np.ndarray], labels: np.ndarray, *,
                      epochs: int = 60, lr: float = 3e-3, weight_decay: float = 1e-3, seed: int = 0) -> list[float]:
     """Train every exit's classifier on the frozen encoder's pooled features (``layer_features``;
     full-batch AdamW, cross-entropy, classes weighted by inverse frequency); returns each exit's
     final loss."""
     torch.manual_seed(seed)
-    return [_fit_classifier(_head(model, k).classifier, features[k + 1], labels, epochs=epochs, lr=lr,
-                            weight_decay=weight_decay) for k in range(model.num_stages)]
+    heads = [_head(model, k).classifier for k in range(model.num_stages)]
+    return [fit_linear(h, features[k + 1], labels, h.out_features, epochs=epochs, lr=lr, weight_decay=weight_decay)
+            for k, h in enumerate(heads)]
 
 
 def _head(model: EarlyExitModel, k: int) -> MeanPoolExit:
@@ -265,91 +235,26 @@ def _head(model: EarlyExitModel, k: int) -> MeanPoolExit:
 
 def out_of_fold_logits(features: Sequence[np.ndarray], labels: np.ndarray, classes: int, *, folds: int = 3,
                        epochs: int = 60, seed: int = 0) -> list[np.ndarray]:
-    """Each exit's logits for each training text from a classifier trained without it (``folds``-fold
-    cross-fitting, stratified by label): what the exit would say of a new text."""
-    rng = np.random.default_rng(seed)
-    fold = np.empty(len(labels), np.int64)
-    for c in np.unique(labels):
-        rows = rng.permutation(np.flatnonzero(labels == c))
-        fold[rows] = np.arange(len(rows)) % folds
-    out = [np.empty((len(labels), classes), np.float32) for _ in features[1:]]
-    torch.manual_seed(seed)
-    for f in range(folds):
-        train, held = fold != f, fold == f
-        for k, x in enumerate(features[1:]):
-            layer = nn.Linear(x.shape[1], classes)
-            _fit_classifier(layer, x[train], labels[train], epochs=epochs, lr=3e-3, weight_decay=1e-3)
-            with torch.no_grad():
-                out[k][held] = layer(torch.from_numpy(x[held])).numpy()
-    return out
-
-
-def halting_distribution(halts: torch.Tensor) -> torch.Tensor:
-    """PALBERT/PonderNet: p_i = lambda_i prod_{j<i} (1 - lambda_j) for (n, exits) halting
-    probabilities; the last exit takes what is left, so each row sums to 1."""
-    running = torch.cumprod(torch.cat([torch.ones_like(halts[:, :1]), 1.0 - halts[:, :-1]], dim=1), dim=1)
-    p = halts * running
-    return torch.cat([p[:, :-1], running[:, -1:]], dim=1)
+    """Each exit's out-of-fold logits for each training text (``exit_signals.out_of_fold_logits`` on
+    the pooled features after every layer, ``features[1:]``)."""
+    return exit_signals.out_of_fold_logits(features[1:], labels, classes, folds=folds, epochs=epochs, seed=seed)
 
 
 def train_halting(model: EarlyExitModel, features: Sequence[np.ndarray], oof_logits: Sequence[np.ndarray],
                   labels: np.ndarray, *, prior: float = 0.5, beta: float = 0.1, steps: int = 600,
                   lr: float = 3e-3, seed: int = 0) -> float:
-    """Fit every exit's halting head (PALBERT's lambda) with PonderNet's loss: the expected
-    cross-entropy under the halting distribution, plus ``beta`` times its KL divergence from a
-    geometric prior with halting probability ``prior`` (which keeps it from always waiting for
-    the last layer).  The cross-entropies are the out-of-fold ones; returns the final loss."""
-    torch.manual_seed(seed)
-    exits = model.num_stages
-    heads = [_head(model, k).halting for k in range(exits)]
-    x = [torch.from_numpy(np.concatenate([features[k + 1], features[k]], axis=1)) for k in range(exits)]
-    y = torch.from_numpy(labels.astype(np.int64))
-    ce = torch.stack([nn.functional.cross_entropy(torch.from_numpy(z), y, reduction="none") for z in oof_logits], 1)
-    geometric = prior * (1.0 - prior) ** torch.arange(exits, dtype=torch.float32)
-    geometric[-1] = 1.0 - geometric[:-1].sum()
-    opt = torch.optim.Adam([p for h in heads for p in h.parameters()], lr=lr)
-    loss = torch.tensor(math.nan)
-    for h in heads:
-        h.train()
-    for _ in range(steps):
-        halts = torch.cat([torch.sigmoid(h(v)) for h, v in zip(heads, x)], dim=1)
-        p = halting_distribution(halts)
-        kl = (p * (torch.log(p.clamp(min=1e-12)) - torch.log(geometric))).sum(dim=1)
-        loss = ((p * ce).sum(dim=1) + beta * kl).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    for h in heads:
-        h.eval()
-    last = heads[-1][2]
-    assert isinstance(last, nn.Linear)
-    with torch.no_grad():   # PonderNet's convention: the last exit halts for sure (lambda_N = 1), so a
-        last.weight.zero_()   # q_exit score there is 1; the loss above gives its head no gradient
-        last.bias.fill_(40.0)
-    return float(loss.detach())
+    """Fit every exit's halting head with PonderNet's loss (``exit_signals.fit_halting``); exit k's
+    head reads the pooled hidden states after layer k + 1 and before it."""
+    inputs = [np.concatenate([features[k + 1], features[k]], axis=1) for k in range(model.num_stages)]
+    return fit_halting([_head(model, k).halting for k in range(model.num_stages)], inputs, oof_logits, labels,
+                       prior=prior, beta=beta, steps=steps, lr=lr, seed=seed)
 
 
 def train_gates(model: EarlyExitModel, oof_logits: Sequence[np.ndarray], labels: np.ndarray, *,
                 steps: int = 600, lr: float = 0.05, seed: int = 0) -> list[float]:
-    """Fit every exit's JEI-DNN gate to the probability that the exit's prediction is right
-    (binary cross-entropy on out-of-fold predictions), so its default threshold 0.5 means "more
-    likely right than wrong"; calibration moves it.  Returns each gate's final loss."""
-    torch.manual_seed(seed)
-    losses = []
-    for k, z in enumerate(oof_logits):
-        gate = _head(model, k).gate
-        logits = torch.from_numpy(z)
-        features = gate_features(logits)
-        right = (logits.argmax(dim=1) == torch.from_numpy(labels.astype(np.int64))).float()[:, None]
-        opt = torch.optim.Adam(gate.parameters(), lr=lr)
-        loss = torch.tensor(math.nan)
-        for _ in range(steps):
-            loss = nn.functional.binary_cross_entropy_with_logits(gate(features), right)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        losses.append(float(loss.detach()))
-    return losses
+    """Fit every exit's JEI-DNN gate (``exit_signals.fit_gates``)."""
+    return fit_gates([_head(model, k).gate for k in range(model.num_stages)], oof_logits, labels, steps=steps,
+                     lr=lr, seed=seed)
 
 
 # --- the recipe ------------------------------------------------------------------
