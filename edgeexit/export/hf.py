@@ -371,7 +371,7 @@ def _finetune(hf: HFModel, heads: Sequence[HFExitHead], exit_layers: Sequence[in
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
-                total, seen = total + float(loss) * len(rows), seen + len(rows)
+                total, seen = total + float(loss.detach()) * len(rows), seen + len(rows)
             losses.append(total / max(seen, 1))
             say(f"  fine-tuning epoch {epoch + 1}/{epochs}: weighted exit loss {losses[-1]:.4f}")
     finally:
