@@ -130,6 +130,9 @@ def test_stage_loop_equals_compiled_graph(exported, arch) -> None:  # type: igno
 def _optimum_logits(folder: Path, task: str, feeds: dict[str, np.ndarray], out: Path) -> np.ndarray:
     import onnxruntime as ort
 
+    # optimum-onnx (the baseline) caps transformers below 4.58; the exit export does not, and the CI's
+    # transformers-5 step runs these tests without this one
+    pytest.importorskip("optimum.exporters.onnx.convert", exc_type=ImportError)
     main_export = pytest.importorskip("optimum.exporters.onnx").main_export
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")   # the TorchScript exporter's and transformers' notices

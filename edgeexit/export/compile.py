@@ -32,7 +32,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -406,6 +406,35 @@ def _opsets(models: Sequence[onnx.ModelProto]) -> tuple[list[onnx.OperatorSetIdP
     return imports, opset
 
 
+def _share_identical_initializers(initializers: Sequence[onnx.TensorProto], nodes: Sequence[onnx.NodeProto]
+                                  ) -> list[onnx.TensorProto]:
+    """One copy of each distinct weight: stages of a model that shares weights across layers (ALBERT)
+    each hold their own copy, and the compiled graph, which holds every stage, needs only one.  Node
+    inputs naming a dropped copy are renamed to the kept one, in subgraphs too."""
+    kept: dict[tuple[int, tuple[int, ...], bytes], str] = {}
+    rename: dict[str, str] = {}
+    out = []
+    for tensor in initializers:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL or not tensor.HasField("raw_data"):
+            out.append(tensor)
+            continue
+        key = (tensor.data_type, tuple(tensor.dims), hashlib.sha256(tensor.raw_data).digest())
+        if key in kept:
+            rename[tensor.name] = kept[key]
+        else:
+            kept[key] = tensor.name
+            out.append(tensor)
+    if rename:
+        def visit(graph_nodes: Iterable[onnx.NodeProto]) -> None:
+            for node in graph_nodes:
+                node.input[:] = [rename.get(n, n) for n in node.input]
+                for attr in node.attribute:
+                    for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                        visit(sub.node)
+        visit(nodes)
+    return out
+
+
 def build_compiled_model(package: Package) -> onnx.ModelProto:
     """The compiled graph of ``package`` (checked with ``onnx.checker``, full check).
 
@@ -443,8 +472,9 @@ def build_compiled_model(package: Package) -> onnx.ModelProto:
     shapes = (["batch", classes if classes else "classes"], ["batch"], ["batch"])
     types = (widest, TensorProto.INT64, TensorProto.DOUBLE)
     outputs = [helper.make_tensor_value_info(n, t, s) for n, t, s in zip(io.outputs, types, shapes)]
+    initializers = _share_identical_initializers(main.initializers, main.nodes)
     graph = helper.make_graph(main.nodes, f"{package.name}_compiled", inputs, outputs,
-                              initializer=main.initializers, value_info=main.value_info)
+                              initializer=initializers, value_info=main.value_info)
     functions = _functions(models)
     model = helper.make_model(graph, opset_imports=imports, functions=functions,
                               producer_name="edgeexit", doc_string=(
