@@ -127,6 +127,20 @@ def test_conv_package_is_static_qdq_and_close_to_fp32(packages, tmp_path):
     _close([ExitSession(src).run_full(x)], [session.run_full(x)])
 
 
+def test_a_relative_package_path_quantizes_as_an_absolute_one(packages, tmp_path, monkeypatch):
+    """The README's own command names the package relative to the working folder; the graphs'
+    pre-processing must find them there (it runs from a work folder of its own)."""
+    src, _ = packages["conv"]
+    monkeypatch.chdir(src.parent)
+    lines: list[str] = []
+    x = tiny_inputs(64, seed=2)
+    q.quantize_package(Path(src.name), tmp_path / "relative.eexit", x, log=lines.append)
+    assert not [line for line in lines if "skipped" in line], lines
+    q.quantize_package(src.resolve(), tmp_path / "absolute.eexit", x, log=None)
+    for f in sorted(p.name for p in (tmp_path / "absolute.eexit").glob("*.onnx")):
+        assert (tmp_path / "relative.eexit" / f).read_bytes() == (tmp_path / "absolute.eexit" / f).read_bytes(), f
+
+
 def test_mlp_package_is_dynamic_smaller_and_close_to_fp32(packages, tmp_path):
     src, _ = packages["mlp"]
     pkg = q.quantize_package(src, tmp_path / "int8.eexit", _mlp_inputs(64, 1), log=None)

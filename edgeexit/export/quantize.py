@@ -206,10 +206,11 @@ def _preprocess(src: Path, dst: Path, say: Callable[[str], None], name: str) -> 
     # nothing lands in the caller's (a process-wide change, as quantizing is a tool's job, not a
     # device app's)
     here = os.getcwd()
+    source, target = src.resolve(), dst.resolve()   # before the chdir: a relative path means the caller's folder
     try:
-        os.chdir(dst.parent)
-        with _temp_files_in(dst.parent):
-            quant_pre_process(str(src.resolve()), str(dst.resolve()))
+        os.chdir(target.parent)
+        with _temp_files_in(target.parent):
+            quant_pre_process(str(source), str(target))
     except Exception as exc:
         say(f"  {name:<10} pre-processing skipped ({str(exc).strip().splitlines()[0][:120]})")
         return src
