@@ -27,6 +27,9 @@ class _Group(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except BrokenPipeError:   # `edgeexit devices | head -1`: the reader had enough; not an error
+            _quiet_stdout()
+            ctx.exit(0)
         except EdgeExitError as exc:
             click.echo(f"Error: {type(exc).__name__}: {exc}", err=True)
             ctx.exit(exc.exit_code)
@@ -79,8 +82,24 @@ cli.add_command(devices.devices)
 cli.add_command(quickstart.quickstart)
 
 
+def _quiet_stdout() -> None:
+    """Point stdout at the null device, so the interpreter's last flush into a closed pipe is silent."""
+    import os
+    import sys
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):   # no real stdout (an embedding app, a test runner)
+        pass
+
+
 def main(argv: list[str] | None = None, standalone_mode: bool = True) -> Any:
-    return cli.main(args=argv, prog_name="edgeexit", standalone_mode=standalone_mode)
+    try:
+        return cli.main(args=argv, prog_name="edgeexit", standalone_mode=standalone_mode)
+    except BrokenPipeError:   # raised while flushing after the command finished
+        _quiet_stdout()
+        return None
 
 
 if __name__ == "__main__":  # pragma: no cover

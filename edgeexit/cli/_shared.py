@@ -43,7 +43,25 @@ def emit_json(command: str, payload: dict[str, Any], as_json: bool, output: Path
         click.echo(text, nl=False)
     if output is not None:
         write_text_atomic(output, text)
-        click.echo(f"wrote {output}", err=as_json)
+        say_wrote(output, as_json)
+
+
+def say_wrote(path: Path, as_json: bool) -> None:
+    """``wrote PATH``: on stdout, or on stderr when stdout holds the one JSON object of --json."""
+    click.echo(f"wrote {path}", err=as_json)
+
+
+def check_suffix(path: Path | None, allowed: tuple[str, ...], option: str = "-o") -> None:
+    """Refuse an output whose format the command cannot write, before any work (a usage error, exit 2)."""
+    if path is not None and path.suffix.lower() not in allowed:
+        raise click.UsageError(f"{option} {path}: this command writes {', '.join(allowed)} files; name the output "
+                               f"with one of those suffixes")
+
+
+def check_new(path: Path, force: bool) -> None:
+    """An existing output is replaced only with --force (a usage error, exit 2, before any work)."""
+    if path.exists() and not force:
+        raise click.UsageError(f"{path} exists; pass --force to replace it")
 
 
 def write_text_atomic(path: Path, text: str) -> None:

@@ -9,7 +9,7 @@ from typing import Any
 import click
 
 from .._logging import logger, logging_options, quiet
-from ._shared import check_outputs, classifier_only, emit_json, write_text_atomic
+from ._shared import check_outputs, check_suffix, classifier_only, emit_json, say_wrote, write_text_atomic
 
 
 def _pick_meter(profile: Any, meter: str | None, meter_log: Path | None, meter_command: str | None) -> Any:
@@ -73,6 +73,8 @@ def bench(package: Path, data_file: Path | None, dataset: str | None, device: st
           meter_log: Path | None, meter_command: str | None, idle_seconds: float, allow_fallback: bool,
           as_json: bool, json_out: Path | None, csv_out: Path | None, threads: int | None) -> None:
     """Measure latency, throughput and energy of PACKAGE on this device."""
+    check_suffix(json_out, (".json",))
+    check_suffix(csv_out, (".csv",), "--csv")
     check_outputs(json_out, csv_out)
     classifier_only(package, "bench")
     from ..bench import BenchConfig, csv_rows, format_table, run_benchmark
@@ -122,6 +124,6 @@ def bench(package: Path, data_file: Path | None, dataset: str | None, device: st
         writer.writeheader()
         writer.writerows(rows)
         write_text_atomic(csv_out, buf.getvalue())
-        click.echo(f"wrote {csv_out}")
+        say_wrote(csv_out, as_json)
     if not report.valid:
         sys.exit(7)

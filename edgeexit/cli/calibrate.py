@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +9,7 @@ import click
 import numpy as np
 
 from .._logging import logger, logging_options
-from ._shared import check_outputs, package_kind
+from ._shared import check_outputs, check_suffix, emit_json, package_kind
 
 
 @click.command()
@@ -33,12 +32,24 @@ from ._shared import check_outputs, package_kind
 @click.option("--revert", is_flag=True, help="Restore the thresholds the last calibration replaced.")
 @logging_options(verbose_help="Also print the whole accuracy/cost frontier, and debug detail.", expose_verbose=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object on stdout.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the same JSON object to this file (.json).")
 def calibrate(package: Path, data_file: Path | None, text_column: str, label_column: str, max_drop: float | None,
               target_accuracy: float | None,
               latency_budget_ms: float | None, z: float, device: str, flops: bool, plot: Path | None,
-              dry_run: bool, revert: bool, verbose: bool, as_json: bool) -> None:
+              dry_run: bool, revert: bool, verbose: bool, as_json: bool, output: Path | None) -> None:
     """Choose one threshold per early exit from labelled data, timed on this device."""
-    check_outputs(plot)
+    check_suffix(output, (".json",))
+    check_suffix(plot, (".png",), "--plot")
+    check_outputs(plot, output)
+    if plot is not None:   # before the calibration, not after it
+        import importlib.util
+
+        from ..errors import MissingExtraError
+
+        if importlib.util.find_spec("matplotlib") is None:
+            raise MissingExtraError("--plot needs matplotlib, from the 'dev' extra: pip install 'edgeexit[dev]' (or "
+                                    "pip install matplotlib); or drop --plot")
     if package_kind(package) == "seq2seq":
         from ._seq2seq import calibrate_seq2seq_cli
 
@@ -65,7 +76,8 @@ def calibrate(package: Path, data_file: Path | None, text_column: str, label_col
         raise click.UsageError("--latency-budget-ms needs timed stages; drop --flops")
     run_calibration(package, data_file, max_drop=max_drop, target_accuracy=target_accuracy,
                latency_budget_ms=latency_budget_ms, z=z, device=device, flops=flops, plot=plot, dry_run=dry_run,
-               verbose=verbose, as_json=as_json, text_column=text_column, label_column=label_column)
+               verbose=verbose, as_json=as_json, text_column=text_column, label_column=label_column,
+               output=output)
 
 
 def load_labelled_data(session: Any, data_file: Path, text_column: str = "text", label_column: str = "label"
@@ -93,7 +105,7 @@ def load_labelled_data(session: Any, data_file: Path, text_column: str = "text",
 def run_calibration(package: Path, data_file: Path, *, max_drop: float | None, target_accuracy: float | None = None,
                latency_budget_ms: float | None = None, z: float = 1.645, device: str = "auto", flops: bool = False,
                plot: Path | None = None, dry_run: bool = False, verbose: bool = False, as_json: bool = False,
-               text_column: str = "text", label_column: str = "label") -> None:
+               text_column: str = "text", label_column: str = "label", output: Path | None = None) -> None:
     """The calibration flow of `edgeexit calibrate` (also run by `export --calibrate-data`)."""
     from ..calibrate import (
         apply_calibration,
@@ -164,17 +176,17 @@ def run_calibration(package: Path, data_file: Path, *, max_drop: float | None, t
             why = " (the engine whose exit paths were timed faster above)" if runs != t.faster else ""
             say(f"batch {t.batch_size}: stage loop {t.stages_ms:.4f} ms, compiled graph {t.compiled_ms:.4f} ms "
                 f"per call -> ExitSession runs the {words[runs]}{why}")
-    if as_json:
+    if as_json or output is not None:
         import dataclasses
 
-        click.echo(json.dumps({
-            "schema": "edgeexit.calibrate/1", "package": str(package), "device": profile.name,
+        emit_json("calibrate", {
+            "package": str(package), "device": profile.name,
             **result.entry(), "speedup_vs_full": result.speedup,
             "replay": None if replay is None else {**dataclasses.asdict(replay), "speedup_vs_full": replay.speedup},
             "exits_disabled": slower, "written": not dry_run,
             "engines": [dataclasses.asdict(t) | {"faster": t.faster} for t in engines],
             "frontier": [dataclasses.asdict(p) for p in result.frontier],
-        }, indent=2))
+        }, as_json, output)
 
 
 

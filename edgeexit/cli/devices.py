@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from .._logging import logging_options
-from ._shared import check_outputs, emit_json
+from ._shared import check_outputs, check_suffix, emit_json
 
 
 @click.command()
@@ -17,6 +17,7 @@ from ._shared import check_outputs, emit_json
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="Write the JSON to this file.")
 def devices(device: str, as_json: bool, output: Path | None) -> None:
     """Show the detected device, its profile, providers and energy meters."""
+    check_suffix(output, (".json",))
     check_outputs(output)
     import dataclasses
 

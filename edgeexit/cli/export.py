@@ -9,7 +9,7 @@ import click
 
 from .._logging import logger, logging_options
 from ..errors import ModelSpecError
-from ._shared import call_factory, check_outputs, progress_bar
+from ._shared import call_factory, check_new, check_outputs, progress_bar
 from .calibrate import run_calibration
 from .quantize import quantize_package_file
 
@@ -99,8 +99,7 @@ def export(model: str, model_dir: str | None, output: Path, policy: str, thresho
     from ..zoo import ZOO, example_images, get_model, load_weights, save_weights
 
     check_replaceable(output, overwrite=True)   # what is not an exit package is never replaced, --force or not
-    if output.exists() and not force:
-        raise click.UsageError(f"{output} exists; pass --force to replace it")
+    check_new(output, force)
     if (quantize is None) != (cal_data is None):
         raise click.UsageError("--quantize int8 and --data CAL.npz go together")
     if calibrate_data is not None and thresholds:

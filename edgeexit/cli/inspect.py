@@ -11,7 +11,7 @@ from typing import Any
 import click
 
 from .._logging import logging_options
-from ._shared import check_outputs, emit_json
+from ._shared import check_outputs, check_suffix, emit_json
 
 
 @click.command()
@@ -23,6 +23,7 @@ from ._shared import check_outputs, emit_json
 @click.option("--manifest", "raw", is_flag=True, help="Print the package's manifest.json as it is.")
 def inspect(package: Path, as_json: bool, output: Path | None, raw: bool) -> None:
     """Show a package's stages, shapes, exits, policies, thresholds, costs and hashes."""
+    check_suffix(output, (".json",))
     check_outputs(output)
     from ..package import load_package
 

@@ -8,7 +8,7 @@ from typing import Any
 import click
 
 from .._logging import logger, logging_options
-from ._shared import check_outputs, classifier_only
+from ._shared import check_new, check_outputs, classifier_only
 
 
 def quantize_package_file(src: Path, dst: Path, data_file: Path, force: bool, **options: Any) -> None:
@@ -45,6 +45,7 @@ def quantize_package_file(src: Path, dst: Path, data_file: Path, force: bool, **
 def quantize(package: Path, output: Path, data_file: Path, mode: str, activation_type: str, per_channel: bool,
              max_calibration_samples: int, max_drop: float | None, force: bool) -> None:
     """Quantize PACKAGE's stage graphs to int8 with onnxruntime.quantization."""
+    check_new(output, force)   # as export: an existing output is a usage error (exit 2), before any work
     check_outputs(output, folder=True)
     classifier_only(package, "quantize")
     quantize_package_file(package, output, data_file, force, mode=mode, activation_type=activation_type,

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from .._logging import logger, logging_options
-from ._shared import check_outputs, emit_json
+from ._shared import check_outputs, check_suffix, emit_json, say_wrote
 
 
 @click.command()
@@ -33,6 +33,7 @@ def run(package: Path, input_file: Path, output: Path | None, thresholds: tuple[
         allow_fallback: bool, as_json: bool) -> None:
     """Run PACKAGE on INPUT (.npy, or .npz with arrays named after the inputs and optional labels; .txt, one
     text per line, for a package that ships its tokenizer)."""
+    check_suffix(output, (".npz", ".csv", ".json"))
     check_outputs(output)   # before any inference: a bad -o must not waste the run
     import numpy as np
 
@@ -70,31 +71,32 @@ def run(package: Path, input_file: Path, output: Path | None, thresholds: tuple[
     names = session.package.labels
     shares = np.bincount(exit_index, minlength=session.num_exits) / n
     nonfinite = sum(p.nonfinite_scores for p in parts)
-    if as_json or (output is not None and output.suffix.lower() == ".json"):
+    json_file = output if output is not None and output.suffix.lower() == ".json" else None
+    if as_json or json_file is not None:
         emit_json("run", {
             "package": str(package), "input": str(input_file), "samples": n, "engine": parts[0].engine,
             "exit_shares": shares.tolist(), "nonfinite_scores": nonfinite,
             "accuracy": None if labels is None else float((predictions == labels).mean()),
             "predictions": predictions.tolist(), "exit_index": exit_index.tolist(), "scores": scores.tolist(),
-        }, as_json, output if output is not None and output.suffix.lower() == ".json" else None)
-        if as_json:
-            return
-    for i in range(min(show, n)):
-        label = f"  ({names[predictions[i]]})" if names and predictions[i] < len(names) else ""
-        click.echo(f"sample {i:>5}: prediction {predictions[i]}{label}  exit {exit_index[i]}  score {scores[i]:.4g}")
-    if n > show:
-        click.echo(f"... {n - show} more")
-    click.echo(f"{n} samples; exit shares: " + ", ".join(f"exit {e}: {s:.1%}" for e, s in enumerate(shares)))
-    if labels is not None:
-        click.echo(f"accuracy: {(predictions == labels).mean():.2%} ({int((predictions == labels).sum())}/{n})")
+        }, as_json, json_file)
+    if not as_json:
+        for i in range(min(show, n)):
+            label = f"  ({names[predictions[i]]})" if names and predictions[i] < len(names) else ""
+            click.echo(f"sample {i:>5}: prediction {predictions[i]}{label}  exit {exit_index[i]}  "
+                       f"score {scores[i]:.4g}")
+        if n > show:
+            click.echo(f"... {n - show} more")
+        click.echo(f"{n} samples; exit shares: " + ", ".join(f"exit {e}: {s:.1%}" for e, s in enumerate(shares)))
+        if labels is not None:
+            click.echo(f"accuracy: {(predictions == labels).mean():.2%} ({int((predictions == labels).sum())}/{n})")
     if nonfinite:
         logger.warning(f"warning: {nonfinite} non-finite exit score(s); those samples did not exit early")
-    if output is not None and output.suffix.lower() != ".json":
+    if output is not None and json_file is None:
         arrays = {"predictions": predictions, "exit_index": exit_index, "scores": scores}
         if output.suffix.lower() == ".npz":
             arrays["logits"] = np.concatenate([p.logits for p in parts])
         save_results_atomic(output, arrays)
-        click.echo(f"wrote {output}")
+        say_wrote(output, as_json)
 
 
 # --- inspect ------------------------------------------------------------------------
