@@ -406,32 +406,67 @@ def _opsets(models: Sequence[onnx.ModelProto]) -> tuple[list[onnx.OperatorSetIdP
     return imports, opset
 
 
+_TensorKey = tuple[int, tuple[int, ...], bytes]
+
+
+def _tensor_key(tensor: onnx.TensorProto) -> _TensorKey | None:
+    if tensor.data_location == onnx.TensorProto.EXTERNAL or not tensor.HasField("raw_data"):
+        return None
+    return tensor.data_type, tuple(tensor.dims), hashlib.sha256(tensor.raw_data).digest()
+
+
+def _share_in_branches(graph_nodes: Iterable[onnx.NodeProto], visible: Mapping[_TensorKey, str]) -> None:
+    """Inside every If/Loop body: a weight equal to one an enclosing graph holds is dropped, and the
+    body's nodes (nested bodies too) read the enclosing one, unless the body defines that name itself."""
+    for node in graph_nodes:
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                local = {t.name for t in sub.initializer} | {o for n in sub.node for o in n.output}
+                rename: dict[str, str] = {}
+                keep, inner = [], dict(visible)
+                for tensor in sub.initializer:
+                    key = _tensor_key(tensor)
+                    if key is not None and key in visible and visible[key] not in local:
+                        rename[tensor.name] = visible[key]
+                    else:
+                        keep.append(tensor)
+                        if key is not None:
+                            inner.setdefault(key, tensor.name)
+                del sub.initializer[:]
+                sub.initializer.extend(keep)
+                if rename:
+                    _rename_inputs(sub.node, rename)
+                _share_in_branches(sub.node, inner)
+
+
+def _rename_inputs(graph_nodes: Iterable[onnx.NodeProto], rename: Mapping[str, str]) -> None:
+    for node in graph_nodes:
+        node.input[:] = [rename.get(n, n) for n in node.input]
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                _rename_inputs(sub.node, rename)
+
+
 def _share_identical_initializers(initializers: Sequence[onnx.TensorProto], nodes: Sequence[onnx.NodeProto]
                                   ) -> list[onnx.TensorProto]:
-    """One copy of each distinct weight: stages of a model that shares weights across layers (ALBERT)
-    each hold their own copy, and the compiled graph, which holds every stage, needs only one.  Node
-    inputs naming a dropped copy are renamed to the kept one, in subgraphs too."""
-    kept: dict[tuple[int, tuple[int, ...], bytes], str] = {}
+    """One copy of each distinct weight.  Stages of a model that shares weights across layers (ALBERT)
+    each hold their own copy, and the compiled graph holds every stage, the later ones inside If
+    branches (which read names of the graphs around them): a weight equal to one kept already is
+    dropped and its readers renamed."""
+    kept: dict[_TensorKey, str] = {}
     rename: dict[str, str] = {}
     out = []
     for tensor in initializers:
-        if tensor.data_location == onnx.TensorProto.EXTERNAL or not tensor.HasField("raw_data"):
-            out.append(tensor)
-            continue
-        key = (tensor.data_type, tuple(tensor.dims), hashlib.sha256(tensor.raw_data).digest())
-        if key in kept:
+        key = _tensor_key(tensor)
+        if key is not None and key in kept:
             rename[tensor.name] = kept[key]
-        else:
+            continue
+        if key is not None:
             kept[key] = tensor.name
-            out.append(tensor)
+        out.append(tensor)
     if rename:
-        def visit(graph_nodes: Iterable[onnx.NodeProto]) -> None:
-            for node in graph_nodes:
-                node.input[:] = [rename.get(n, n) for n in node.input]
-                for attr in node.attribute:
-                    for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
-                        visit(sub.node)
-        visit(nodes)
+        _rename_inputs(nodes, rename)
+    _share_in_branches(nodes, kept)
     return out
 
 
