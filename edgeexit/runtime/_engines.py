@@ -33,6 +33,7 @@ from ..package import COMPILED_OUTPUTS, CompiledSpec, Package
 from ..policies import always_threshold, get_policy
 from ._contract import LOGITS_DTYPE, ExitLogits
 from ._result import ExitResult
+from ._stage import direct_run
 
 ENGINES = ("auto", "compiled", "stages")
 
@@ -43,6 +44,7 @@ class CompiledGraph:
     def __init__(self, spec: CompiledSpec, session: ort.InferenceSession) -> None:
         self.spec = spec
         self.session = session
+        self._ort_run = direct_run(session)
         self.policies = spec.policies
         self.outputs = [spec.outputs[name] for name in COMPILED_OUTPUTS]
         self.inputs = spec.inputs
@@ -112,7 +114,7 @@ class CompiledGraph:
         run_feeds = {name: feeds[name] for name in self.inputs}
         run_feeds[self.thresholds] = thresholds
         try:
-            return self.session.run(self.outputs, run_feeds)  # type: ignore[no-any-return]
+            return self._ort_run(self.outputs, run_feeds, None)
         except Exception as exc:  # onnxruntime raises bare RuntimeError/Fail subclasses
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise SessionError(f"the compiled graph {self.spec.file} failed to run: {first}") from None
