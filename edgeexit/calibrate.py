@@ -19,9 +19,8 @@ in ``_search``.
 
 from __future__ import annotations
 
-import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -210,12 +209,25 @@ class CalibrationResult:
         }
 
 
+def single_row(session, feeds: Mapping[str, np.ndarray], i: int) -> dict[str, np.ndarray]:  # type: ignore[no-untyped-def]
+    """Sample ``i`` alone, as a batch-1 call would get it: for a package that tokenizes texts, without
+    the padding of the longest text of the set (a timed row must cost what that text costs)."""
+    row = {k: np.ascontiguousarray(v[i:i + 1]) for k, v in feeds.items()}
+    text = getattr(getattr(session, "package", None), "text", None)
+    if text is not None and text.mask is not None and text.mask in row and row[text.mask].ndim == 2:
+        length = max(1, int(np.count_nonzero(row[text.mask][0])))
+        for name in (text.ids, text.mask):
+            if name in row and row[name].ndim == 2:
+                row[name] = np.ascontiguousarray(row[name][:, :length])
+    return row
+
+
 def measure_stage_ms(session, inputs, samples: int = 64, repeats: int = 3) -> list[float]:  # type: ignore[no-untyped-def]
     """Median onnxruntime ms of every stage at batch 1 on this device (all stages run)."""
     feeds = inputs if isinstance(inputs, dict) else {session.input_names[0]: inputs}
     n = next(iter(feeds.values())).shape[0]
     picks = np.linspace(0, n - 1, min(samples, n)).astype(int)
-    one = [{k: np.ascontiguousarray(v[i:i + 1]) for k, v in feeds.items()} for i in picks]
+    one = [single_row(session, feeds, int(i)) for i in picks]
     for x in one[:8]:  # warm-up
         session.run(x, early_exits=False)
     times = [session.run(x, early_exits=False).stage_ms for _ in range(repeats) for x in one]
@@ -262,14 +274,14 @@ def measure_exit_paths_per_engine(session, inputs, engines: Sequence[str | None]
     feeds = inputs if isinstance(inputs, dict) else {session.input_names[0]: inputs}
     n = next(iter(feeds.values())).shape[0]
     picks = np.linspace(0, n - 1, min(samples, n)).astype(int)
-    one = [{k: np.ascontiguousarray(v[i:i + 1]) for k, v in feeds.items()} for i in picks]
+    one = [single_row(session, feeds, int(i)) for i in picks]
     pol = get_policy(policy or session.package.policies[0])
     paths = forced_paths([pol.name] * session.num_exits)
     plain, label = session.plain_full_model()
-    calls: list[Any] = [functools.partial(session.run, thresholds=t, policy=pol.name, engine=e)
-                        for e in engines for t in paths]
+    # each through ``runner``: a setting costs what the package written with it pays per call
+    calls: list[Any] = [session.runner(t, policy=pol.name, engine=e) for e in engines for t in paths]
     # every exit disabled, engine left to the session: what a package written disabled pays (full.onnx)
-    calls += [functools.partial(session.run, thresholds=paths[-1], policy=pol.name), plain]
+    calls += [session.runner(paths[-1], policy=pol.name), plain]
     times = interleaved_ms(calls, one, repeats, block=block)
     medians = [float(np.median(t)) for t in times]
     timed = []
@@ -433,11 +445,12 @@ def replay_calibration(session, inputs, labels, result: CalibrationResult, *,  #
             f"{np.round(result.shares, 4).tolist()}; nothing was written. Please report this."
         )
     picks = np.linspace(0, n - 1, min(samples, n)).astype(int)
-    one = [{k: np.ascontiguousarray(v[i:i + 1]) for k, v in feeds.items()} for i in picks]
+    one = [single_row(session, feeds, int(i)) for i in picks]
     plain, _label = session.plain_full_model()
     off = [None] * len(result.thresholds)
-    calls = [lambda x: session.run(x, thresholds=result.thresholds, policy=result.policy, engine=result.engine), plain,
-             lambda x: session.run(x, thresholds=off, policy=result.policy)]
+    # through ``runner``: what the package written with these thresholds (or disabled) pays per call
+    calls = [session.runner(result.thresholds, policy=result.policy, engine=result.engine), plain,
+             session.runner(off, policy=result.policy)]
     per_sample = np.median(interleaved_ms(calls, one, repeats, block=block), axis=1)
     return Replay(accuracy, shares, float(per_sample[0].mean()), float(per_sample[1].mean()), len(one),
                   float(per_sample[2].mean()))

@@ -24,9 +24,18 @@ def test_inputs_outputs_and_providers_look_like_onnxruntime_s(tiny_package):
     assert (arg.name, arg.shape, arg.type) == (ref.name, ref.shape, ref.type) == ("x", ["batch", 4], "tensor(float)")
     outputs = sess.get_outputs()
     assert [(o.name, o.shape, o.type) for o in outputs] == [
-        ("logits", ["batch", 3], "tensor(float)"), ("exit_index", ["batch"], "tensor(int64)"),
-        ("score", ["batch"], "tensor(double)")]
+        ("logits", ["batch", 3], "tensor(float)"), ("predictions", ["batch"], "tensor(int64)"),
+        ("exit_index", ["batch"], "tensor(int64)"), ("scores", ["batch"], "tensor(double)")]
     result = sess.run(X)
+    for o in outputs:   # every output named as the result field that holds it
+        assert getattr(result, o.name).shape[0] == len(X)
+    as_ort = sess.run(None, {"x": X})   # onnxruntime's call shape
+    np.testing.assert_array_equal(as_ort.logits, result.logits)
+    np.testing.assert_array_equal(as_ort.exit_index, result.exit_index)
+    with pytest.raises(InputError, match=r"call run\(feed\) or run\(None, feed\)"):
+        sess.run(["logits"], {"x": X})
+    with pytest.raises(InputError, match="run needs the inputs"):
+        sess.run(None)
     assert result.logits.dtype == np.float32 and result.exit_index.dtype == np.int64
     assert result.scores.dtype == np.float64
     assert sess.get_providers() == stage0.get_providers() == ["CPUExecutionProvider"]
@@ -39,6 +48,14 @@ def test_model_metadata(tiny_package):
     assert custom["policies"] == "entropy,entropy" and custom["thresholds"] == "[0.5]" and custom["exits"] == "2"
     assert custom["labels"] == '["a", "b", "c"]' and custom["exits_disabled"] == "false"
     assert all(isinstance(v, str) for v in custom.values())   # as in onnxruntime's map
+
+
+def test_labels_on_the_session_and_by_name_on_the_result(tiny_package):
+    sess = ExitSession(tiny_package)
+    assert sess.labels == ("a", "b", "c")
+    for batch in (X[:1], X):   # the batch-1 fast path and the checked path
+        result = sess.run(batch)
+        assert result.labels == [("a", "b", "c")[i] for i in result.predictions]
 
 
 def test_sess_options_apply_to_every_session(tiny_package):

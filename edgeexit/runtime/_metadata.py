@@ -45,12 +45,14 @@ def package_inputs(package: Package) -> list[PackageArg]:
 
 
 def result_outputs(package: Package, logits_dtype: str) -> list[PackageArg]:
-    """What ``run`` returns per sample, as outputs: logits, exit_index, score."""
+    """What ``run`` returns per sample, named as the fields of ``ExitResult``: logits, predictions,
+    exit_index, scores (the compiled graph's own outputs are logits, exit_index and score)."""
     classes: int | str = len(package.labels) if package.labels else "classes"
     return [
         PackageArg("logits", ["batch", classes], _ORT_TYPE.get(logits_dtype, f"tensor({logits_dtype})")),
+        PackageArg("predictions", ["batch"], "tensor(int64)"),
         PackageArg("exit_index", ["batch"], "tensor(int64)"),
-        PackageArg("score", ["batch"], "tensor(double)"),
+        PackageArg("scores", ["batch"], "tensor(double)"),
     ]
 
 

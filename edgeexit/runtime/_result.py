@@ -27,18 +27,24 @@ class ExitResult:
         total_ms: wall time of the whole call in ms.
         engine: ``"stages"`` (the stage loop), ``"compiled"`` (the package's compiled
             graph, one onnxruntime call: ``stage_ms`` is then empty) or ``"full"`` (every
-            early exit disabled: the package's ``full.onnx``, one call; ``predictions``,
-            ``exit_index`` and ``scores`` are then computed when first read).
+            early exit disabled: the package's ``full.onnx``, one call).
 
-    A result is not shared between calls; reading it from several threads is safe.
+    What a call does not need to answer is computed when first read: ``predictions`` (the
+    argmax of ``logits``), and at batch 1 ``exit_index`` and ``scores`` as arrays; the full
+    model's ``scores`` too.  Right after onnxruntime ran every numpy call runs with cold caches
+    (1 to 7 us each at batch 1, measured in ``benchmarks/bench_overhead.py``), and an app that
+    reads only the logits should not pay for them.  A result is not shared between calls;
+    reading it from several threads is safe (a field computed twice is computed the same).
     """
 
     __slots__ = (
+        "_class_names",
         "_exit_index",
         "_last_exit",
         "_nonfinite",
         "_policy",
         "_predictions",
+        "_score",
         "_scores",
         "engine",
         "logits",
@@ -46,28 +52,47 @@ class ExitResult:
         "total_ms",
     )
 
-    def __init__(self, predictions: np.ndarray, logits: np.ndarray, exit_index: np.ndarray, scores: np.ndarray,
-                 stage_ms: tuple[float, ...], nonfinite_scores: int, total_ms: float, engine: str = "stages") -> None:
+    def __init__(self, predictions: np.ndarray | None, logits: np.ndarray, exit_index: np.ndarray, scores: np.ndarray,
+                 stage_ms: tuple[float, ...], nonfinite_scores: int | None, total_ms: float,
+                 engine: str = "stages") -> None:
         self.logits = logits
         self.stage_ms = stage_ms
         self.total_ms = total_ms
         self.engine = engine
-        self._predictions: np.ndarray | None = predictions
+        self._predictions = predictions          # None: the argmax of ``logits``, when first read
         self._exit_index: np.ndarray | None = exit_index
         self._scores: np.ndarray | None = scores
-        self._nonfinite: int | None = nonfinite_scores
+        self._nonfinite = nonfinite_scores       # None: counted in ``scores`` when first read
         self._policy: ExitPolicy | None = None
         self._last_exit = -1
+        self._score = math.nan
+        self._class_names: tuple[str, ...] | None = None   # the package's labels, set by ExitSession.run
 
     @classmethod
     def of_full_model(cls, logits: np.ndarray, policy: ExitPolicy, last_exit: int, total_ms: float) -> ExitResult:
         """The answer of the single full graph: every sample at the last exit, scored when asked."""
         result = cls.__new__(cls)
         result.logits, result.stage_ms, result.total_ms, result.engine = logits, (), total_ms, "full"
-        result._predictions = result._exit_index = result._scores = None
-        result._nonfinite = None
-        result._policy, result._last_exit = policy, last_exit
+        result._predictions = result._exit_index = result._scores = result._nonfinite = None
+        result._policy, result._last_exit, result._score = policy, last_exit, math.nan
         return result
+
+    @classmethod
+    def of_one(cls, logits: np.ndarray, exit_number: int, score: float, stage_ms: tuple[float, ...],
+               total_ms: float) -> ExitResult:
+        """The stage loop's answer for one sample (``logits`` of shape (1, classes)) that left at
+        ``exit_number`` with ``score``: its arrays are made when first read."""
+        result = cls.__new__(cls)
+        result.logits, result.stage_ms, result.total_ms, result.engine = logits, stage_ms, total_ms, "stages"
+        result._predictions = result._exit_index = result._scores = result._nonfinite = result._policy = None
+        result._last_exit, result._score = exit_number, score
+        return result
+
+    @property
+    def labels(self) -> list[str] | None:
+        """The class name of each prediction, where the package names its classes (else None)."""
+        names = self._class_names
+        return None if names is None else [names[i] if 0 <= i < len(names) else str(i) for i in self.predictions]
 
     @property
     def predictions(self) -> np.ndarray:
@@ -84,8 +109,9 @@ class ExitResult:
     @property
     def scores(self) -> np.ndarray:
         if self._scores is None:
-            assert self._policy is not None
-            if self._policy.stateful or self._policy.reads != "logits":   # needs every exit, or a signal
+            if self._policy is None:   # one sample's score from the stage loop (of_one)
+                self._scores = np.array([self._score])
+            elif self._policy.stateful or self._policy.reads != "logits":   # needs every exit, or a signal
                 #                                the full model has only the last exit's logits
                 self._scores = np.full(self.logits.shape[0], np.nan)
             elif self.logits.shape[0] == 1:   # the batch-1 score the stage loop computes, bit for bit

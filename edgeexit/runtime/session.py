@@ -1,23 +1,23 @@
 """``ExitSession``: run an exit package stage by stage and stop at the first confident exit.
 
-Why one file of ~800 lines: it is one class, and its methods are the public API (run,
-generate, tune_engines, measure, the onnxruntime-style getters). What does not need the
+Why one file of ~900 lines: it is one class, and its methods are the public API (run,
+runner, generate, tune_engines, measure, the onnxruntime-style getters). What does not need the
 session's state already lives beside it: stages in ``_stage``, input checks in ``_inputs``,
 the compiled engine and its timing in ``_engines``, results in ``_result``, threads in
-``_threads``, the graphs' checks in ``_contract``. The stage loop itself is ``_run_batch``
-(and ``_run_one`` at batch 1), one screen each.
+``_threads``, the graphs' checks in ``_contract``, the one-function path of a batch-1 call in
+``_fast``. The stage loop itself is ``_run_batch`` (and ``_run_one`` at batch 1), one screen each.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import math
 import os
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from time import perf_counter_ns
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -29,7 +29,7 @@ from ..devices.providers import ProviderSpec, check_session_providers, resolve_p
 from ..errors import GraphMismatchError, InputError, PolicyError, SessionError
 from ..package import Package, load_package
 from ..policies import ExitPolicy, always_threshold, check_thresholds, get_policy, never_threshold, scale_logits
-from ._contract import check_full_model, check_stage_graphs
+from ._contract import LOGITS_DTYPE, check_full_model, check_stage_graphs
 from ._engines import (
     ENGINES,
     CompiledGraph,
@@ -39,11 +39,12 @@ from ._engines import (
     forced_paths,
     time_interleaved,
 )
+from ._fast import FastCall, compiled_one, full_model_one
 from ._inputs import InputChecker, synthetic_inputs
 from ._measure import Measurement
 from ._metadata import PackageArg, PackageMetadata, package_inputs, package_metadata, result_outputs
 from ._result import ExitResult
-from ._stage import Stage, binding_device, take
+from ._stage import OrtRun, Stage, binding_device, direct_run, take
 from ._threads import ThreadSettings, explain_session_failure
 from .seq2seq import Generation, Seq2SeqRunner
 
@@ -55,6 +56,26 @@ class _Plan:
     compiled: bool = False             # the compiled graph has these policies
     threshold_array: np.ndarray | None = None   # float64, the compiled graph's input
     disabled: bool = False             # every early exit disabled: the call is the full model
+
+
+@dataclass(frozen=True)
+class _FullCall:
+    run: OrtRun                        # full.onnx's session run (see direct_run)
+    outputs: list[str]                 # [its logits]
+    inputs: tuple[str, ...] | None     # None: the checked feeds are exactly its inputs
+    widen: bool                        # its logits are narrower than the exits' widest dtype
+    file: str
+
+
+def _ort_call_shape(output_names: Any, input_feed: Any) -> Any:
+    """``run(None, feed)``, as onnxruntime's ``InferenceSession.run`` is called, is ``run(feed)``."""
+    if output_names is None and input_feed is not None:
+        return input_feed
+    if input_feed is None:
+        raise InputError("run needs the inputs: run({name: array}) or, as onnxruntime is called, run(None, {name: "
+                         "array})")
+    raise InputError("ExitSession.run returns every output in one ExitResult (logits, predictions, exit_index, "
+                     f"scores): call run(feed) or run(None, feed), not run({output_names!r}, feed)")
 
 
 class ExitSession:
@@ -142,6 +163,7 @@ class ExitSession:
                                                         not sess_options.use_per_session_threads)
         self._allow_fallback = allow_fallback
         self._checker = InputChecker(self.package.inputs, check_finite=check_finite)
+        self._labels: tuple[str, ...] | None = tuple(self.package.labels) if self.package.labels else None
         self.exit_stages = self.package.exit_stages
         self.num_exits = len(self.exit_stages)
 
@@ -152,12 +174,15 @@ class ExitSession:
         self._compiled: CompiledGraph | None = None
         self._compiled_stale: str | None = None   # why the package's compiled graph answers for no call
         self._full_session: ort.InferenceSession | None = None
+        self._full_call: _FullCall | None = None   # how run() calls full.onnx, set up with its session
         self._plain_session: ort.InferenceSession | None = None
         self._measures = threading.local()   # the measure() block open in each thread, if any
         self._measures_open = 0              # how many threads have one open (run() looks only then)
         self._measures_lock = threading.Lock()
+        self._fast_one: FastCall | None = None   # the package's own call at batch 1 (_fast.py), where it has one
+        self._engine_choice: Mapping[str, str] = MappingProxyType({})
         if self.package.kind == "seq2seq":   # an encoder-decoder: generate(), not run()
-            self.engine_choice, self.io_binding_device = {}, None
+            self.io_binding_device = None
             self._seq2seq = Seq2SeqRunner(self.package, self._build, in_graph=engine != "stages")
             self._seq2seq_engine = engine
             return
@@ -209,14 +234,16 @@ class ExitSession:
         # engine per regime: batch 1, batch > 1 ("auto": compiled when usable, or what the last
         # calibration on a device measured faster, if it recorded that)
         recorded = compiled_spec.engines if compiled_spec is not None and engine == "auto" else None
-        self.engine_choice = {regime: (recorded or {}).get(regime, engine) for regime in ("batch1", "batch")}
+        self._engine_choice = MappingProxyType({regime: (recorded or {}).get(regime, engine)
+                                                for regime in ("batch1", "batch")})
         self._default_plan = self._make_plan(None, None)
         self._plans: dict[tuple[Any, ...], _Plan] = {}
         never = tuple(never_threshold(p) for p in self._default_plan.policies[:-1])
         self._no_exit_plan = _Plan(self._default_plan.policies, never, disabled=True)
         if self._default_plan.disabled and self._full_when_disabled:
-            self._full()   # a package with its exits disabled runs as the full model: build it now
+            self._full_setup()   # a package with its exits disabled runs as the full model: build it now
         self._check_compiled_answers()
+        self._fast_one = self._fast_path()
 
     # --- building ---------------------------------------------------------------
 
@@ -336,7 +363,8 @@ class ExitSession:
 
     def run(
         self,
-        inputs: np.ndarray | dict[str, np.ndarray],
+        inputs: np.ndarray | dict[str, np.ndarray] | None,
+        input_feed: dict[str, np.ndarray] | None = None,
         *,
         thresholds: Sequence[float | None] | None = None,
         policy: str | None = None,
@@ -347,7 +375,8 @@ class ExitSession:
 
         Args:
             inputs: ``{name: array}`` with a leading batch axis, or a bare array when the
-                package has one input.
+                package has one input.  onnxruntime's call shape ``run(None, feed)`` works too
+                (every output comes back, in the ``ExitResult``).
             thresholds: one per early exit, overriding the package's for this call (None
                 disables that exit).
             policy: a registered policy name overriding the package's (needs thresholds).
@@ -355,8 +384,29 @@ class ExitSession:
                 package as a full model, for baselines; always the stage loop).
             engine: ``"compiled"`` or ``"stages"`` for this call; default: the session's
                 choice for this batch size (see ``tune_engines``).
+
+        The package's own call at batch 1 (no overrides) goes first through a one-function path
+        (``runtime/_fast.py``: 1 to 5 us less per call); anything it does not take, the checked
+        path answers, with the same results and the same typed errors.  ``runner`` binds
+        overrides and keeps that path.
         """
         start = perf_counter_ns()
+        if input_feed is not None or inputs is None:   # onnxruntime's run(output_names, input_feed)
+            inputs = _ort_call_shape(inputs, input_feed)
+        fast = self._fast_one   # the package's own call at batch 1: one function, None where it does not apply
+        result = fast(inputs, start) if fast is not None and thresholds is None and policy is None and early_exits \
+            and engine is None else None
+        if result is None:
+            result = self._run_checked(inputs, thresholds, policy, early_exits, engine, start)
+        result._class_names = self._labels
+        if self._measures_open:
+            current = getattr(self._measures, "block", None)
+            if current is not None:
+                current.record(result.logits.shape[0], result.total_ms)
+        return result
+
+    def _run_checked(self, inputs: np.ndarray | dict[str, np.ndarray], thresholds: Sequence[float | None] | None,
+                     policy: str | None, early_exits: bool, engine: str | None, start: int) -> ExitResult:
         if self._closed:
             raise SessionError(f"this ExitSession of {self.package.root} was closed; open a new one")
         if self._seq2seq is not None:
@@ -369,52 +419,35 @@ class ExitSession:
         else:
             plan = self._plan_for(thresholds, policy)
         if engine is None or engine == "auto":   # the session's choice; the stage loop where it cannot serve
-            use = self.engine_choice["batch1" if n == 1 else "batch"]
+            use = self._engine_choice["batch1" if n == 1 else "batch"]
         elif engine in ENGINES:
             use = engine
         else:
             raise InputError(f"engine={engine!r} is not one of {', '.join(ENGINES)}")
         if plan.disabled and early_exits and self._full_when_disabled and engine in (None, "auto"):
-            result = self._run_full_model(feeds, n, plan, start)
-        elif use != "stages" and early_exits and plan.compiled:
-            result = self._run_compiled(feeds, n, plan, start)
-        elif engine == "compiled" or (use == "compiled" and self._engine == "compiled"):
+            return self._run_full_model(feeds, plan, start)
+        if use != "stages" and early_exits and plan.compiled:
+            return self._run_compiled(feeds, n, plan, start)
+        if engine == "compiled" or (use == "compiled" and self._engine == "compiled"):
             raise InputError(self._why_not_compiled(early_exits, plan))
-        elif n == 1:
-            result = self._run_one(feeds, plan, start)
-        else:
-            result = self._run_batch(feeds, n, plan, start)
-        if self._measures_open:
-            current = getattr(self._measures, "block", None)
-            if current is not None:
-                current.record(n, result.total_ms)
-        return result
+        return self._run_one(feeds, plan, start) if n == 1 else self._run_batch(feeds, n, plan, start)
 
     def _run_compiled(self, feeds: dict[str, np.ndarray], n: int, plan: _Plan, start: int) -> ExitResult:
-        # One onnxruntime call.  After it the CPU caches hold the model, not numpy, so every
-        # numpy call here costs microseconds at batch 1: the score is counted in Python.
+        # One onnxruntime call.  After it the CPU caches hold the model, not numpy, so no numpy
+        # runs here: the predictions and the count of non-finite scores are computed when read.
         assert self._compiled is not None and plan.threshold_array is not None
         logits, exit_index, scores = self._compiled.run(feeds, plan.threshold_array, n)
-        if n == 1:
-            score = float(scores[0])
-            nonfinite = 0 if score == score and abs(score) != math.inf else 1
-        else:
-            nonfinite = int(np.count_nonzero(~np.isfinite(scores)))
-        return ExitResult(
-            predictions=logits.argmax(axis=1), logits=logits, exit_index=exit_index, scores=scores, stage_ms=(),
-            nonfinite_scores=nonfinite, total_ms=(perf_counter_ns() - start) / 1e6, engine="compiled",
-        )
+        return ExitResult(None, logits, exit_index, scores, (), None, (perf_counter_ns() - start) / 1e6, "compiled")
 
-    def _run_full_model(self, feeds: dict[str, np.ndarray], n: int, plan: _Plan, start: int) -> ExitResult:
+    def _run_full_model(self, feeds: dict[str, np.ndarray], plan: _Plan, start: int) -> ExitResult:
         # Every early exit disabled: the package's single full graph answers, as fast as the plain model.
-        full = self.package.full_model
-        assert full is not None
-        session = self._full()
+        call = self._full_call or self._full_setup()
         try:
-            logits = session.run([full.logits], {name: feeds[name] for name in full.inputs})[0]
+            logits = call.run(call.outputs, feeds if call.inputs is None else {n: feeds[n] for n in call.inputs},
+                              None)[0]
         except Exception as exc:  # onnxruntime raises bare RuntimeError/Fail subclasses
-            raise SessionError(f"the full model {full.file} failed to run: {str(exc).strip()[:200]}") from None
-        if logits.dtype != self._logits_dtype:   # the stage loop's dtype, whichever engine answers
+            raise SessionError(f"the full model {call.file} failed to run: {str(exc).strip()[:200]}") from None
+        if call.widen:   # the stage loop's dtype, whichever engine answers
             logits = logits.astype(self._logits_dtype)
         # predictions, exit_index and scores are computed when first read: right after the onnxruntime
         # call every Python step runs cold, and an app that reads only the logits should not pay for them
@@ -449,6 +482,18 @@ class ExitSession:
             self._full_session = session
         return self._full_session
 
+    def _full_setup(self) -> _FullCall:
+        """What ``_run_full_model`` needs per call, worked out once: the session's run, and whether
+        the checked feeds go in as they are and the logits come out in the stage loop's dtype."""
+        full = self.package.full_model
+        assert full is not None
+        session = self._full()
+        logits_type = next(o.type for o in session.get_outputs() if o.name == full.logits)
+        self._full_call = _FullCall(
+            direct_run(session), [full.logits], None if set(full.inputs) == set(self.input_names) else full.inputs,
+            LOGITS_DTYPE[logits_type] != self._logits_dtype, full.file)
+        return self._full_call
+
     def _why_not_compiled(self, early_exits: bool, plan: _Plan) -> str:
         if self._compiled is None and self._compiled_stale:
             return (f"the compiled graph of {self.package.root} is stale: {self._compiled_stale}; rebuild it with "
@@ -471,8 +516,14 @@ class ExitSession:
         """The package's inputs, shaped like ``InferenceSession.get_inputs()`` (name, shape, type)."""
         return package_inputs(self.package)
 
+    @property
+    def labels(self) -> tuple[str, ...] | None:
+        """The class names, index by index, where the package has them (also ``ExitResult.labels``)."""
+        return self._labels
+
     def get_outputs(self) -> list[PackageArg]:
-        """What ``run`` returns per sample: ``logits``, ``exit_index``, ``score`` (NodeArg-like)."""
+        """What ``run`` returns per sample, named as ``ExitResult``'s fields: ``logits``, ``predictions``,
+        ``exit_index``, ``scores`` (NodeArg-like)."""
         return result_outputs(self.package, self._logits_dtype.name)
 
     def get_providers(self) -> list[str]:
@@ -486,9 +537,10 @@ class ExitSession:
     def close(self) -> None:
         """Release every onnxruntime session of the package; later calls raise ``SessionError``."""
         self._closed = True
+        self._fast_one = None
         self._stages.clear()
         self._compiled = None
-        self._full_session = self._plain_session = None
+        self._full_session = self._plain_session = self._full_call = None
 
     def __enter__(self) -> ExitSession:
         return self
@@ -501,11 +553,82 @@ class ExitSession:
         """The package's compiled graph is loaded and computes the package's own policies."""
         return self._compiled is not None and self._default_plan.compiled
 
+    @property
+    def engine_choice(self) -> Mapping[str, str]:
+        """The engine ``run`` takes by default per batch-size regime, ``{"batch1": ..., "batch": ...}``
+        (``auto``, ``compiled`` or ``stages``); ``tune_engines`` sets it, and so may an app, whole."""
+        return self._engine_choice
+
+    @engine_choice.setter
+    def engine_choice(self, choice: Mapping[str, str]) -> None:
+        if set(choice) != {"batch1", "batch"} or not set(choice.values()) <= set(ENGINES):
+            raise InputError(f"engine_choice must map 'batch1' and 'batch' to one of {', '.join(ENGINES)}; "
+                             f"got {dict(choice)}")
+        self._engine_choice = MappingProxyType(dict(choice))
+        self._fast_one = self._fast_path()
+
+    def _fast_path(self, plan: _Plan | None = None, engine: str | None = None) -> FastCall | None:
+        """The one-function path (``_fast.py``) of a batch-1 call with ``plan`` (default: the
+        package's own) and the call's ``engine``, where ``_run_checked`` would take one that it has:
+        the exits disabled and ``full.onnx`` taking the package's one input, or the compiled
+        graph.  None for the stage loop, several inputs or a closed session."""
+        single = self._checker.single
+        if single is None or self._closed or self._seq2seq is not None:
+            return None
+        name, shape, dtype, check_finite = single
+        plan = plan or self._default_plan
+        if plan.disabled and self._full_when_disabled and engine in (None, "auto"):
+            call = self._full_call or self._full_setup()
+            if call.inputs is not None or call.widen:
+                return None
+            return full_model_one(name, shape, dtype, check_finite, call.run, call.outputs[0], plan.policies[-1],
+                                  self.num_exits - 1)
+        graph = self._compiled
+        use = self._engine_choice["batch1"] if engine in (None, "auto") else engine
+        if graph is None or not plan.compiled or use == "stages" or graph.inputs != (name,):
+            return None
+        assert plan.threshold_array is not None
+        return compiled_one(name, shape, dtype, check_finite, graph._ort_run, graph.outputs, graph.thresholds,
+                            plan.threshold_array, graph.num_exits)
+
+    def runner(self, thresholds: Sequence[float | None] | None = None, *, policy: str | None = None,
+               engine: str | None = None) -> Callable[[np.ndarray | dict[str, np.ndarray]], ExitResult]:
+        """``run`` with these arguments bound, as fast at batch 1 as the package's own call.
+
+        A package written with ``thresholds`` (and ``policy``) answers its batch-1 calls through
+        a one-function path (``runtime/_fast.py``) where it has one; ``run`` with the same
+        values passed per call takes the checked path, a few microseconds more.  The runner
+        takes the one-function path for those arguments: what calibration times a setting by.
+        Results are identical to ``run(inputs, thresholds=..., policy=..., engine=...)``.
+
+        Example:
+            >>> off = sess.runner([None, None])        # doctest: +SKIP
+            >>> off(x).engine                          # doctest: +SKIP
+            'full'
+        """
+        fast = self._fast_path(self._plan_for(thresholds, policy), engine) if thresholds is not None or \
+            policy is not None else self._fast_path(None, engine)
+        run = functools.partial(self.run, thresholds=thresholds, policy=policy, engine=engine)
+        if fast is None:
+            return run
+
+        def call(inputs: np.ndarray | dict[str, np.ndarray]) -> ExitResult:
+            result = None if self._closed else fast(inputs, perf_counter_ns())
+            if result is None:
+                return run(inputs)
+            if self._measures_open:
+                current = getattr(self._measures, "block", None)
+                if current is not None:
+                    current.record(1, result.total_ms)
+            return result
+
+        return call
+
     def engine_for(self, batch_size: int) -> str:
         """The engine ``run`` takes by default for a batch of this size at the package's thresholds."""
         if self._default_plan.disabled and self._full_when_disabled:
             return "full"
-        choice = self.engine_choice["batch1" if batch_size == 1 else "batch"]
+        choice = self._engine_choice["batch1" if batch_size == 1 else "batch"]
         return "compiled" if choice != "stages" and self._default_plan.compiled else "stages"
 
 
@@ -544,14 +667,15 @@ class ExitSession:
             calls_per_engine = rounds if size == 1 else max(rounds // 20, 5)
             if inputs is not None:
                 per_call = time_interleaved(
-                    {e: functools.partial(self._timed_run, engine=e) for e in engines}, chunks, calls_per_engine)
+                    {e: functools.partial(self._timed_run, self.runner(engine=e)) for e in engines}, chunks,
+                    calls_per_engine)
             else:
                 paths = forced_paths([p.name for p in self._default_plan.policies])
                 shares = calibrated_shares(self.package) or [1.0 / len(paths)] * len(paths)
                 per_call = dict.fromkeys(engines, 0.0)
                 for share, thresholds in zip(shares, paths):
                     path = time_interleaved(
-                        {e: functools.partial(self._timed_run, engine=e, thresholds=thresholds) for e in engines},
+                        {e: functools.partial(self._timed_run, self.runner(thresholds, engine=e)) for e in engines},
                         chunks, max(calls_per_engine // len(paths), 5))
                     for e in engines:
                         per_call[e] += share * path[e]
@@ -560,12 +684,12 @@ class ExitSession:
             self.engine_choice = {"batch1": timings[0].faster, "batch": timings[1].faster}
         return timings
 
-    def _timed_run(self, feeds: dict[str, np.ndarray], engine: str,
-                   thresholds: Sequence[float | None] | None = None) -> None:
+    def _timed_run(self, run: Callable[[dict[str, np.ndarray]], ExitResult], feeds: dict[str, np.ndarray]) -> None:
+        # ``run``: a runner, so each engine is timed as the package's own call pays for it
         measuring = getattr(self._measures, "block", None)
         self._measures.block = None   # tuning calls are not the caller's inferences
         try:
-            self.run(feeds, engine=engine, thresholds=thresholds)
+            run(feeds)
         finally:
             self._measures.block = measuring
 
@@ -610,7 +734,7 @@ class ExitSession:
         )
 
     def _run_one(self, tensors: dict[str, np.ndarray], plan: _Plan, start: int) -> ExitResult:
-        # Batch-1 fast path: no masks, no compaction, scalar policy scores.
+        # Batch-1 fast path: no masks, no compaction, scalar policy scores, the result's arrays made when read.
         stage_ms = [0.0] * len(self._stages)
         last_exit = self.num_exits - 1
         states: dict[str, tuple[np.ndarray, ...]] = {}
@@ -620,19 +744,14 @@ class ExitSession:
             stage_ms[k] = (perf_counter_ns() - t0) / 1e6
             e = stage.exit_number
             if e is not None:
-                row = outs[stage.logits_pos][0]
                 policy = plan.policies[e]                       # scores logits / the exit's temperature
-                scored = outs[stage.read_pos[policy.reads]][0]
-                score = policy.score_one(scored) if policy.step is None \
-                    else float(_stateful_scores(policy, states, scored[None])[0])
-                if e == last_exit or plan.policies[e].accepts_one(score, plan.thresholds[e]):
-                    return ExitResult(
-                        predictions=np.array([row.argmax()]), exit_index=np.array([e]),
-                        logits=row[None].astype(self._logits_dtype) if self._widen[e] else row[None],
-                        scores=np.array([score]), stage_ms=tuple(stage_ms),
-                        nonfinite_scores=0 if score == score and abs(score) != float("inf") else 1,
-                        total_ms=(perf_counter_ns() - start) / 1e6,
-                    )
+                scored = outs[stage.read_pos[policy.reads]]     # (1, classes) logits, or (1, 1) signal
+                score = policy.score_one(scored[0]) if policy.step is None \
+                    else float(_stateful_scores(policy, states, scored)[0])
+                if e == last_exit or policy.accepts_one(score, plan.thresholds[e]):
+                    logits = outs[stage.logits_pos]
+                    return ExitResult.of_one(logits.astype(self._logits_dtype) if self._widen[e] else logits, e,
+                                             score, tuple(stage_ms), (perf_counter_ns() - start) / 1e6)
             tensors.update(zip(stage.outputs, outs))
         raise AssertionError("unreachable: the last stage always carries an accepting exit")
 
@@ -747,7 +866,8 @@ class ExitSession:
         if full is None:
             return self.run(inputs, early_exits=False).logits
         feeds, _ = self._checker.feeds(inputs)
-        return self._full().run([full.logits], {n: feeds[n] for n in full.inputs})[0]  # type: ignore[no-any-return]
+        call = self._full_call or self._full_setup()
+        return call.run(call.outputs, {n: feeds[n] for n in full.inputs}, None)[0]  # type: ignore[no-any-return]
 
 
 def describe(session: ExitSession) -> dict[str, Any]:
