@@ -42,7 +42,7 @@ def configure(level: int) -> None:
     warnings.showwarning = _show_warning
     import onnxruntime as ort
 
-    ort.set_default_logger_severity(1 if level <= logging.DEBUG else 3)
+    ort.set_default_logger_severity(2 if level <= logging.DEBUG else 3)   # -v: its warnings, not its INFO flood
 
 
 def quiet() -> bool:

@@ -109,12 +109,14 @@ def load_input_file(
 
 
 def load_text_lines(path: str | os.PathLike[str]) -> list[str]:
-    """The non-empty lines of a UTF-8 text file, one input text each (``\\n``, ``\\r\\n`` or ``\\r`` ends a
-    line); a line over ``MAX_LINE_CHARS`` characters is refused, naming it, before the rest is read."""
+    """The lines of a UTF-8 text file, one input text each (``\\n``, ``\\r\\n`` or ``\\r`` ends a line), so
+    result row i is line i + 1.  Blank lines at the end are dropped; a blank line before a text is refused
+    (it would shift every later row), as is a line over ``MAX_LINE_CHARS`` characters, naming it."""
     p = Path(path)
     if not p.is_file():
         raise InputFileError(f"input file {p} does not exist" if not p.exists() else f"{p} is not a file")
-    texts = []
+    texts: list[str] = []
+    blank: list[int] = []
     try:   # a BOM is no text; undecodable bytes come through as surrogates, to be named with their line
         with open(p, encoding="utf-8-sig", errors="surrogateescape") as f:
             for number, line in enumerate(iter(lambda: f.readline(MAX_LINE_CHARS + 2), ""), start=1):
@@ -130,7 +132,14 @@ def load_text_lines(path: str | os.PathLike[str]) -> list[str]:
                     raise InputFileError(f"{p} is not UTF-8 text (byte 0x{ord(bad.group()) - 0xDC00:02x} on line "
                                          f"{number}); save it as UTF-8")
                 if text.strip():
+                    if blank:
+                        raise InputFileError(
+                            f"{p}: line {blank[0]} is blank{f' (and {len(blank) - 1} more)' if len(blank) > 1 else ''}"
+                            "; results are one row per line, so a blank line would shift every later row. Remove "
+                            "blank lines, or put a text on them")
                     texts.append(text.strip())
+                else:
+                    blank.append(number)
     except OSError as exc:
         raise InputFileError(f"cannot read {p}: {exc.strerror or exc}") from None
     if not texts:

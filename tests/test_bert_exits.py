@@ -185,7 +185,7 @@ def test_a_package_ships_its_tokenizer_and_runs_text(text_package, tmp_path):
     assert feeds["attention_mask"].tolist() == [[1, 1, 1, 0, 0, 0, 0, 0], [1] * 8]
     alone = sess.run({"input_ids": np.array(want[:1], np.int64), "attention_mask": np.ones((1, 3), np.int64)})
     np.testing.assert_allclose(sess.run(feeds).logits[:1], alone.logits, atol=1e-5)   # padding changes nothing
-    (tmp_path / "in.txt").write_text("w1 w2 w3\n\nw5 w6\n")
+    (tmp_path / "in.txt").write_text("w1 w2 w3\nw5 w6\n\n")   # blank lines at the end: no rows
     out = CliRunner().invoke(cli, ["run", str(package.root), str(tmp_path / "in.txt"), "--json", "-q"])
     assert out.exit_code == 0, out.output
     import json

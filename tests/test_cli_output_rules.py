@@ -16,9 +16,9 @@ from click.testing import CliRunner
 
 pytest.importorskip("torch")
 
-from _models import tiny_inputs  # noqa: E402
+from _models import tiny_inputs
 
-from edgeexit.cli import cli  # noqa: E402
+from edgeexit.cli import cli
 
 ROOT = Path(__file__).resolve().parent.parent
 

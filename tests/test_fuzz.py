@@ -627,7 +627,7 @@ def test_found_by_fuzzing_inspect_output_of_a_valid_package_is_unchanged(compile
     """The robust display prints the same columns as before for the values edgeexit writes."""
     out = _invoke_inspect(compiled_base).output
     assert "      1325    0.008" in out and "full model: full.onnx, 3907 params, 0.168 MFLOPs" in out
-    assert "calibration: 2 entr(y/ies); last (reverted)" in out and "target_accuracy 0.0, accuracy " in out
+    assert "calibration: 2 entr(y/ies); last (reverted)" in out and "target accuracy 0 %, accuracy " in out
     assert "quantization: int8 (stage0 none, stage1 none, stage2 none, stage3 none); thresholds copied_from_fp32" in out
 
 

@@ -435,8 +435,11 @@ def test_text_files_keep_splitting_on_line_ends_only(tmp_path):
     from edgeexit.datafiles import load_text_lines
 
     path = tmp_path / "in.txt"
-    path.write_bytes("\ufefffirst line\r\nsecond\x0cstill second\rthird\n\n  \nlast".encode())
-    assert load_text_lines(path) == ["first line", "second\x0cstill second", "third", "last"]
+    path.write_bytes("\ufefffirst line\r\nsecond\x0cstill second\rthird\nlast\n\n  \n".encode())
+    assert load_text_lines(path) == ["first line", "second\x0cstill second", "third", "last"]   # blank end dropped
+    path.write_bytes(b"one\n\n  \ntwo\n")   # a blank line inside would shift every later result row
+    with pytest.raises(InputFileError, match=r"line 2 is blank \(and 1 more\); results are one row per line"):
+        load_text_lines(path)
     path.write_bytes(b"fine\nstill fine\nnot \xff UTF-8\n")
     with pytest.raises(InputFileError, match=r"is not UTF-8 text \(byte 0xff on line 3\)"):
         load_text_lines(path)

@@ -116,3 +116,15 @@ def call_factory(spec: str) -> Any:
 def progress_bar(label: str, length: int) -> Any:
     """A progress bar on stderr, hidden by -q."""
     return click.progressbar(length=length, label=label, file=sys.stderr, show_eta=True, hidden=quiet())
+
+
+def require_modules(what: str, needs: dict[str, str]) -> None:
+    """Every missing module at once, before any slow import: ``needs`` maps a module to how to install it."""
+    import importlib.util
+
+    from ..errors import MissingExtraError
+
+    missing = [(m, how) for m, how in needs.items() if importlib.util.find_spec(m) is None]
+    if missing:
+        raise MissingExtraError(f"{what} needs {', '.join(m for m, _ in missing)}, not installed: "
+                                + "; ".join(dict.fromkeys(how for _, how in missing)))

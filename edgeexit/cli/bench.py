@@ -73,9 +73,9 @@ def bench(package: Path, data_file: Path | None, dataset: str | None, device: st
           meter_log: Path | None, meter_command: str | None, idle_seconds: float, allow_fallback: bool,
           as_json: bool, json_out: Path | None, csv_out: Path | None, threads: int | None) -> None:
     """Measure latency, throughput and energy of PACKAGE on this device."""
+    check_outputs(json_out, csv_out)
     check_suffix(json_out, (".json",))
     check_suffix(csv_out, (".csv",), "--csv")
-    check_outputs(json_out, csv_out)
     classifier_only(package, "bench")
     from ..bench import BenchConfig, csv_rows, format_table, run_benchmark
     from ..devices import create_meter, get_profile, measure_idle

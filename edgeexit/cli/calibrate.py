@@ -39,9 +39,9 @@ def calibrate(package: Path, data_file: Path | None, text_column: str, label_col
               latency_budget_ms: float | None, z: float, device: str, flops: bool, plot: Path | None,
               dry_run: bool, revert: bool, verbose: bool, as_json: bool, output: Path | None) -> None:
     """Choose one threshold per early exit from labelled data, timed on this device."""
+    check_outputs(plot, output)
     check_suffix(output, (".json",))
     check_suffix(plot, (".png",), "--plot")
-    check_outputs(plot, output)
     if plot is not None:   # before the calibration, not after it
         import importlib.util
 
@@ -117,6 +117,11 @@ def run_calibration(package: Path, data_file: Path, *, max_drop: float | None, t
     from ..devices import get_profile
     from ..runtime import ExitSession
 
+    if max_drop is not None and not (0 <= max_drop < 100):   # the user's own units in the message
+        raise click.UsageError(f"--max-drop is in accuracy points, from 0 to under 100 (0.5 = half a point); "
+                               f"got {max_drop:g}")
+    if target_accuracy is not None and not (0 < target_accuracy <= 100):
+        raise click.UsageError(f"--target-accuracy is a percentage, above 0 and up to 100; got {target_accuracy:g}")
     profile = get_profile(device)
     session = ExitSession(package, device=profile)
     inputs, labels = load_labelled_data(session, data_file, text_column, label_column)

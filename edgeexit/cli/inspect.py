@@ -14,6 +14,19 @@ from .._logging import logging_options
 from ._shared import check_outputs, check_suffix, emit_json
 
 
+def _objective_words(objective: Any) -> str:
+    """The objective as the user typed it: --max-drop and --target-accuracy in points and percent."""
+    kind, value = _key(objective, "kind"), _key(objective, "value")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if kind == "max_drop":
+            return f"max drop {value * 100:g} points"
+        if kind == "target_accuracy":
+            return f"target accuracy {value * 100:g} %"
+        if kind == "latency_budget":
+            return f"latency budget {value:g}"
+    return f"{_shown(kind)} {_shown(value)}"
+
+
 @click.command()
 @logging_options()
 @click.argument("package", type=click.Path(path_type=Path))
@@ -23,8 +36,8 @@ from ._shared import check_outputs, check_suffix, emit_json
 @click.option("--manifest", "raw", is_flag=True, help="Print the package's manifest.json as it is.")
 def inspect(package: Path, as_json: bool, output: Path | None, raw: bool) -> None:
     """Show a package's stages, shapes, exits, policies, thresholds, costs and hashes."""
-    check_suffix(output, (".json",))
     check_outputs(output)
+    check_suffix(output, (".json",))
     from ..package import load_package
 
     pkg = load_package(package)
@@ -86,8 +99,8 @@ def inspect(package: Path, as_json: bool, output: Path | None, raw: bool) -> Non
         state = "reverted" if last.get("reverted") else "current"
         objective = last.get("objective")
         click.echo(f"calibration: {len(pkg.calibration['history'])} entr(y/ies); last ({state}) "
-                   f"{last.get('created')} on {last.get('device')}: {_shown(_key(objective, 'kind'))} "
-                   f"{_shown(_key(objective, 'value'))}, accuracy {_shown(last.get('validation_accuracy'), '.2%')} "
+                   f"{last.get('created')} on {last.get('device')}: {_objective_words(objective)}, "
+                   f"accuracy {_shown(last.get('validation_accuracy'), '.2%')} "
                    f"on {_shown(last.get('samples'))} samples, expected {_shown(last.get('expected_cost'), '.4g')} "
                    f"{_shown(last.get('cost_unit'))}")
     if pkg.exits_disabled:

@@ -33,8 +33,8 @@ def run(package: Path, input_file: Path, output: Path | None, thresholds: tuple[
         allow_fallback: bool, as_json: bool) -> None:
     """Run PACKAGE on INPUT (.npy, or .npz with arrays named after the inputs and optional labels; .txt, one
     text per line, for a package that ships its tokenizer)."""
-    check_suffix(output, (".npz", ".csv", ".json"))
     check_outputs(output)   # before any inference: a bad -o must not waste the run
+    check_suffix(output, (".npz", ".csv", ".json"))
     import numpy as np
 
     from ..datafiles import load_input_file, save_results_atomic

@@ -69,7 +69,8 @@ def resolve_providers(
             "(e.g. onnxruntime-gpu for CUDA) or request an available provider"
         )
         if not allow_fallback:
-            raise ProviderError(message + "; pass allow_fallback=True to run on the rest.")
+            raise ProviderError(message + "; pass allow_fallback=True (on the command line: --allow-fallback) "
+                                          "to run on the rest.")
         warnings.warn(message + "; falling back as allowed.", ProviderFallbackWarning, stacklevel=3)
     if not any(provider_name(p) == "CPUExecutionProvider" for p in kept):
         kept.append("CPUExecutionProvider")
@@ -88,5 +89,6 @@ def check_session_providers(
             "failed to initialise (check its driver and libraries)"
         )
         if not allow_fallback:
-            raise ProviderError(message + "; pass allow_fallback=True to accept this.")
+            raise ProviderError(message + "; pass allow_fallback=True (on the command line: --allow-fallback) "
+                                          "to accept this.")
         warnings.warn(message, ProviderFallbackWarning, stacklevel=3)

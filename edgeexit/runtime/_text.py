@@ -7,6 +7,7 @@ is built from the verified bytes of the package's file, like the graphs.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -44,9 +45,11 @@ def load_tokenizer_bytes(data: bytes, max_tokens: int) -> Any:
 
 
 def encode_batch(tokenizer: Any, texts: Sequence[str], pad_id: int = 0,
-                 dtype: np.dtype | type = np.int64) -> tuple[np.ndarray, np.ndarray]:
+                 dtype: np.dtype | type = np.int64, truncated: list[int] | None = None
+                 ) -> tuple[np.ndarray, np.ndarray]:
     """Token ids and attention mask (n, longest), padded with ``pad_id``; each text is cut to
-    ``MAX_CHARS_PER_TOKEN`` characters per token the tokenizer keeps before it is tokenized."""
+    ``MAX_CHARS_PER_TOKEN`` characters per token the tokenizer keeps before it is tokenized.
+    ``truncated``, where given, gets the indices of the texts cut to ``max_tokens``."""
     if isinstance(texts, str):
         raise InputError("texts must be a list of strings, not one string; wrap it: [text]")
     if len(texts) == 0:
@@ -57,6 +60,8 @@ def encode_batch(tokenizer: Any, texts: Sequence[str], pad_id: int = 0,
     cut = getattr(tokenizer, "truncation", None)
     limit = cut["max_length"] if isinstance(cut, dict) and "max_length" in cut else None
     if limit:   # tokenizers truncates only after tokenizing the whole text: cut it first (time, memory)
+        if truncated is not None:
+            truncated.extend(i for i, t in enumerate(texts) if len(t) > limit * MAX_CHARS_PER_TOKEN)
         texts = [t[:limit * MAX_CHARS_PER_TOKEN] for t in texts]
     try:
         encodings = tokenizer.encode_batch(list(texts))
@@ -65,6 +70,9 @@ def encode_batch(tokenizer: Any, texts: Sequence[str], pad_id: int = 0,
     except BaseException as exc:   # bare exceptions (a vocabulary without [UNK]); a regex that gives up panics
         raise InputError(f"the tokenizer could not encode the texts: {str(exc)[:200]}") from None
     rows = [e.ids[:limit] if limit else e.ids for e in encodings]   # added specials never exceed max_tokens
+    if truncated is not None:
+        cut_here = set(truncated)
+        truncated.extend(i for i, e in enumerate(encodings) if i not in cut_here and getattr(e, "overflowing", None))
     length = max(1, max(len(r) for r in rows))
     ids = np.full((len(encodings), length), pad_id, dtype)
     mask = np.zeros((len(encodings), length), dtype)
@@ -84,9 +92,16 @@ class PackageTokenizer:
         self.spec = package.text
         self.dtypes = {i.name: np.dtype(i.dtype) for i in package.inputs}
         self.tokenizer = load_tokenizer_bytes(package.read_verified(self.spec.tokenizer), self.spec.max_tokens)
+        self.warned = False
 
     def __call__(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
-        ids, mask = encode_batch(self.tokenizer, texts, self.spec.pad_id, self.dtypes[self.spec.ids])
+        cut: list[int] = []
+        ids, mask = encode_batch(self.tokenizer, texts, self.spec.pad_id, self.dtypes[self.spec.ids], cut)
+        if cut and not self.warned:   # once per session: a long file would repeat it on every batch
+            self.warned = True
+            logging.getLogger("edgeexit").warning(
+                f"warning: {len(cut)} text(s) of this batch (the first: number {cut[0] + 1} in it) are longer than "
+                f"the package's {self.spec.max_tokens} tokens and were cut; later batches are not reported")
         feeds = {self.spec.ids: ids}
         if self.spec.mask is not None:
             feeds[self.spec.mask] = mask.astype(self.dtypes[self.spec.mask])

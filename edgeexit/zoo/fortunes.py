@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import InputFileError
+from ..errors import DataError
 
 FORTUNES_DIR = Path("/usr/share/games/fortunes")
 CATEGORIES = ("computers", "science", "literature", "politics", "food")
@@ -72,7 +72,7 @@ def load_fortunes(categories: tuple[str, ...] = CATEGORIES, folder: Path | None 
     for index, name in enumerate(categories):
         path = root / f"{name}.u8" if (root / f"{name}.u8").is_file() else root / name
         if not path.is_file():
-            raise InputFileError(f"{path} does not exist: install Debian's fortunes (apt-get install fortunes), or "
+            raise DataError(f"{path} does not exist: install Debian's fortunes (apt-get install fortunes), or "
                                  "point EDGEEXIT_FORTUNES_DIR at a folder holding its category files")
         for quote in parse_fortunes(path.read_bytes().decode("utf-8", errors="replace")):
             if quote not in seen:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import InputError, InputFileError
+from ..errors import DataError, InputError
 from .fortunes import TextSplit, TextSplits
 
 WORDNET_DIR = Path("/usr/share/wordnet")
@@ -71,7 +71,7 @@ def load_wordnet(categories: tuple[str, ...] = CATEGORIES, folder: Path | None =
         raise InputError(f"unknown WordNet noun categories {unknown}; choose among {sorted(LEXNAMES.values())}")
     path = (folder or wordnet_dir()) / "data.noun"
     if not path.is_file():
-        raise InputFileError(f"{path} does not exist: install Debian's WordNet (apt-get install wordnet-base), or "
+        raise DataError(f"{path} does not exist: install Debian's WordNet (apt-get install wordnet-base), or "
                              "point EDGEEXIT_WORDNET_DIR at a folder holding data.noun")
     per_category: dict[str, list[str]] = {name: [] for name in categories}
     for lexname, definition in parse_data_noun(path.read_bytes().decode("utf-8", errors="replace")):
