@@ -18,15 +18,15 @@ import pytest
 pytest.importorskip("transformers")
 pytest.importorskip("torch")
 
-import torch  # noqa: E402
-from click.testing import CliRunner  # noqa: E402
+import torch
+from _hf_models import IMAGE_TYPES, TEXT_TYPES, images_and_labels, make_folder, texts_and_labels
+from click.testing import CliRunner
 
-from _hf_models import IMAGE_TYPES, TEXT_TYPES, images_and_labels, make_folder, texts_and_labels  # noqa: E402
-from edgeexit.cli import cli  # noqa: E402
-from edgeexit.datafiles import load_labelled_texts  # noqa: E402
-from edgeexit.errors import InputFileError, ModelSpecError, UnsupportedModelError  # noqa: E402
-from edgeexit.export.hf import export_hf  # noqa: E402
-from edgeexit.runtime import ExitSession  # noqa: E402
+from edgeexit.cli import cli
+from edgeexit.datafiles import load_labelled_texts
+from edgeexit.errors import InputFileError, ModelSpecError, UnsupportedModelError
+from edgeexit.export.hf import export_hf
+from edgeexit.runtime import ExitSession
 
 ARCHS = (*TEXT_TYPES, *IMAGE_TYPES)
 
@@ -110,6 +110,22 @@ def test_token_axis_is_dynamic_and_a_padded_batch_equals_each_text_alone(exporte
             np.testing.assert_allclose(together[k]["logits"][i], alone[k]["logits"][0], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("arch", ["bert", "roberta", "xlm-roberta", "distilbert", "deberta-v2"])
+def test_a_text_longer_than_the_models_positions_is_cut_to_them_with_one_warning(exported, arch, caplog) -> None:  # type: ignore[no-untyped-def]
+    _, pkg, _ = exported[arch]
+    session = ExitSession(pkg)
+    limit = session.package.text.max_tokens
+    # the test models have 72 position embeddings; RoBERTa's start after pad_token_id (0 here): 71 tokens
+    assert limit == (71 if "roberta" in arch else 72)
+    long = " ".join(["w7"] * 300)
+    with caplog.at_level("WARNING", logger="edgeexit"):
+        result = session.run(session.tokenize([long, "w1 w2"]))
+        session.tokenize([long])
+    assert result.logits.shape[0] == 2 and np.all(np.isfinite(result.logits))
+    assert session.tokenize([long])["input_ids"].shape[1] == limit
+    assert len([r for r in caplog.records if "were cut" in r.getMessage()]) == 1
+
+
 @pytest.mark.parametrize("arch", ["bert", "roberta", "deberta-v2", "vit"])
 def test_stage_loop_equals_compiled_graph(exported, arch) -> None:  # type: ignore[no-untyped-def]
     _, pkg, _ = exported[arch]
@@ -160,7 +176,7 @@ def test_an_unsupported_architecture_is_refused_naming_the_supported_ones(tmp_pa
     tf.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50).save_pretrained(str(folder))
     with pytest.raises(UnsupportedModelError, match=r"'gpt2' is not supported.*bert.*deberta-v2.*vit"):
         export_hf(folder, tmp_path / "p.eexit", texts=["a", "b"], labels=["0", "1"], log=None)
-    with pytest.raises(InputFileError, match="no config.json"):
+    with pytest.raises(InputFileError, match=r"no config\.json"):
         export_hf(tmp_path, tmp_path / "p.eexit", texts=["a", "b"], labels=["0", "1"], log=None)
 
 
@@ -175,7 +191,7 @@ def test_exits_at_chosen_layers_and_labels_from_id2label(tmp_path) -> None:  # t
     assert pkg.labels == ("red", "green", "blue") and len(pkg.stages) == 2
     with pytest.raises(ModelSpecError, match="layers 1 to 4"):
         export_hf(folder, tmp_path / "q.eexit", texts=texts, labels=names, exits_at=[5], log=None)
-    with pytest.raises(InputFileError, match="'purple'.*not one of"):
+    with pytest.raises(InputFileError, match=r"'purple'.*not one of"):
         export_hf(folder, tmp_path / "q.eexit", texts=texts, labels=["purple", *names[1:]], log=None)
 
 

@@ -272,6 +272,17 @@ class _Data:
         return len(self.labels)
 
 
+def _max_positions(hf: HFModel) -> int | None:
+    """How many tokens the model's position embeddings cover (RoBERTa-style models number positions from
+    pad_token_id + 1, so they lose those)."""
+    size = getattr(hf.config, "max_position_embeddings", None)
+    if not isinstance(size, int) or size <= 0:
+        return None
+    if hf.model_type in ("roberta", "xlm-roberta"):
+        size -= int(getattr(hf.config, "pad_token_id", 1) or 0) + 1
+    return size
+
+
 def _tokenizer(hf: HFModel, max_tokens: int) -> tuple[Any, int]:
     path = hf.folder / TOKENIZER_FILE
     if not path.is_file():
@@ -527,6 +538,11 @@ def export_hf(
     if len(y) < 2:
         raise ModelSpecError(f"need at least 2 labelled samples, got {len(y)}")
     data = _Data(list(texts) if texts is not None else None, images, y)
+    if text:
+        positions = _max_positions(hf)
+        if positions is not None and max_tokens > positions:
+            say(f"max_tokens {max_tokens} -> {positions}: the model has position embeddings for {positions} tokens")
+            max_tokens = positions
     tokenizer, pad_id = _tokenizer(hf, max_tokens) if text else (None, 0)
     say(f"{hf.folder.name}: {hf.model_type}, {hf.layers} layers of width {hf.width}; exits after layers "
         f"{exit_layers} ({'the last is the model’s own classifier' if hf.has_head else 'every head trained here'})")
