@@ -292,7 +292,7 @@ def test_pack_collects_temporary_files_of_dead_packs(tiny_package, tmp_path):
     assert load_package(out).thresholds == [0.5]
     assert not litter[dead].exists()
     assert litter[live].exists() and other.exists()
-    result = CliRunner().invoke(cli, ["pack", str(tiny_package), "-o", str(out)])
+    result = CliRunner().invoke(cli, ["pack", str(tiny_package), "-o", str(out), "--force"])
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in out.parent.iterdir()) == sorted([out.name, litter[live].name, other.name])
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgeexit.errors import InputError, InputFileError
+from edgeexit.errors import DataError, InputError
 from edgeexit.zoo.wordnet import CATEGORIES, load_wordnet, parse_data_noun, wordnet_dir, wordnet_splits
 
 SAMPLE = """\
@@ -49,7 +49,7 @@ def test_categories_keep_a_repeated_definition_once(tmp_path, monkeypatch):
     with pytest.raises(InputError, match=r"the splits ask for 13,000 definitions"):
         wordnet_splits(0, ("noun.animal", "noun.food"))
     monkeypatch.setenv("EDGEEXIT_WORDNET_DIR", str(tmp_path / "nowhere"))
-    with pytest.raises(InputFileError, match="apt-get install wordnet-base"):
+    with pytest.raises(DataError, match="apt-get install wordnet-base"):
         load_wordnet()
 
 

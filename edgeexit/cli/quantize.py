@@ -45,6 +45,9 @@ def quantize_package_file(src: Path, dst: Path, data_file: Path, force: bool, **
 def quantize(package: Path, output: Path, data_file: Path, mode: str, activation_type: str, per_channel: bool,
              max_calibration_samples: int, max_drop: float | None, force: bool) -> None:
     """Quantize PACKAGE's stage graphs to int8 with onnxruntime.quantization."""
+    from ..package import check_replaceable
+
+    check_replaceable(output, overwrite=True)   # what is not an exit package is never replaced, --force or not
     check_new(output, force)   # as export: an existing output is a usage error (exit 2), before any work
     check_outputs(output, folder=True)
     classifier_only(package, "quantize")
