@@ -112,6 +112,15 @@ class InputFileError(InputError):
     """An input file (``.npy`` / ``.npz``) cannot be read or does not fit the package."""
 
 
+class WireFormatError(InputError):
+    """A tensor message (``edgeexit.runtime.wire``) is malformed: its header, a dtype outside the
+    allow-list, a shape, or a byte count that does not add up."""
+
+
+class MessageTooLargeError(WireFormatError):
+    """A tensor message is larger than the receiver accepts."""
+
+
 # --- sessions, export, data ---------------------------------------------------------
 
 
@@ -119,6 +128,11 @@ class SessionError(EdgeExitError, RuntimeError):
     """onnxruntime could not build or run a stage session."""
 
     exit_code = 4
+
+
+class OffloadError(SessionError):
+    """Offloading to a server failed (unreachable, too slow, refused, or a malformed answer) and
+    the session was told not to fall back to the device (``Offload(fallback=False)``)."""
 
 
 class ExportError(EdgeExitError, RuntimeError):

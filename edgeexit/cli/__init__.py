@@ -17,7 +17,7 @@ import click
 
 from .. import __version__
 from ..errors import EdgeExitError, MissingExtraError, OutputError
-from . import attach, bench, calibrate, devices, export, inspect, quantize, quickstart, run
+from . import attach, bench, calibrate, devices, export, inspect, quantize, quickstart, run, serve
 from .compile import compile_command, pack
 
 
@@ -47,7 +47,7 @@ class _Group(click.Group):
 # the extra that provides each optional module the commands import
 _EXTRAS = {"torch": "export", "onnxscript": "export", "onnx": "onnx", "mlxtend": "data", "sklearn": "data",
            "torchvision": "vision", "timm": "vision",
-           "matplotlib": "dev", "onnxruntime": "(the runtime itself: pip install onnxruntime)"}
+           "matplotlib": "dev", "ray": "serve", "onnxruntime": "(the runtime itself: pip install onnxruntime)"}
 
 
 def _missing_extra(exc: ModuleNotFoundError) -> MissingExtraError:
@@ -80,6 +80,7 @@ cli.add_command(calibrate.calibrate)
 cli.add_command(bench.bench)
 cli.add_command(devices.devices)
 cli.add_command(quickstart.quickstart)
+cli.add_command(serve.serve)
 
 
 def _quiet_stdout() -> None:

@@ -44,6 +44,7 @@ from ._inputs import InputChecker, synthetic_inputs
 from ._measure import Measurement
 from ._metadata import PackageArg, PackageMetadata, package_inputs, package_metadata, result_outputs
 from ._result import ExitResult
+from ._split import StageSplit, carry_specs, check_carry, run_split
 from ._stage import OrtRun, Stage, binding_device, direct_run, take
 from ._threads import ThreadSettings, explain_session_failure
 from .seq2seq import Generation, Seq2SeqRunner
@@ -856,6 +857,28 @@ class ExitSession:
             if stage.exit_number is not None:
                 outputs.append({what: outs[pos] for what, pos in stage.read_pos.items()})
         return outputs
+
+    def run_stages(self, inputs: np.ndarray | dict[str, np.ndarray], *, first: int = 0,
+                   stop: int | None = None) -> StageSplit:
+        """Run stages ``first`` .. ``stop - 1`` with their exits at the package's thresholds (the
+        stage loop of ``run``, cut in two for offloading: ``edgeexit.runtime.offload``).
+
+        ``inputs`` are the package's inputs when ``first`` is 0, else the carry entering stage
+        ``first`` (``carry_specs``).  Returns a ``StageSplit``: the samples that left and the
+        carry of those still running.  Stateful policies (patience) cannot be split.
+        """
+        if self._closed or self._seq2seq is not None:
+            raise SessionError(f"run_stages needs an open classifier session of {self.package.root}")
+        stop = len(self._stages) if stop is None else stop
+        plan = self._default_plan
+        if not 0 <= first < stop <= len(self._stages):
+            raise InputError(f"run_stages: need 0 <= first < stop <= {len(self._stages)}, got {first} and {stop}")
+        if (first or stop < len(self._stages)) and any(p.step is not None for p in plan.policies):
+            raise InputError(f"policies {self.package.policies}: a stateful policy cannot be split across machines")
+        feeds, n = self._checker.feeds(inputs) if first == 0 else check_carry(carry_specs(self._stages, first),
+                                                                              inputs)  # type: ignore[arg-type]
+        return run_split(self._stages, plan.policies, plan.thresholds, self._logits_dtype, dict(feeds), n, first,
+                         stop)
 
     def run_full(self, inputs: np.ndarray | dict[str, np.ndarray]) -> np.ndarray:
         """Logits of the whole model with every early exit disabled (the baseline).
