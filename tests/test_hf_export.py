@@ -262,6 +262,18 @@ def test_cli_export_hf_on_images_then_run_an_npz(tmp_path) -> None:  # type: ign
     ran = runner.invoke(cli, ["run", str(pkg), str(tmp_path / "images.npz")])
     assert ran.exit_code == 0, ran.output
     assert sum(line.startswith("sample") for line in ran.output.splitlines()) == 4
+    # raw uint8 images (N, H, W, C) go through the shipped processor settings: (x / 255 - 0.5) / 0.5
+    raw = np.random.default_rng(1).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    np.savez(tmp_path / "raw.npz", pixel_values=raw)
+    pixels = ((raw.astype(np.float32) / 255 - 0.5) / 0.5).transpose(0, 3, 1, 2)
+    np.savez(tmp_path / "pixels.npz", pixel_values=np.ascontiguousarray(pixels))
+    got = [json.loads(runner.invoke(cli, ["run", str(pkg), str(tmp_path / f), "--json"]).stdout)
+           for f in ("raw.npz", "pixels.npz")]
+    assert got[0]["predictions"] == got[1]["predictions"] and got[0]["scores"] == pytest.approx(got[1]["scores"])
+    wrong = np.zeros((1, 16, 16, 3), np.uint8)
+    np.savez(tmp_path / "small.npz", pixel_values=wrong)
+    small = runner.invoke(cli, ["run", str(pkg), str(tmp_path / "small.npz")])
+    assert small.exit_code == 2 and "32x32" in small.output and "resize" in small.output
 
 
 def test_labelled_texts_from_csv_tsv_and_jsonl_and_what_is_refused(tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -39,6 +39,7 @@ def run(package: Path, input_file: Path, output: Path | None, thresholds: tuple[
 
     from ..datafiles import load_input_file, save_results_atomic
     from ..runtime import ExitSession
+    from ..runtime._image import image_settings, pixels_from_images
 
     session = ExitSession(package, engine=engine, device=device, threads=threads, allow_fallback=allow_fallback)
     if session.package.kind == "seq2seq":
@@ -59,6 +60,11 @@ def run(package: Path, input_file: Path, output: Path | None, thresholds: tuple[
             return session.tokenize(texts[start:start + batch_size])
     else:
         inputs, labels = load_input_file(input_file, session.input_names)
+        settings = image_settings(session.package.manifest)
+        if settings is not None and len(inputs) == 1:   # raw uint8 images: the shipped processor settings
+            name, array = next(iter(inputs.items()))
+            if array.dtype == np.uint8:
+                inputs = {name: pixels_from_images(array, settings)}
         n = next(iter(inputs.values())).shape[0]
 
         def batch_at(start: int) -> dict[str, np.ndarray]:
