@@ -17,7 +17,7 @@ import click
 
 from .. import __version__
 from ..errors import EdgeExitError, MissingExtraError, OutputError
-from . import attach, bench, calibrate, devices, export, inspect, quantize, quickstart, run, serve
+from . import attach, bench, calibrate, devices, export, inspect, plan_offload, quantize, quickstart, run, serve
 from .compile import compile_command, pack
 
 
@@ -81,6 +81,7 @@ cli.add_command(bench.bench)
 cli.add_command(devices.devices)
 cli.add_command(quickstart.quickstart)
 cli.add_command(serve.serve)
+cli.add_command(plan_offload.plan_offload)
 
 
 def _quiet_stdout() -> None:

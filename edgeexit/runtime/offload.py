@@ -26,6 +26,7 @@ import os
 import urllib.error
 import urllib.request
 import zipfile
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from time import perf_counter_ns
@@ -34,7 +35,7 @@ from uuid import uuid4
 
 import numpy as np
 
-from ..errors import OffloadError, PackageError, WireFormatError
+from ..errors import InputError, OffloadError, PackageError, WireFormatError
 from ..package import Package
 from . import wire
 from ._result import ExitResult
@@ -167,6 +168,19 @@ class OffloadSession:
             setattr(result, name, value)
         return result
 
+    def send(self, carry: Mapping[str, np.ndarray]) -> dict[str, Any]:
+        """Send ``carry`` (the tensors entering stage K, any batch) to the server as ``run`` sends the
+        samples still running, and return the call's figures: ``attempts``, ``bytes_sent``,
+        ``bytes_received``, ``network_ms``, ``server_ms``, ``server_batch``.  ``OffloadError`` when no
+        attempt is answered (no fallback: for measuring the server, ``edgeexit plan-offload``)."""
+        n = len(next(iter(carry.values()))) if carry else 0
+        head = StageSplit(np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0), np.empty((0, 0)),
+                          np.arange(n), dict(carry), ())
+        stats: dict[str, Any] = {"attempts": 0, "bytes_sent": 0, "bytes_received": 0, "network_ms": 0.0,
+                                 "server_ms": None, "server_batch": None}
+        self._remote(head, stats)
+        return stats
+
     def _remote(self, head: StageSplit, stats: dict[str, Any]) -> StageSplit:
         """The server's answer for ``head``'s remaining samples, positions in the caller's batch; or OffloadError."""
         off = self.offload
@@ -247,3 +261,53 @@ class OffloadSession:
         assert logits is not None and exits is not None and scores is not None
         return StageSplit(head.rest, exits, scores, logits, head.rest[:0], {}, ())
 
+
+
+def message_bytes(carry: Mapping[str, np.ndarray], from_stage: int, classes: int, logits_dtype: Any = np.float32
+                  ) -> tuple[int, int]:
+    """Bytes of one offloaded call's bodies for the rows of ``carry``: the request exactly as
+    ``OffloadSession`` encodes it (header + tensor bytes), and the server's answer (logits of
+    ``classes`` columns, exit index, score; its meta holds the server's time, so a few bytes more or
+    less).  HTTP and TCP/IP headers are not counted."""
+    request = wire.encode(dict(carry), {"from_stage": from_stage})
+    n = len(next(iter(carry.values()))) if carry else 0
+    answer = wire.encode({"logits": np.zeros((n, classes), logits_dtype), "exit_index": np.zeros(n, np.int64),
+                          "scores": np.zeros(n, np.float64)},
+                         {"package": "0" * 64, "batch_requests": 1, "batch_samples": n, "server_ms": 1.234567})
+    return len(request), len(answer)
+
+
+def split_costs(stage_ms: Sequence[float], exit_stages: Sequence[int], shares: Sequence[float],
+                wire_bytes: Mapping[int, tuple[int, int]], *, server_ms: float, rtt_ms: float = 0.0,
+                mbps: float | None = None) -> list[dict[str, Any]]:
+    """The expected cost per sample of each split point K (``edgeexit plan-offload``).
+
+    A sample reaches stage k unless it left at an exit of an earlier stage: ``reach[k] = 1 - sum of
+    shares[e] over exits e with exit_stages[e] < k``.  At split K the device runs stage k < K for
+    the samples that reach it (``sum reach[k] * stage_ms[k]``), and the ``reach[K]`` still running
+    cost one round trip each: ``rtt_ms`` + the request and answer bytes at ``mbps`` (both ways;
+    None: free) + ``server_ms``.  ``wire_bytes[K]`` is ``(request, answer)`` bytes for one sample
+    (``message_bytes``).  Returns one dict per K in ``wire_bytes`` (sorted), plus K = stages (the
+    whole model on the device, nothing sent)."""
+    stages = len(stage_ms)
+    if len(shares) != len(exit_stages) or not stages or any(not 0 <= k < stages for k in exit_stages):
+        raise InputError(f"{len(shares)} shares for exits at stages {list(exit_stages)} of {stages} stage(s)")
+    if any(s < 0 for s in shares) or abs(sum(shares) - 1.0) > 1e-6:
+        raise InputError(f"exit shares {list(shares)} must be >= 0 and add up to 1")
+    if server_ms < 0 or rtt_ms < 0 or (mbps is not None and mbps <= 0):
+        raise InputError("need server_ms >= 0, rtt_ms >= 0 and mbps > 0")
+    reach = [1.0 - sum(s for s, e in zip(shares, exit_stages) if e < k) for k in range(stages + 1)]
+    reach = [min(1.0, max(0.0, r)) for r in reach]
+    rows = []
+    for k in [*sorted(wire_bytes), stages]:
+        if not 1 <= k <= stages:
+            raise InputError(f"a split must be 1 <= K <= {stages}, got {k}")
+        sent, answer = wire_bytes.get(k, (0, 0)) if k < stages else (0, 0)
+        offload = reach[k] if k < stages else 0.0
+        transfer = 0.0 if mbps is None else (sent + answer) * 8 / (mbps * 1e3)
+        device = sum(reach[j] * stage_ms[j] for j in range(k))
+        remote = offload * (rtt_ms + transfer + server_ms)
+        rows.append({"from_stage": k, "device_share": 1.0 - offload, "offload_share": offload,
+                     "request_bytes": sent, "answer_bytes": answer, "expected_bytes": offload * (sent + answer),
+                     "device_ms": device, "remote_ms": remote, "expected_ms": device + remote})
+    return rows
