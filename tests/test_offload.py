@@ -300,15 +300,26 @@ def test_offloaded_answers_equal_local_ones_bit_for_bit(server, package, local, 
         assert got.labels == [str(i) for i in got.predictions] or got.labels is None
 
 
+def test_an_exit_session_with_offload_runs_the_later_stages_on_the_server(server, package, reference, x):
+    offload = Offload(server, from_stage=K, token=TOKEN, timeout_s=10)
+    with ExitSession(package, engine="stages", offload=offload) as session:
+        got = session.run(x)
+        _same(got, reference, slice(None))
+        assert (got.where == np.where(reference.exit_index > 0, "server", "device")).all() and got.error is None
+        mine = session.run(x, engine="stages")   # a per-call override runs here, all of it
+        assert not hasattr(mine, "where")
+        np.testing.assert_array_equal(mine.predictions, reference.predictions)
+
+
 def test_concurrent_devices_are_answered_correctly_and_batched(server, package, reference, x):
     client = OffloadSession(package, Offload(server, from_stage=K, token=TOKEN, timeout_s=20))
     rng = np.random.default_rng(7)
-    jobs = [sorted(rng.choice(64, size=int(rng.integers(1, 5)), replace=False).tolist()) for _ in range(6 * 20)]
+    jobs = [sorted(rng.choice(64, size=int(rng.integers(1, 5)), replace=False).tolist()) for _ in range(8 * 40)]
 
     def device(job: list[int]):
         return job, client.run(x[job])
 
-    with ThreadPoolExecutor(6) as pool:
+    with ThreadPoolExecutor(8) as pool:   # 8 devices, 320 requests
         answers = list(pool.map(device, jobs))
     batches = []
     for job, got in answers:

@@ -84,6 +84,10 @@ class Offload:
         if not (self.timeout_s > 0 and self.retries >= 0):
             raise OffloadError(f"offload needs timeout_s > 0 and retries >= 0, got {self.timeout_s}, {self.retries}")
 
+    def bind(self, session: ExitSession, path: str | os.PathLike[str] | bytes) -> OffloadSession:
+        """The offloading runner of ``session`` (what ``ExitSession(path, offload=self)`` calls)."""
+        return OffloadSession(path, self, session=session)
+
 
 class OffloadResult(ExitResult):
     """An ``ExitResult`` (input order) plus where each sample finished and what the network cost.
@@ -121,8 +125,9 @@ class OffloadSession:
     ``run`` is thread-safe like ``ExitSession.run``; ``session`` is the local ``ExitSession``.
     """
 
-    def __init__(self, path: str | os.PathLike[str] | bytes, offload: Offload, **session_options: Any) -> None:
-        self.session = ExitSession(path, **session_options)
+    def __init__(self, path: str | os.PathLike[str] | bytes, offload: Offload, *, session: ExitSession | None = None,
+                 **session_options: Any) -> None:
+        self.session = session if session is not None else ExitSession(path, **session_options)
         self.offload = offload
         self.package_hash = manifest_sha256(path, self.session.package)
         self.carry = carry_specs(self.session._stages, offload.from_stage)

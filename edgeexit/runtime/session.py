@@ -108,6 +108,10 @@ class ExitSession:
             package (stages, compiled graph, full model): onnxruntime's own way to set
             threads, spinning and graph optimisation.  It replaces ``threads``,
             ``spinning`` and ``global_thread_pool``, which must then be left out.
+        offload: an ``edgeexit.runtime.offload.Offload``: the stages from ``offload.from_stage``
+            on run on a server (``edgeexit serve``) for the samples still running there, and
+            ``run`` returns an ``OffloadResult`` (where each sample finished, bytes, network
+            time); per-call overrides run locally.  See docs/OFFLOAD.md.
 
     Thread safety: ``run``, ``run_full`` and ``run_all_exits`` may be called from several
     threads at once on one session: onnxruntime sessions are thread-safe, and each call
@@ -139,6 +143,7 @@ class ExitSession:
         io_binding: bool | None = None,
         engine: str = "auto",
         sess_options: ort.SessionOptions | None = None,
+        offload: Any = None,
     ) -> None:
         if engine not in ENGINES:
             raise InputError(f"engine={engine!r} is not one of {', '.join(ENGINES)}")
@@ -181,8 +186,11 @@ class ExitSession:
         self._measures_open = 0              # how many threads have one open (run() looks only then)
         self._measures_lock = threading.Lock()
         self._fast_one: FastCall | None = None   # the package's own call at batch 1 (_fast.py), where it has one
+        self._offloaded: Any = None              # offload.bind(...): runs the later stages on a server
         self._engine_choice: Mapping[str, str] = MappingProxyType({})
         if self.package.kind == "seq2seq":   # an encoder-decoder: generate(), not run()
+            if offload is not None:
+                raise InputError("offloading works on classifier and pipeline packages; this one is seq2seq")
             self.io_binding_device = None
             self._seq2seq = Seq2SeqRunner(self.package, self._build, in_graph=engine != "stages")
             self._seq2seq_engine = engine
@@ -245,6 +253,9 @@ class ExitSession:
             self._full_setup()   # a package with its exits disabled runs as the full model: build it now
         self._check_compiled_answers()
         self._fast_one = self._fast_path()
+        # offloading binds a runner from runtime/offload.py (which imports this module, not the reverse)
+        if offload is not None:
+            self._offloaded = offload.bind(self, path)
 
     # --- building ---------------------------------------------------------------
 
@@ -394,6 +405,8 @@ class ExitSession:
         start = perf_counter_ns()
         if input_feed is not None or inputs is None:   # onnxruntime's run(output_names, input_feed)
             inputs = _ort_call_shape(inputs, input_feed)
+        if self._offloaded is not None and thresholds is None and policy is None and early_exits and engine is None:
+            return self._offloaded.run(inputs)   # type: ignore[no-any-return]
         fast = self._fast_one   # the package's own call at batch 1: one function, None where it does not apply
         result = fast(inputs, start) if fast is not None and thresholds is None and policy is None and early_exits \
             and engine is None else None
