@@ -750,6 +750,27 @@ def _find_mask(specs: Sequence[Mapping[str, Any]], mask: str | None) -> str | No
     return mask
 
 
+def torchscript_to_onnx(module: nn.Module, args: tuple[torch.Tensor, ...], names: Sequence[str],
+                        outputs: Sequence[str], axes: Mapping[str, Mapping[int, str]], opset: int,
+                        what: str) -> onnx.ModelProto:
+    """``module`` in eval mode through the TorchScript exporter (opsets 9-20; converted after where
+    ``opset`` is outside), as an ``onnx.ModelProto``; a failure is an ``ExportError`` naming ``what``."""
+    module.eval()   # the exporter puts a module back in the mode it found it in, children included
+    export_opset = min(max(opset, 9), 20)
+    with tempfile.TemporaryDirectory(prefix=f"edgeexit-export-{os.getpid()}-") as tmp:
+        path = Path(tmp) / "graph.onnx"
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")   # the TorchScript exporter's deprecation and tracer notices
+                torch.onnx.export(module, args, str(path), input_names=list(names), output_names=list(outputs),
+                                  dynamic_axes={k: dict(v) for k, v in axes.items()}, opset_version=export_opset,
+                                  dynamo=False, do_constant_folding=True)
+        except Exception as exc:
+            raise ExportError(f"torch.onnx.export failed for {what}: {str(exc).splitlines()[0][:400]}") from exc
+        model = onnx.load(str(path), load_external_data=True)
+    return model if export_opset == opset else onnx.version_converter.convert_version(model, opset)
+
+
 def _export_head(head: CutHead, feature: torch.Tensor, mask: torch.Tensor | None, opset: int) -> onnx.ModelProto:
     names = ["feature"] + (["mask"] if mask is not None else [])
     axes: dict[str, dict[int, str]] = {"feature": {0: "batch"}, "logits": {0: "batch"}}
@@ -760,21 +781,7 @@ def _export_head(head: CutHead, feature: torch.Tensor, mask: torch.Tensor | None
     elif feature.dim() == 4:
         axes["feature"].update({2: "height", 3: "width"})
     args = (feature[:2],) + ((mask[:2],) if mask is not None else ())
-    export_opset = min(max(opset, 9), 20)   # the TorchScript exporter's range; converted below if outside
-    with tempfile.TemporaryDirectory(prefix=f"edgeexit-export-{os.getpid()}-") as tmp:
-        path = Path(tmp) / "head.onnx"
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")   # the TorchScript exporter's deprecation notice
-                torch.onnx.export(head, args, str(path), input_names=names, output_names=["logits"],
-                                  dynamic_axes=axes, opset_version=export_opset, dynamo=False,
-                                  do_constant_folding=True)
-        except Exception as exc:
-            raise ExportError(f"torch.onnx.export failed for an exit head: {exc}") from exc
-        model = onnx.load(str(path))
-    if export_opset != opset:
-        model = onnx.version_converter.convert_version(model, opset)
-    return model
+    return torchscript_to_onnx(head, args, names, ["logits"], axes, opset, "an exit head")
 
 
 def _splice(stage: OnnxStage | onnx.ModelProto, head: onnx.ModelProto, prefix: str, feeds: Mapping[str, str],
@@ -922,6 +929,16 @@ def attach_onnx_exits(
     _validate(cut, stage_models, trained, features, feeds, x_mask, kinds, atol, rtol, say)
     manifest = _manifest(cut, stage_models, kinds, values, pol.name, labels_names, name, model_path,
                          {"samples": n, "epochs": epochs, "lr": lr, "seed": seed})
+    return write_cut_package(output, manifest, stage_models, cut.source, compile=compile, overwrite=overwrite,
+                             say=say)
+
+
+def write_cut_package(output: str | os.PathLike[str], manifest: dict[str, Any],
+                      stage_models: Sequence[onnx.ModelProto], source: bytes, *, compile: bool | None,
+                      overwrite: bool, say: Callable[[str], None],
+                      extra_files: Mapping[str, Path] | None = None) -> Package:
+    """Write the stage graphs, ``full.onnx`` (``source``, byte for byte), ``extra_files`` (name ->
+    file to copy) and, unless ``compile`` is False, ``compiled.onnx`` as one package, atomically."""
     leftovers.collect_work_dirs("export")   # work folders of exports that were killed
     with tempfile.TemporaryDirectory(prefix=f"edgeexit-export-{os.getpid()}-") as tmp:
         folder = Path(tmp)
@@ -929,8 +946,11 @@ def attach_onnx_exits(
         for k, stage_model in enumerate(stage_models):
             onnx.save_model(stage_model, str(folder / f"stage{k}.onnx"))
             files[f"stage{k}.onnx"] = folder / f"stage{k}.onnx"
-        (folder / "full.onnx").write_bytes(cut.source)
+        (folder / "full.onnx").write_bytes(source)
         files["full.onnx"] = folder / "full.onnx"
+        for name, src in (extra_files or {}).items():
+            (folder / name).write_bytes(Path(src).read_bytes())
+            files[name] = folder / name
         if compile is not False:
             manifest, files = _compiled_in(folder, manifest, files, required=bool(compile), final=Path(output),
                                            say=say)

@@ -31,8 +31,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
-import tempfile
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -45,21 +43,30 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from .. import _leftovers as leftovers
 from ..errors import (
-    ExportError,
     ExportValidationError,
     InputFileError,
     MissingExtraError,
     ModelSpecError,
     UnsupportedModelError,
 )
-from ..package import SIGNALS_VERSION, Package, check_replaceable, load_package, write_package
+from ..package import SIGNALS_VERSION, Package, check_replaceable
 from ..policies import check_thresholds, get_policy
-from .attach_onnx import _analyse, _check_stage, _cut, _fresh, _manifest, _order_cuts, _run_stages, _sessions, _splice
+from .attach_onnx import (
+    _analyse,
+    _check_stage,
+    _cut,
+    _fresh,
+    _manifest,
+    _order_cuts,
+    _run_stages,
+    _sessions,
+    _splice,
+    torchscript_to_onnx,
+    write_cut_package,
+)
 from .exit_signals import SIGNALS, fit_gates, fit_halting, fit_linear, gate_features, halting_head
 from .exit_signals import out_of_fold_logits as oof_logits
-from .exporter import _compiled_in
 
 # model_type -> (modality, the activation of its classification head: the highway heads' shape)
 SUPPORTED: dict[str, tuple[str, str]] = {
@@ -397,18 +404,7 @@ def _finetune(hf: HFModel, heads: Sequence[HFExitHead], exit_layers: Sequence[in
 
 def _export(module: nn.Module, args: tuple[torch.Tensor, ...], names: Sequence[str], outputs: Sequence[str],
             axes: Mapping[str, Mapping[int, str]], what: str) -> onnx.ModelProto:
-    module.eval()   # the exporter puts a module back in the mode it found it in, children included
-    with tempfile.TemporaryDirectory(prefix=f"edgeexit-export-{os.getpid()}-") as tmp:
-        path = Path(tmp) / "graph.onnx"
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")   # the TorchScript exporter's deprecation and tracer notices
-                torch.onnx.export(module, args, str(path), input_names=list(names), output_names=list(outputs),
-                                  dynamic_axes={k: dict(v) for k, v in axes.items()}, opset_version=OPSET,
-                                  dynamo=False, do_constant_folding=True)
-        except Exception as exc:
-            raise ExportError(f"torch.onnx.export failed for {what}: {str(exc).splitlines()[0][:400]}") from exc
-        return onnx.load(str(path), load_external_data=True)
+    return torchscript_to_onnx(module, args, names, outputs, axes, OPSET, what)
 
 
 def _input_axes(text: bool) -> tuple[list[str], dict[str, dict[int, str]]]:
@@ -665,24 +661,8 @@ def _write(hf: HFModel, output: str | os.PathLike[str], heads: Sequence[HFExitHe
         files_extra[TOKENIZER_FILE] = hf.folder / TOKENIZER_FILE
     else:
         manifest["preprocessing"] = {"image": dict(hf.image)}
-    leftovers.collect_work_dirs("export")
-    with tempfile.TemporaryDirectory(prefix=f"edgeexit-export-{os.getpid()}-") as tmp:
-        folder = Path(tmp)
-        files: dict[str, Path] = {}
-        for k, model in enumerate(stage_models):
-            onnx.save_model(model, str(folder / f"stage{k}.onnx"))
-            files[f"stage{k}.onnx"] = folder / f"stage{k}.onnx"
-        (folder / "full.onnx").write_bytes(source)
-        files["full.onnx"] = folder / "full.onnx"
-        for file, src in files_extra.items():
-            shutil.copyfile(src, folder / file)
-            files[file] = folder / file
-        if compile is not False:
-            manifest, files = _compiled_in(folder, manifest, files, required=bool(compile), final=Path(output),
-                                           say=say)
-        write_package(output, manifest, files, overwrite=overwrite)
-    say(f"wrote {output}")
-    return load_package(output)
+    return write_cut_package(output, manifest, stage_models, source, compile=compile, overwrite=overwrite, say=say,
+                             extra_files=files_extra)
 
 
 def _check_parity(hf: HFModel, wrapper: nn.Module, heads: Sequence[HFExitHead], cut: Any,
